@@ -1,0 +1,28 @@
+# Setup and everyday commands. `make test` and `make demo` create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-fast demo bench-memory clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)  ## the whole suite, slow cases included
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## skip the slow cases
+	$(PY) -m pytest -q -m 'not slow'
+
+demo: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a built-in text) and report
+	$(PY) examples/demo.py
+
+bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (writes benchmarks/results/memory.md)
+	$(PY) benchmarks/memory.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

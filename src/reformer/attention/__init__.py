@@ -1,0 +1,16 @@
+"""Attention cores as pure tensor functions, and their slow references."""
+
+from .full import full_attention
+from .local import local_attention
+from .lsh import hash_vectors, lsh_attention, n_buckets_for_length, random_rotations, rotation_size, total_buckets
+
+__all__ = [
+    "full_attention",
+    "hash_vectors",
+    "local_attention",
+    "lsh_attention",
+    "n_buckets_for_length",
+    "random_rotations",
+    "rotation_size",
+    "total_buckets",
+]

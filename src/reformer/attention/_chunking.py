@@ -1,0 +1,98 @@
+"""Helpers shared by the chunked attentions: padding, look-back windows, masks, checks.
+
+Legend: b batch, h heads, n length, d head width, g chunks, c chunk length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mask_values(dtype: torch.dtype) -> tuple[float, float]:
+    """(self logit, masked logit) that are safe in `dtype`.
+
+    float32/float64/bfloat16 use the paper's and Trax's -1e5 and -1e9. float16
+    cannot hold -1e9, so it uses -1e4 and -6e4, which behave the same: exp of
+    either, next to any realistic logit, is exactly zero.
+    """
+    if dtype == torch.float16:
+        return -1e4, -6e4
+    return -1e5, -1e9
+
+
+def padded_length(n: int, chunk_size: int) -> int:
+    return -(-n // chunk_size) * chunk_size
+
+
+def pad_length(x: torch.Tensor, n_pad: int, dim: int, value: float = 0.0) -> torch.Tensor:
+    """Pad `x` with `value` along `dim` up to length `n_pad`."""
+    extra = n_pad - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, extra]
+    return F.pad(x, pad, value=value)
+
+
+def padded_mask(attention_mask: torch.Tensor | None, batch: int, n: int, n_pad: int,
+                device: torch.device) -> torch.Tensor:
+    """(b, n_pad) bool, True for real tokens; the positions added by padding are False."""
+    if attention_mask is None:
+        mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    else:
+        mask = attention_mask
+    return pad_length(mask, n_pad, dim=1, value=False)
+
+
+def look_back(x: torch.Tensor) -> torch.Tensor:
+    """Prepend each chunk's predecessor: (b, h, g, c, ...) -> (b, h, g, 2c, ...).
+
+    Chunk 0's predecessor is the last chunk (a wrap-around); callers mask it
+    out where the layout has no predecessor.
+    """
+    return torch.cat([x.roll(1, dims=2), x], dim=3)
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, batch: int, n: int) -> torch.Tensor | None:
+    """Validate a (batch, length) padding mask and return it as bool (True = real token)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (batch, n):
+        raise ValueError(
+            f"attention_mask must have shape (batch, length) = {(batch, n)}, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise TypeError("attention_mask must be bool (True = real token) or an integer 0/1 tensor")
+        attention_mask = attention_mask != 0
+    return attention_mask
+
+
+def check_qkv(name_shapes: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """All tensors are floating (b, h, n, d) with the same shape; returns that shape."""
+    shape = None
+    for name, t in name_shapes.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, length, d_head), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if shape is None:
+            shape = t.shape
+        elif t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the others have {tuple(shape)}")
+    b, h, n, d = shape
+    if n == 0:
+        raise ValueError("the sequence is empty (length 0); give at least one token")
+    return b, h, n, d
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def zero_masked_queries(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Set the outputs of padded queries to zero. out (b, h, n, d), mask (b, n)."""
+    if mask is None:
+        return out
+    return torch.where(mask[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -1,0 +1,58 @@
+"""Full (dense) attention: the baseline a Reformer layer is compared with.
+
+Legend: b batch, h heads, n length, d head width.
+Uses PyTorch `scaled_dot_product_attention` when there is no dropout, and an
+explicit softmax (with a seeded dropout mask) otherwise. O(n^2) by design.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._chunking import check_attention_mask, check_qkv, zero_masked_queries
+from ..random import dropout as seeded_dropout
+
+
+def full_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    dropout_seed: int | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with causal and padding masks. q, k, v (b, h, n, d) -> (b, h, n, d)."""
+    b, h, n, d = check_qkv({"q": q, "k": k, "v": v})
+    attention_mask = check_attention_mask(attention_mask, b, n)
+    allowed = _allowed(attention_mask, b, n, causal, q.device)  # (b, 1, n, n) or None
+    if dropout == 0.0 or dropout_seed is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    else:
+        dots = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (b, h, n, n)
+        if allowed is None:
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        dots = dots.masked_fill(~allowed, float("-inf"))
+        probs = seeded_dropout(torch.softmax(dots, dim=-1), dropout, dropout_seed)
+        out = probs @ v
+    return zero_masked_queries(out, attention_mask)
+
+
+def _allowed(attention_mask, b, n, causal, device):
+    """(b, 1, n, n) bool of allowed pairs, or None for no mask.
+
+    A padded query may see itself, so that no row is empty (its output is zeroed later).
+    """
+    if attention_mask is None and not causal:
+        return None
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device)  # (n, n)
+    if causal:
+        allowed = allowed.tril()
+    if attention_mask is None:
+        return allowed
+    allowed = attention_mask[:, None, None, :] & allowed  # (b, 1, n, n)
+    return allowed | torch.eye(n, dtype=torch.bool, device=device)

@@ -1,0 +1,87 @@
+"""Chunked local attention (HF `LocalSelfAttention`, Trax `SelfAttention(chunk_len)`).
+
+Legend: b batch, h heads, n length (padded to a chunk multiple), d head width,
+g chunks, c chunk length, w = 2c window.
+
+Positions are cut into chunks of `chunk_size`; every chunk attends to itself and
+to the previous chunk. The first chunk has no predecessor (no wrap-around), so
+right padding never changes what real tokens see. Logits are scaled by 1/sqrt(d).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._chunking import (
+    check_attention_mask,
+    check_chunk_size,
+    check_qkv,
+    look_back,
+    mask_values,
+    pad_length,
+    padded_length,
+    padded_mask,
+    zero_masked_queries,
+)
+from ..random import dropout as seeded_dropout
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    chunk_size: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    dropout_seed: int | None = None,
+) -> torch.Tensor:
+    """Each chunk of queries attends to its own chunk and the previous one.
+
+    Args:
+        q, k, v: (b, h, n, d).
+        chunk_size: chunk length.
+        causal: no key after the query.
+        attention_mask: (b, n) bool, True = real token. Padded queries output 0.
+        dropout, dropout_seed: attention-probability dropout from an explicit seed.
+
+    Returns:
+        (b, h, n, d).
+    """
+    b, h, n, d = check_qkv({"q": q, "k": k, "v": v})
+    check_chunk_size(chunk_size)
+    attention_mask = check_attention_mask(attention_mask, b, n)
+    c = chunk_size
+    n_pad = padded_length(n, c)
+    g = n_pad // c
+    mask = padded_mask(attention_mask, b, n, n_pad, q.device)  # (b, n_pad)
+
+    q_c = pad_length(q, n_pad, dim=2).view(b, h, g, c, d)  # (b, h, g, c, d)
+    k_w = look_back(pad_length(k, n_pad, dim=2).view(b, h, g, c, d))  # (b, h, g, w, d)
+    v_w = look_back(pad_length(v, n_pad, dim=2).view(b, h, g, c, d))  # (b, h, g, w, d)
+    dots = (q_c @ k_w.transpose(-1, -2)) / math.sqrt(d)  # (b, h, g, c, w)
+
+    valid = _local_window_mask(mask, g, c, causal)  # (b, 1, g, c, w)
+    _, masked_value = mask_values(dots.dtype)
+    logits = torch.where(valid, dots, torch.full_like(dots, masked_value))
+    probs = torch.softmax(logits, dim=-1)
+    probs = seeded_dropout(probs, dropout, dropout_seed)
+    out = (probs @ v_w).view(b, h, n_pad, d)[:, :, :n]  # (b, h, n, d)
+    return zero_masked_queries(out, attention_mask)
+
+
+def _local_window_mask(mask: torch.Tensor, g: int, c: int, causal: bool) -> torch.Tensor:
+    """(b, 1, g, c, w) bool: real key, inside the layout, and (causal) not in the future."""
+    b = mask.shape[0]
+    positions = torch.arange(g * c, device=mask.device).view(1, 1, g, c)  # (1, 1, g, c)
+    key_positions = look_back(positions)  # (1, 1, g, w)
+    key_real = look_back(mask.view(b, 1, g, c))  # (b, 1, g, w)
+    has_prev = torch.arange(g, device=mask.device) > 0  # (g,)
+    in_layout = torch.cat([has_prev[:, None].expand(g, c), has_prev.new_ones(g, c)], dim=1)  # (g, w)
+    valid = (key_real & in_layout)[..., None, :]  # (b, 1, g, 1, w)
+    if causal:
+        valid = valid & (key_positions[..., None, :] <= positions[..., :, None])  # (b, 1, g, c, w)
+    return valid.expand(b, 1, g, c, 2 * c)

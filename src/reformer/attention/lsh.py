@@ -1,0 +1,324 @@
+"""LSH attention (Reformer, Kitaev et al. 2020, §2 and Appendix A) as a pure tensor function.
+
+Legend: b batch, h heads, n length (padded to a chunk multiple), d head width,
+r hash rounds, g chunks over all rounds (r * n / c), c chunk length, w = 2c window.
+
+Per round: hash each query-key with angular LSH, sort by (bucket, position),
+cut into chunks of `chunk_size`; every chunk attends to itself and to the
+previous chunk. The rounds are combined with their log-sum-exp weights, so the
+result is a single softmax over every (round, key) a query saw.
+
+Layouts:
+- wrap=False (default): each round is chunked on its own and a round's first
+  chunk has no predecessor. Padding sorts to the end of every round (it has its
+  own bucket), so right padding never changes what real tokens see.
+- wrap=True: the Trax / HF layout. Rounds are concatenated before chunking, and
+  the look-back crosses rounds and wraps from the first chunk to the last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._chunking import (
+    check_attention_mask,
+    check_chunk_size,
+    check_qkv,
+    look_back,
+    mask_values,
+    pad_length,
+    padded_length,
+    padded_mask,
+    zero_masked_queries,
+)
+from ..random import dropout as seeded_dropout
+
+Buckets = int | tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------
+# bucket arithmetic
+# ---------------------------------------------------------------------------
+
+def bucket_factors(n_buckets: Buckets) -> tuple[int, ...]:
+    return (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
+
+
+def total_buckets(n_buckets: Buckets) -> int:
+    """Number of real buckets; padded tokens go to one more, with this index."""
+    return math.prod(bucket_factors(n_buckets))
+
+
+def rotation_size(n_buckets: Buckets) -> int:
+    """Columns of the random rotation: a//2 + b//2 + ... for factors a, b, ..."""
+    return sum(f // 2 for f in bucket_factors(n_buckets))
+
+
+def n_buckets_for_length(length: int, chunk_size: int) -> Buckets:
+    """The paper's rule n_buckets = 2 * length / chunk (Trax `hash_vectors`).
+
+    Above 128 buckets, factorise into two factors, as Trax does.
+    """
+    n = 2 * max(1, length // chunk_size)
+    if n <= 128:
+        return n
+    div = 2 ** math.ceil(math.log2(math.sqrt(n)))
+    return div, 2 * (n // (2 * div))
+
+
+def random_rotations(n_heads: int, d_head: int, n_hashes: int, n_buckets: Buckets,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Gaussian rotations (h, d, r, rot), drawn on the CPU in float32 from `generator`."""
+    shape = (n_heads, d_head, n_hashes, rotation_size(n_buckets))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Angular LSH: bucket = argmax([xR ; -xR]) per round.
+
+    x (b, h, n, d), rotations (h, d, r, rot), mask (b, n) bool or None.
+    Factorised buckets take one slice of the rotation per factor; the first
+    factor is the least significant digit. Masked positions get bucket
+    `total_buckets(n_buckets)`. Returns (b, h, r, n) int64.
+    """
+    rotated = torch.einsum("bhnd,hdrk->bhrnk", x, rotations.to(x.dtype))  # (b, h, r, n, rot)
+    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.int64, device=x.device)  # (b, h, r, n)
+    offset, stride = 0, 1
+    for factor in bucket_factors(n_buckets):
+        part = rotated[..., offset:offset + factor // 2]
+        digit = torch.cat([part, -part], dim=-1).argmax(dim=-1)  # (b, h, r, n)
+        buckets += digit * stride
+        offset += factor // 2
+        stride *= factor
+    if mask is not None:
+        buckets = torch.where(mask[:, None, None, :], buckets, torch.full_like(buckets, stride))
+    return buckets
+
+
+def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
+    """Unit-length keys from the shared query-keys: x / rms(x) / sqrt(d) (Trax `length_normalized`)."""
+    d = qk.shape[-1]
+    return qk * torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6) / math.sqrt(d)
+
+
+# ---------------------------------------------------------------------------
+# sorting
+# ---------------------------------------------------------------------------
+
+def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort every round by (bucket, position).
+
+    buckets (b, h, r, n) -> (order, rank), both (b, h, r, n): order[..., s] is
+    the position at sorted slot s; rank[..., t] is the sorted slot of position t.
+    """
+    n = buckets.shape[-1]
+    positions = torch.arange(n, device=buckets.device)
+    order = (buckets * n + positions).argsort(dim=-1)  # (b, h, r, n)
+    rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
+    return order, rank
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (b, h, n, d), index (b, h, m) -> x[..., index, :] (b, h, m, d)."""
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+# ---------------------------------------------------------------------------
+# the attention
+# ---------------------------------------------------------------------------
+
+def lsh_attention(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    rotations: torch.Tensor | None,
+    *,
+    n_buckets: Buckets,
+    chunk_size: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    dedup: bool = False,
+    same_bucket_only: bool = False,
+    wrap: bool = False,
+    buckets: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    dropout_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-round LSH attention with shared query-keys.
+
+    Args:
+        qk: (b, h, n, d) shared query-keys. Queries are used as they are; keys
+            are `normalize_keys(qk)`; logits get no further scale.
+        v: (b, h, n, d) values.
+        rotations: (h, d, r, rot) with rot = `rotation_size(n_buckets)`. May be
+            None when `buckets` is given.
+        n_buckets: an even int, or a tuple of even factors (factorised buckets).
+        chunk_size: chunk length after sorting.
+        causal: no key after the query.
+        attention_mask: (b, n) bool, True = real token. Padded queries output 0.
+        dedup: paper eq. 16; a key seen several times by one query counts once.
+        same_bucket_only: paper eq. 3-4; only keys of the query's own bucket.
+        wrap: Trax / HF layout (see the module docstring).
+        buckets: (b, h, r, n) buckets to reuse (the reversible backward passes
+            the forward's); hashing is skipped.
+        dropout: probability of dropping an attention weight.
+        dropout_seed: seed of the dropout mask; None disables dropout.
+
+    Returns:
+        out (b, h, n, d) and buckets (b, h, r, n).
+    """
+    b, h, n, d = check_qkv({"qk": qk, "v": v})
+    check_chunk_size(chunk_size)
+    attention_mask = check_attention_mask(attention_mask, b, n)
+    n_hashes = _check_rotations_or_buckets(rotations, buckets, n_buckets, (b, h, n, d))
+
+    n_pad = padded_length(n, chunk_size)
+    mask = padded_mask(attention_mask, b, n, n_pad, qk.device)  # (b, n_pad)
+    qk_p = pad_length(qk, n_pad, dim=2)  # (b, h, n_pad, d)
+    v_p = pad_length(v, n_pad, dim=2)  # (b, h, n_pad, d)
+
+    if buckets is None:
+        with torch.no_grad():
+            buckets = hash_vectors(qk_p, rotations, n_buckets, mask)  # (b, h, r, n_pad)
+    else:
+        extra = torch.full_like(buckets[..., :1], total_buckets(n_buckets))
+        buckets = torch.where(mask[:, None, None, :], pad_length(buckets, n_pad, dim=3), extra)
+
+    out, lse = _attend_sorted(
+        qk_p, v_p, buckets, mask,
+        n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
+        same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
+    )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
+
+    weights = torch.softmax(lse, dim=2)  # (b, h, r, n_pad): each round's share of the joint softmax
+    out = (out * weights[..., None]).sum(dim=2)[:, :, :n]  # (b, h, n, d)
+    out = zero_masked_queries(out, attention_mask)
+    return out, buckets[..., :n]
+
+
+def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
+    from ..config import validate_n_buckets
+
+    validate_n_buckets(n_buckets)
+    b, h, n, d = qk_shape
+    if buckets is not None:
+        if buckets.dim() != 4 or buckets.shape[:2] != (b, h) or buckets.shape[3] != n:
+            raise ValueError(f"buckets must be (batch, heads, n_hashes, length) = ({b}, {h}, r, {n}), "
+                             f"got {tuple(buckets.shape)}")
+        return buckets.shape[2]
+    if rotations is None:
+        raise ValueError("give either rotations (heads, d_head, n_hashes, rot) or precomputed buckets")
+    rot = rotation_size(n_buckets)
+    if rotations.dim() != 4 or rotations.shape[0] != h or rotations.shape[1] != d or rotations.shape[3] != rot:
+        raise ValueError(
+            f"rotations must be (heads, d_head, n_hashes, rot) = ({h}, {d}, n_hashes, {rot}) "
+            f"for n_buckets={n_buckets!r}, got {tuple(rotations.shape)}"
+        )
+    return rotations.shape[2]
+
+
+def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup,
+                   same_bucket_only, wrap, dropout, dropout_seed):
+    """Sort, chunk, attend, unsort. Returns per-round out (b, h, r, n, d) and lse (b, h, r, n)."""
+    b, h, r, n = buckets.shape
+    d = qk.shape[-1]
+    c = chunk_size
+    g = r * n // c
+    order, rank = sort_by_bucket(buckets)  # (b, h, r, n) each
+    flat_order = order.reshape(b, h, r * n)  # (b, h, r*n): position at each sorted slot
+
+    q = gather_rows(qk, flat_order).view(b, h, g, c, d)  # (b, h, g, c, d)
+    k = look_back(gather_rows(normalize_keys(qk), flat_order).view(b, h, g, c, d))  # (b, h, g, w, d)
+    vw = look_back(gather_rows(v, flat_order).view(b, h, g, c, d))  # (b, h, g, w, d)
+    dots = q @ k.transpose(-1, -2)  # (b, h, g, c, w)
+
+    q_pos = order.view(b, h, g, c)  # (b, h, g, c)
+    k_pos = look_back(q_pos)  # (b, h, g, w)
+    valid = _window_mask(q_pos, k_pos, mask, order, buckets, r, n, c, causal, same_bucket_only, wrap)
+    self_value, masked_value = mask_values(dots.dtype)
+    is_self = q_pos[..., :, None] == k_pos[..., None, :]  # (b, h, g, c, w)
+    logits = torch.where(is_self, torch.full_like(dots, self_value), dots)
+    if dedup:
+        counts = _duplicate_counts(rank, buckets, order, r, n, c, same_bucket_only, wrap)
+        logits = logits - torch.log(counts.clamp(min=1).to(dots.dtype))
+    logits = torch.where(valid, logits, torch.full_like(dots, masked_value))
+
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (b, h, g, c, 1)
+    probs = torch.exp(logits - lse)  # (b, h, g, c, w)
+    probs = seeded_dropout(probs, dropout, dropout_seed)
+    out = probs @ vw  # (b, h, g, c, d)
+
+    undo = (rank + torch.arange(r, device=rank.device)[:, None] * n).reshape(b, h, r * n)  # (b, h, r*n)
+    out = gather_rows(out.reshape(b, h, r * n, d), undo).view(b, h, r, n, d)  # (b, h, r, n, d)
+    lse = lse.reshape(b, h, r * n).gather(2, undo).view(b, h, r, n)  # (b, h, r, n)
+    return out, lse
+
+
+def _has_previous_chunk(r: int, n: int, c: int, wrap: bool, device) -> torch.Tensor:
+    """(g,) bool: does chunk i have a predecessor in the layout?"""
+    chunks_per_round = n // c
+    index = torch.arange(r * chunks_per_round, device=device)
+    if wrap:
+        return torch.full_like(index, r * chunks_per_round > 1, dtype=torch.bool)
+    return index % chunks_per_round != 0
+
+
+def _window_mask(q_pos, k_pos, mask, order, buckets, r, n, c, causal, same_bucket_only, wrap):
+    """(b, h, g, c, w) bool: which (query slot, key slot) pairs may attend."""
+    b, h, g, _ = q_pos.shape
+    key_real = look_back(mask[:, None, None, :].expand(b, h, r, n).gather(-1, order).view(b, h, g, c))
+    has_prev = _has_previous_chunk(r, n, c, wrap, q_pos.device)  # (g,)
+    in_layout = torch.cat([has_prev[:, None].expand(g, c), has_prev.new_ones(g, c)], dim=1)  # (g, w)
+    valid = (key_real & in_layout)[..., None, :].expand(b, h, g, c, 2 * c)  # (b, h, g, c, w)
+    if causal:
+        valid = valid & (k_pos[..., None, :] <= q_pos[..., :, None])
+    if same_bucket_only:
+        q_bucket = _round_offset_buckets(buckets, order).view(b, h, g, c)  # (b, h, g, c)
+        k_bucket = look_back(q_bucket)  # (b, h, g, w)
+        valid = valid & (k_bucket[..., None, :] == q_bucket[..., :, None])
+    return valid
+
+
+def _round_offset_buckets(buckets: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Buckets in sorted order, offset so that different rounds never share a bucket. (b, h, r, n)."""
+    r = buckets.shape[2]
+    sorted_buckets = buckets.gather(-1, order)  # (b, h, r, n)
+    span = 1 << 32  # more than any bucket count
+    return sorted_buckets + torch.arange(r, device=buckets.device)[:, None] * span
+
+
+def _duplicate_counts(rank, buckets, order, r, n, c, same_bucket_only, wrap):
+    """(b, h, g, c, w): in how many windows (over all rounds) each query sees each key.
+
+    Query slot (i, a) sees key slot (j, a') when j's chunk in round a' is the
+    query's chunk in round a or its predecessor. Without wrap only a' = a can
+    match; with wrap also a' = a - 1 (the look-back crosses one round).
+    """
+    b, h = rank.shape[:2]
+    g = r * n // c
+    chunk_of = ((rank + torch.arange(r, device=rank.device)[:, None] * n) // c)  # (b, h, r, n)
+    by_position = chunk_of.transpose(2, 3)  # (b, h, n, r): chunk of each position in every round
+    q_chunks = gather_rows(by_position, order.reshape(b, h, r * n)).view(b, h, g, c, r)  # (b, h, g, c, r)
+    k_chunks = look_back(q_chunks)  # (b, h, g, w, r)
+    has_prev = _has_previous_chunk(r, n, c, wrap, rank.device)  # (g,)
+    if same_bucket_only:
+        bucket_by_position = buckets.transpose(2, 3)  # (b, h, n, r)
+        q_buckets = gather_rows(bucket_by_position, order.reshape(b, h, r * n)).view(b, h, g, c, r)
+        k_buckets = look_back(q_buckets)  # (b, h, g, w, r)
+
+    counts = torch.zeros(b, h, g, c, 2 * c, dtype=torch.int32, device=rank.device)
+    for a in range(r):
+        q_chunk = q_chunks[..., a, None]  # (b, h, g, c, 1)
+        q_prev = (q_chunk - 1) % g
+        q_prev_ok = has_prev[q_chunk]  # (b, h, g, c, 1)
+        for a_key in sorted({a, (a - 1) % r} if wrap else {a}):
+            k_chunk = k_chunks[..., a_key][..., None, :]  # (b, h, g, 1, w)
+            seen = (k_chunk == q_chunk) | (q_prev_ok & (k_chunk == q_prev))
+            if same_bucket_only:
+                if a_key != a:
+                    continue
+                seen = seen & (k_buckets[..., a][..., None, :] == q_buckets[..., a, None])
+            counts += seen
+    return counts

@@ -1,0 +1,156 @@
+"""Slow, obviously correct references for every attention: THE ORACLES.
+
+They loop over batch, heads and queries in Python, build explicit windows and
+dense masks, and share no code with the fast paths except the tiny
+`normalize_keys` formula. Use them only for tests on small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .lsh import bucket_factors, normalize_keys, total_buckets
+
+SELF_LOGIT = -1e5  # a position attends to itself only when nothing else is allowed
+
+
+def lsh_buckets_reference(x: torch.Tensor, rotations: torch.Tensor, n_buckets, real: list[bool]) -> list[list[int]]:
+    """Buckets of one (batch, head) slice, x (n, d), rotations (d, r, rot): a list per round."""
+    n_hashes = rotations.shape[1]
+    result = []
+    for r in range(n_hashes):
+        round_buckets = []
+        for t in range(x.shape[0]):
+            if not real[t]:
+                round_buckets.append(total_buckets(n_buckets))
+                continue
+            bucket, offset, stride = 0, 0, 1
+            for factor in bucket_factors(n_buckets):
+                projected = x[t] @ rotations[:, r, offset:offset + factor // 2].to(x.dtype)
+                both = torch.cat([projected, -projected]).tolist()
+                bucket += both.index(max(both)) * stride
+                offset += factor // 2
+                stride *= factor
+            round_buckets.append(bucket)
+        result.append(round_buckets)
+    return result
+
+
+def _lsh_multiplicity(bk: list[list[int]], n_pad: int, c: int, same_bucket_only: bool, wrap: bool):
+    """M[i][j]: how many times key j appears in query i's windows, over all rounds."""
+    n_rounds = len(bk)
+    per_round = n_pad // c
+    n_chunks = n_rounds * per_round
+    # slots[g] = list of (position, round) in global chunk g
+    slots: list[list[tuple[int, int]]] = [[] for _ in range(n_chunks)]
+    for r in range(n_rounds):
+        ordered = sorted(range(n_pad), key=lambda t: (bk[r][t], t))
+        for index, t in enumerate(ordered):
+            slots[r * per_round + index // c].append((t, r))
+
+    def predecessor(chunk: int) -> int | None:
+        if wrap:
+            return (chunk - 1) % n_chunks if n_chunks > 1 else None
+        return chunk - 1 if chunk % per_round != 0 else None
+
+    m = [[0] * n_pad for _ in range(n_pad)]
+    for chunk in range(n_chunks):
+        window = list(slots[chunk])
+        prev = predecessor(chunk)
+        if prev is not None:
+            window = slots[prev] + window
+        for i, round_i in slots[chunk]:
+            for j, round_j in window:
+                if same_bucket_only and (round_i, bk[round_i][i]) != (round_j, bk[round_j][j]):
+                    continue
+                m[i][j] += 1
+    return m
+
+
+def lsh_attention_reference(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    rotations: torch.Tensor | None,
+    *,
+    n_buckets,
+    chunk_size: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    dedup: bool = False,
+    same_bucket_only: bool = False,
+    wrap: bool = False,
+    buckets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSH attention as the spec says it, one query at a time. Same signature as `lsh_attention`."""
+    b, h, n, d = qk.shape
+    c = chunk_size
+    n_pad = -(-n // c) * c
+    keys = normalize_keys(qk)
+    outputs = torch.zeros_like(v)
+    all_buckets = []
+    for bi in range(b):
+        real = [bool(attention_mask[bi, t]) if attention_mask is not None else True for t in range(n)]
+        real += [False] * (n_pad - n)
+        head_buckets = []
+        for hi in range(h):
+            x = torch.cat([qk[bi, hi].detach(), qk.new_zeros(n_pad - n, d)])
+            if buckets is None:
+                bk = lsh_buckets_reference(x, rotations[hi], n_buckets, real)
+            else:
+                pad_bucket = total_buckets(n_buckets)
+                bk = [[int(buckets[bi, hi, r, t]) if real[t] else pad_bucket for t in range(n_pad)]
+                      for r in range(buckets.shape[2])]
+            head_buckets.append(torch.tensor([row[:n] for row in bk]))
+            m = _lsh_multiplicity(bk, n_pad, c, same_bucket_only, wrap)
+            for i in range(n):
+                if not real[i]:
+                    continue
+                seen = [j for j in range(n) if m[i][j] > 0 and real[j] and (not causal or j <= i)]
+                logits = torch.stack([
+                    (qk[bi, hi, i] @ keys[bi, hi, j]) * 0 + SELF_LOGIT if j == i else qk[bi, hi, i] @ keys[bi, hi, j]
+                    for j in seen
+                ])
+                if not dedup:
+                    logits = logits + torch.tensor([math.log(m[i][j]) for j in seen], dtype=logits.dtype)
+                weights = torch.softmax(logits, dim=0)
+                outputs[bi, hi, i] = weights @ v[bi, hi, seen]
+        all_buckets.append(torch.stack(head_buckets))
+    return outputs, torch.stack(all_buckets).to(qk.device)
+
+
+def local_attention_reference(q, k, v, *, chunk_size, causal=False, attention_mask=None) -> torch.Tensor:
+    """Query i sees key j when j's chunk is i's chunk or the one before, j is real, and (causal) j <= i."""
+    b, h, n, d = q.shape
+    out = torch.zeros_like(v)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                if attention_mask is not None and not attention_mask[bi, i]:
+                    continue
+                seen = [
+                    j for j in range(n)
+                    if i // chunk_size - 1 <= j // chunk_size <= i // chunk_size
+                    and (attention_mask is None or attention_mask[bi, j])
+                    and (not causal or j <= i)
+                ]
+                logits = torch.stack([q[bi, hi, i] @ k[bi, hi, j] for j in seen]) / math.sqrt(d)
+                out[bi, hi, i] = torch.softmax(logits, dim=0) @ v[bi, hi, seen]
+    return out
+
+
+def full_attention_reference(q, k, v, *, causal=False, attention_mask=None) -> torch.Tensor:
+    """Dense softmax attention over real keys (and, causal, no later key)."""
+    b, h, n, d = q.shape
+    out = torch.zeros_like(v)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                if attention_mask is not None and not attention_mask[bi, i]:
+                    continue
+                seen = [j for j in range(n)
+                        if (attention_mask is None or attention_mask[bi, j]) and (not causal or j <= i)]
+                logits = torch.stack([q[bi, hi, i] @ k[bi, hi, j] for j in seen]) / math.sqrt(d)
+                out[bi, hi, i] = torch.softmax(logits, dim=0) @ v[bi, hi, seen]
+    return out

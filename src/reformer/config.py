@@ -1,0 +1,163 @@
+"""ReformerConfig: the one flat, typed configuration at the model boundary.
+
+Every field has a comment. `__post_init__` validates the combination and says
+what to change; `to_json` / `from_json` round-trip exactly (tuples stay tuples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ATTENTION_KINDS = ("lsh", "local", "full")
+
+
+@dataclass
+class ReformerConfig:
+    # --- sizes ---
+    vocab_size: int = 256  # number of token ids; ids must lie in [0, vocab_size)
+    d_model: int = 256  # width of each of the two reversible halves
+    n_heads: int = 4  # attention heads per layer
+    d_head: int = 64  # width of one head
+    d_ff: int = 1024  # hidden width of the feed-forward
+    attn_layers: tuple[str, ...] = ("local", "lsh")  # one entry per layer: "lsh", "local" or "full"
+    causal: bool = True  # autoregressive LM (no key after the query) or bidirectional
+
+    # --- LSH attention ---
+    lsh_chunk_size: int = 64  # chunk length after sorting by bucket
+    n_hashes: int = 1  # hash rounds; may be raised at eval time
+    n_buckets: int | tuple[int, ...] | None = None  # int, factorised tuple, or None = 2*length/chunk (paper)
+    lsh_dedup: bool = False  # paper eq. 16: count a key seen in several rounds once
+    lsh_same_bucket_only: bool = False  # paper eq. 3-4: attend only inside the own bucket
+    lsh_wrap: bool = False  # Trax/HF layout: rounds concatenated, look-back wraps around
+
+    # --- local attention ---
+    local_chunk_size: int = 64  # each chunk attends to itself and the previous chunk
+
+    # --- execution ---
+    reversible: bool = True  # recompute activations in backward instead of storing them
+    ff_chunk_size: int = 0  # positions per feed-forward chunk (0 = whole sequence at once)
+    loss_chunk_size: int = 4096  # positions per chunk of the LM head and loss when labels are given
+
+    # --- positions ---
+    axial_shape: tuple[int, ...] | None = (64, 64)  # axial position grid; None = learned absolute positions
+    axial_dims: tuple[int, ...] | None = (64, 192)  # feature split of the axial embedding; sums to d_model
+    max_seq_len: int = 4096  # longest sequence; at most prod(axial_shape)
+
+    # --- regularisation and init ---
+    dropout: float = 0.0  # hidden dropout: embeddings, attention output, feed-forward
+    attn_dropout: float = 0.0  # dropout on attention probabilities
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon (HF default)
+    init_std: float = 0.02  # std of the normal init of linear and token-embedding weights
+    axial_init_std: float = 1.0  # std of the axial position weights (HF axial_norm_std)
+    seed: int = 0  # seeds the init, the eval-time LSH rotations and the model's own generator
+
+    def __post_init__(self) -> None:
+        self.attn_layers = tuple(self.attn_layers)
+        if isinstance(self.n_buckets, list):
+            self.n_buckets = tuple(self.n_buckets)
+        if self.axial_shape is not None:
+            self.axial_shape = tuple(self.axial_shape)
+        if self.axial_dims is not None:
+            self.axial_dims = tuple(self.axial_dims)
+        self.validate()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attn_layers)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field to change when the config contradicts itself."""
+        for name in ("vocab_size", "d_model", "n_heads", "d_head", "d_ff", "lsh_chunk_size",
+                     "n_hashes", "local_chunk_size", "max_seq_len", "loss_chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.ff_chunk_size, int) or self.ff_chunk_size < 0:
+            raise ValueError(f"ff_chunk_size must be >= 0 (0 = no chunking), got {self.ff_chunk_size!r}")
+        if not self.attn_layers:
+            raise ValueError("attn_layers is empty: give one of 'lsh', 'local', 'full' per layer")
+        bad = [kind for kind in self.attn_layers if kind not in ATTENTION_KINDS]
+        if bad:
+            raise ValueError(f"attn_layers has unknown kinds {bad}; use only {ATTENTION_KINDS}")
+        for name in ("dropout", "attn_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        if self.n_buckets is not None:
+            validate_n_buckets(self.n_buckets)
+        self._validate_positions()
+
+    def _validate_positions(self) -> None:
+        if (self.axial_shape is None) != (self.axial_dims is None):
+            raise ValueError("set both axial_shape and axial_dims, or both to None for learned absolute positions")
+        if self.axial_shape is None:
+            return
+        if len(self.axial_shape) != len(self.axial_dims) or len(self.axial_shape) < 2:
+            raise ValueError(
+                f"axial_shape {self.axial_shape} and axial_dims {self.axial_dims} need the same length, at least 2"
+            )
+        if any(n < 1 for n in self.axial_shape) or any(d < 1 for d in self.axial_dims):
+            raise ValueError("axial_shape and axial_dims entries must be positive")
+        if sum(self.axial_dims) != self.d_model:
+            raise ValueError(
+                f"sum(axial_dims) = {sum(self.axial_dims)} must equal d_model = {self.d_model}; "
+                f"change axial_dims, e.g. to {default_axial_dims(self.d_model, len(self.axial_shape))}"
+            )
+        capacity = math.prod(self.axial_shape)
+        if self.max_seq_len > capacity:
+            raise ValueError(
+                f"max_seq_len = {self.max_seq_len} exceeds prod(axial_shape) = {capacity}; "
+                f"enlarge axial_shape (e.g. {default_axial_shape(self.max_seq_len)}) or lower max_seq_len"
+            )
+
+    # --- JSON ---
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ReformerConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "ReformerConfig":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+def validate_n_buckets(n_buckets: int | tuple[int, ...]) -> None:
+    factors = (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
+    if not factors or any(not isinstance(f, int) or isinstance(f, bool) or f < 2 or f % 2 for f in factors):
+        raise ValueError(
+            f"n_buckets must be an even int >= 2 or a tuple of them (factorised buckets), got {n_buckets!r}"
+        )
+
+
+def default_axial_shape(max_seq_len: int) -> tuple[int, int]:
+    """A two-axis grid with at least `max_seq_len` cells, as square as powers of two allow."""
+    total = 1 << max(1, (max_seq_len - 1).bit_length())
+    first = 1 << (total.bit_length() - 1) // 2
+    return first, total // first
+
+
+def default_axial_dims(d_model: int, n_axes: int = 2) -> tuple[int, ...]:
+    """Split d_model over the axes, the last axis taking the remainder (HF uses (64, 192) for 256)."""
+    first = d_model // 4 if n_axes == 2 else d_model // n_axes
+    dims = [first] * (n_axes - 1)
+    return (*dims, d_model - sum(dims))

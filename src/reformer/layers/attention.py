@@ -1,0 +1,141 @@
+"""Thin attention modules around the pure cores in `reformer.attention`.
+
+Each module owns its projections only. Randomness comes in through `LayerCall`:
+a training call carries a seed (dropout masks and LSH rotations derive from
+it) and, after the first run, the LSH buckets, so a recompute replays exactly.
+
+Legend: b batch, n length, h heads, d head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import full_attention, local_attention, lsh_attention
+from ..attention.lsh import n_buckets_for_length, random_rotations
+from ..random import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, derive_seed, dropout, generator_for
+
+
+@dataclass
+class LayerCall:
+    """The randomness of one layer call. seed None = eval: no dropout, fixed LSH rotations."""
+
+    seed: int | None = None
+    buckets: torch.Tensor | None = None  # (b, h, r, n), filled by the first LSH run, reused after
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.view(b, n, n_heads, -1).transpose(1, 2)  # (b, h, n, d)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)  # (b, n, h*d)
+
+
+class LSHSelfAttention(nn.Module):
+    """Shared-QK LSH attention. Rotations: fresh per training call, fixed per layer in eval."""
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, n_hashes: int,
+                 n_buckets, causal: bool, dedup: bool, same_bucket_only: bool, wrap: bool,
+                 attn_dropout: float, eval_seed: int):
+        super().__init__()
+        self.qk = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.n_heads, self.d_head = n_heads, d_head
+        self.chunk_size, self.n_hashes, self.n_buckets = chunk_size, n_hashes, n_buckets
+        self.causal, self.dedup, self.same_bucket_only, self.wrap = causal, dedup, same_bucket_only, wrap
+        self.attn_dropout = attn_dropout
+        self.eval_seed = eval_seed
+        self._eval_rotations: dict = {}
+
+    def resolve_n_buckets(self, length: int, mask: torch.Tensor | None):
+        if self.n_buckets is not None:
+            return self.n_buckets
+        real_length = length if mask is None else int(mask.sum(dim=1).max().item())
+        return n_buckets_for_length(max(real_length, 1), self.chunk_size)
+
+    def rotations(self, n_buckets, seed: int | None) -> torch.Tensor:
+        """(h, d, r, rot) float32 on the CPU: from the call seed in training, cached per layer in eval."""
+        if seed is not None:
+            gen = generator_for(derive_seed(seed, STREAM_ROTATIONS))
+            return random_rotations(self.n_heads, self.d_head, self.n_hashes, n_buckets, gen)
+        key = (self.n_hashes, n_buckets)
+        if key not in self._eval_rotations:
+            gen = generator_for(derive_seed(self.eval_seed, STREAM_ROTATIONS, self.n_hashes))
+            self._eval_rotations[key] = random_rotations(self.n_heads, self.d_head, self.n_hashes, n_buckets, gen)
+        return self._eval_rotations[key]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        qk = split_heads(self.qk(x), self.n_heads)  # (b, h, n, d)
+        v = split_heads(self.v(x), self.n_heads)  # (b, h, n, d)
+        n_buckets = self.resolve_n_buckets(x.shape[1], mask)
+        rotations = None if call.buckets is not None else self.rotations(n_buckets, call.seed).to(x.device)
+        out, buckets = lsh_attention(
+            qk, v, rotations, n_buckets=n_buckets, chunk_size=self.chunk_size, causal=self.causal,
+            attention_mask=mask, dedup=self.dedup, same_bucket_only=self.same_bucket_only, wrap=self.wrap,
+            buckets=call.buckets, dropout=self.attn_dropout,
+            dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
+        )
+        call.buckets = buckets
+        return merge_heads(out)
+
+
+class LocalSelfAttention(nn.Module):
+    """Chunked local attention with separate q, k, v projections (HF `LocalSelfAttention`)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, causal: bool,
+                 attn_dropout: float):
+        super().__init__()
+        self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.n_heads, self.chunk_size, self.causal, self.attn_dropout = n_heads, chunk_size, causal, attn_dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.q, self.k, self.v))  # (b, h, n, d)
+        out = local_attention(
+            q, k, v, chunk_size=self.chunk_size, causal=self.causal, attention_mask=mask,
+            dropout=self.attn_dropout,
+            dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
+        )
+        return merge_heads(out)
+
+
+class FullSelfAttention(nn.Module):
+    """Dense attention with separate q, k, v projections: the Transformer baseline."""
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, *, causal: bool, attn_dropout: float):
+        super().__init__()
+        self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.n_heads, self.causal, self.attn_dropout = n_heads, causal, attn_dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.q, self.k, self.v))  # (b, h, n, d)
+        out = full_attention(
+            q, k, v, causal=self.causal, attention_mask=mask, dropout=self.attn_dropout,
+            dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
+        )
+        return merge_heads(out)
+
+
+class AttentionBranch(nn.Module):
+    """F of the reversible block: LayerNorm -> self-attention -> output projection -> dropout."""
+
+    def __init__(self, attention: nn.Module, d_model: int, inner: int, *, dropout: float,
+                 layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.attention = attention
+        self.out = nn.Linear(inner, d_model, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        y = self.out(self.attention(self.norm(x), mask, call))  # (b, n, d_model)
+        return dropout(y, self.dropout, call.seed, STREAM_ATTN_OUT)

@@ -1,0 +1,59 @@
+"""Position-wise feed-forward, chunked over positions (paper eq. 10).
+
+`FeedForward.chunk(x, seed, index)` is the pure per-chunk function: it draws its
+dropout masks from (seed, index), so any chunk can be recomputed on its own.
+`FeedForward.forward` runs it chunk by chunk; when autograd is on, each chunk is
+checkpointed, so the backward too holds one chunk of d_ff at a time.
+The reversible backward calls `chunk` directly (see `layers/reversible.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..random import STREAM_FF_HIDDEN, STREAM_FF_OUT, dropout
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(start, end), ...] covering range(length); chunk_size 0 means one chunk."""
+    step = chunk_size if chunk_size > 0 else max(length, 1)
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+class FeedForward(nn.Module):
+    """LayerNorm -> Linear(d_ff) -> dropout -> activation -> Linear(d_model) -> dropout (HF / Trax order)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, chunk_size: int, dropout: float,
+                 activation: str = "relu", layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.w_in = nn.Linear(d_model, d_ff)
+        self.w_out = nn.Linear(d_ff, d_model)
+        self.chunk_size = chunk_size
+        self.dropout = dropout
+        self.activation = ACTIVATIONS[activation]
+
+    def chunk(self, x: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
+        """The feed-forward of one chunk of positions. x (b, m, d_model) -> (b, m, d_model)."""
+        hidden = dropout(self.w_in(self.norm(x)), self.dropout, seed, STREAM_FF_HIDDEN, index)  # (b, m, d_ff)
+        return dropout(self.w_out(self.activation(hidden)), self.dropout, seed, STREAM_FF_OUT, index)
+
+    def forward(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        bounds = chunk_bounds(x.shape[1], self.chunk_size)
+        if len(bounds) == 1:
+            return self.chunk(x, seed, 0)
+        use_checkpoint = torch.is_grad_enabled() and x.requires_grad
+        outputs = []
+        for index, (start, end) in enumerate(bounds):
+            part = x[:, start:end]
+            if use_checkpoint:
+                outputs.append(checkpoint(self.chunk, part, seed, index,
+                                          use_reentrant=False, preserve_rng_state=False))
+            else:
+                outputs.append(self.chunk(part, seed, index))
+        return torch.cat(outputs, dim=1)

@@ -1,0 +1,230 @@
+"""ReformerLM: embeddings -> reversible blocks -> LayerNorm(2d) -> vocabulary logits.
+
+    x = dropout(token_embedding + positions)
+    X1 = X2 = x                                 both halves start from the embedding
+    per layer:  Y1 = X1 + Attention(LN(X2))      lsh, local or full
+                Y2 = X2 + FeedForward(LN(Y1))    chunked over positions
+    logits = Linear(LayerNorm([Y1 ; Y2]))
+
+With labels, the final norm, the head and the cross-entropy run over chunks of
+positions (checkpointed), so a long sequence's logits are never all alive.
+Randomness: the init comes from a generator seeded by `config.seed`; in
+training, every forward draws one seed per layer from `model.generator`, which
+the model owns. The global RNG is never used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ReformerConfig
+from .layers.attention import AttentionBranch, FullSelfAttention, LayerCall, LocalSelfAttention, LSHSelfAttention
+from .layers.feed_forward import FeedForward, chunk_bounds
+from .layers.positional import AbsolutePositionEmbedding, AxialPositionEmbedding
+from .layers.reversible import ReformerBlock, run_plain, run_reversible
+from .random import STREAM_EMBED, derive_seed, draw_seeds, dropout, generator_for
+
+IGNORE_INDEX = -100
+_INIT_STREAM = 11
+_TRAIN_STREAM = 12
+_LAYER_STREAM = 13
+
+
+@dataclass
+class ReformerOutput:
+    logits: torch.Tensor | None = None  # (b, n, vocab)
+    loss: torch.Tensor | None = None  # scalar mean cross-entropy over counted positions
+    n_tokens: int | None = None  # positions the loss was averaged over
+
+
+def build_attention(config: ReformerConfig, kind: str, layer: int) -> nn.Module:
+    common = dict(d_model=config.d_model, n_heads=config.n_heads, d_head=config.d_head)
+    if kind == "lsh":
+        return LSHSelfAttention(
+            **common, chunk_size=config.lsh_chunk_size, n_hashes=config.n_hashes, n_buckets=config.n_buckets,
+            causal=config.causal, dedup=config.lsh_dedup, same_bucket_only=config.lsh_same_bucket_only,
+            wrap=config.lsh_wrap, attn_dropout=config.attn_dropout,
+            eval_seed=derive_seed(config.seed, _LAYER_STREAM, layer),
+        )
+    if kind == "local":
+        return LocalSelfAttention(**common, chunk_size=config.local_chunk_size, causal=config.causal,
+                                  attn_dropout=config.attn_dropout)
+    return FullSelfAttention(**common, causal=config.causal, attn_dropout=config.attn_dropout)
+
+
+class ReformerLM(nn.Module):
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        with torch.device("meta"):  # no init here: the global RNG stays untouched
+            self._build(config)
+        self.to_empty(device="cpu")
+        self.reset_parameters()
+        self.generator = generator_for(derive_seed(config.seed, _TRAIN_STREAM))
+
+    def _build(self, c: ReformerConfig) -> None:
+        self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
+        if c.axial_shape is not None:
+            self.position_embedding = AxialPositionEmbedding(c.axial_shape, c.axial_dims)
+        else:
+            self.position_embedding = AbsolutePositionEmbedding(c.max_seq_len, c.d_model)
+        inner = c.n_heads * c.d_head
+        self.layers = nn.ModuleList(
+            ReformerBlock(
+                AttentionBranch(build_attention(c, kind, i), c.d_model, inner, dropout=c.dropout,
+                                layer_norm_eps=c.layer_norm_eps),
+                FeedForward(c.d_model, c.d_ff, chunk_size=c.ff_chunk_size, dropout=c.dropout,
+                            layer_norm_eps=c.layer_norm_eps),
+            )
+            for i, kind in enumerate(c.attn_layers)
+        )
+        self.final_norm = nn.LayerNorm(2 * c.d_model, eps=c.layer_norm_eps)
+        self.head = nn.Linear(2 * c.d_model, c.vocab_size)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero biases, unit LayerNorms, axial Normal(0, axial_init_std)."""
+        gen = generator_for(derive_seed(self.config.seed, _INIT_STREAM))
+        for name, p in self.named_parameters():
+            if name.startswith("position_embedding.weights"):
+                p.normal_(0.0, self.config.axial_init_std, generator=gen)
+            elif "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, self.config.init_std, generator=gen)
+
+    # --- randomness -------------------------------------------------------
+    def manual_seed(self, seed: int) -> None:
+        """Reseed the model's own generator (dropout and training-time LSH rotations)."""
+        self.generator.manual_seed(seed)
+
+    def _layer_calls(self) -> tuple[int | None, list[LayerCall]]:
+        if not self.training:
+            return None, [LayerCall() for _ in self.layers]
+        seeds = draw_seeds(self.generator, len(self.layers) + 1)
+        return seeds[0], [LayerCall(seed=s) for s in seeds[1:]]
+
+    # --- forward ----------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> ReformerOutput:
+        """input_ids (b, n) int64; attention_mask (b, n) bool (True = real); labels (b, n) or None.
+
+        The loss is the mean cross-entropy of labels[:, 1:] given logits[:, :-1],
+        ignoring labels equal to -100 and padded positions.
+        """
+        attention_mask = self._check_inputs(input_ids, attention_mask, labels)
+        hidden = self.hidden_states(input_ids, attention_mask)  # (b, n, 2d)
+        if labels is None:
+            return ReformerOutput(logits=self.logits_from_hidden(hidden))
+        loss, count = self._chunked_loss(hidden, labels, attention_mask)
+        logits = self.logits_from_hidden(hidden) if return_logits else None
+        return ReformerOutput(logits=logits, loss=loss, n_tokens=count)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[Y1 ; Y2] of the last layer, (b, n, 2d), before the final norm."""
+        embed_seed, calls = self._layer_calls()
+        n = input_ids.shape[1]
+        x = self.token_embedding(input_ids) + self.position_embedding(n).to(self.token_embedding.weight.dtype)
+        x = dropout(x, self.config.dropout, embed_seed, STREAM_EMBED)  # (b, n, d)
+        run = run_reversible if self.config.reversible and torch.is_grad_enabled() else run_plain
+        return run(self.layers, x, attention_mask, calls)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_norm(hidden))  # (b, n, vocab)
+
+    def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits_from_hidden(hidden).float()  # (b, m, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _chunked_loss(self, hidden, labels, attention_mask) -> tuple[torch.Tensor, int]:
+        targets = labels[:, 1:]
+        if attention_mask is not None:
+            targets = targets.masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
+        hidden = hidden[:, :-1]
+        count = int((targets != IGNORE_INDEX).sum().item())
+        use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start, end in chunk_bounds(hidden.shape[1], self.config.loss_chunk_size):
+            args = (hidden[:, start:end], targets[:, start:end])
+            if use_checkpoint:
+                total = total + checkpoint(self._chunk_loss_sum, *args, use_reentrant=False,
+                                           preserve_rng_state=False)
+            else:
+                total = total + self._chunk_loss_sum(*args)
+        return total / max(count, 1), count
+
+    def _check_inputs(self, input_ids, attention_mask, labels) -> torch.Tensor | None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}; "
+                             "add a batch dimension with input_ids[None] for a single sequence")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be integer token ids (torch.long), got {input_ids.dtype}")
+        b, n = input_ids.shape
+        if n == 0:
+            raise ValueError("input_ids is empty (length 0); give at least one token")
+        if n > self.config.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds max_seq_len = {self.config.max_seq_len}; "
+                             "raise max_seq_len (and axial_shape) in the config, or shorten the input")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got ids from {low} to {high}; "
+                             "fix the tokenisation or raise vocab_size")
+        if attention_mask is not None:
+            if attention_mask.shape != (b, n):
+                raise ValueError(f"attention_mask must have the shape of input_ids {(b, n)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+        if labels is not None:
+            if labels.shape != (b, n):
+                raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got {tuple(labels.shape)}")
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"labels must be in [0, {self.config.vocab_size}) or -100 (ignored)")
+        return attention_mask
+
+    # --- save and load ----------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors (each atomically: temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp_config = directory / "config.json.tmp"
+        tmp_config.write_text(self.config.to_json())
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp_weights = directory / "model.safetensors.tmp"
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        tmp_weights.replace(directory / "model.safetensors")
+        tmp_config.replace(directory / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> "ReformerLM":
+        """Read config.json (fields may be overridden, e.g. reversible=False) and model.safetensors."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found; save_pretrained writes it")
+        data = json.loads((directory / "config.json").read_text())
+        data.update(overrides)
+        model = cls(ReformerConfig.from_dict(data))
+        state = load_file(str(directory / "model.safetensors"))
+        model.load_state_dict(state)
+        return model.to(next(iter(state.values())).dtype) if state else model

@@ -1,0 +1,55 @@
+"""Explicit randomness: seeds in, generators out. The global RNG is never used.
+
+A layer call in training receives one integer seed (drawn from the model's own
+generator). Everything random inside it (LSH rotations, each dropout mask) is
+derived from that seed and a fixed stream id, so a recompute in the reversible
+backward replays it exactly, in any order, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 63) - 1
+
+# Stream ids: one per random thing a layer draws.
+STREAM_ROTATIONS = 1
+STREAM_ATTN_PROBS = 2
+STREAM_ATTN_OUT = 3
+STREAM_FF_HIDDEN = 4
+STREAM_FF_OUT = 5
+STREAM_EMBED = 6
+
+
+def derive_seed(seed: int, *stream: int) -> int:
+    """Mix `seed` with stream ids into a new 63-bit seed (splitmix64 steps)."""
+    x = seed & _MASK64
+    for s in stream:
+        x = (x + 0x9E3779B97F4A7C15 * (s + 1)) & ((1 << 64) - 1)
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+        x = x ^ (x >> 31)
+    return x & _MASK64
+
+
+def generator_for(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on `device`, seeded with `seed`."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def draw_seeds(generator: torch.Generator, count: int) -> list[int]:
+    """`count` independent 63-bit seeds from `generator` (which lives on the CPU)."""
+    return torch.randint(0, 2**62, (count,), generator=generator, dtype=torch.int64).tolist()
+
+
+def dropout(x: torch.Tensor, p: float, seed: int | None, *stream: int) -> torch.Tensor:
+    """Inverted dropout whose mask comes from `derive_seed(seed, *stream)`.
+
+    `seed=None` or `p == 0` means no dropout (eval). The same seed and stream
+    give the same mask, bit for bit.
+    """
+    if seed is None or p == 0.0:
+        return x
+    gen = generator_for(derive_seed(seed, *stream), x.device)
+    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
