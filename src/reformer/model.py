@@ -148,7 +148,9 @@ class ReformerLM(nn.Module):
         return self.head(self.final_norm(hidden))  # (b, n, vocab)
 
     def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits_from_hidden(hidden).float()  # (b, m, vocab)
+        logits = self.logits_from_hidden(hidden)  # (b, m, vocab)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the log-sum-exp of the loss runs in float32 at least
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
     def _chunked_loss(self, hidden, labels, attention_mask) -> tuple[torch.Tensor, int]:
@@ -158,7 +160,7 @@ class ReformerLM(nn.Module):
         hidden = hidden[:, :-1]
         count = int((targets != IGNORE_INDEX).sum().item())
         use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
-        total = hidden.new_zeros((), dtype=torch.float32)
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         for start, end in chunk_bounds(hidden.shape[1], self.config.loss_chunk_size):
             args = (hidden[:, start:end], targets[:, start:end])
             if use_checkpoint:

@@ -96,3 +96,10 @@ def zero_masked_queries(out: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     if mask is None:
         return out
     return torch.where(mask[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def zero_padded(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the padded rows of x (b, h, n, d), so that even NaN or inf there cannot leak into real outputs."""
+    if mask is None:
+        return x
+    return torch.where(mask[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))

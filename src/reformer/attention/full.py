@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import check_attention_mask, check_qkv, zero_masked_queries
+from ._chunking import check_attention_mask, check_qkv, zero_masked_queries, zero_padded
 from ..random import dropout as seeded_dropout
 
 
@@ -29,6 +29,7 @@ def full_attention(
     """softmax(q k^T / sqrt(d)) v with causal and padding masks. q, k, v (b, h, n, d) -> (b, h, n, d)."""
     b, h, n, d = check_qkv({"q": q, "k": k, "v": v})
     attention_mask = check_attention_mask(attention_mask, b, n)
+    k, v = zero_padded(k, attention_mask), zero_padded(v, attention_mask)
     allowed = _allowed(attention_mask, b, n, causal, q.device)  # (b, 1, n, n) or None
     if dropout == 0.0 or dropout_seed is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)

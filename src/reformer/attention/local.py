@@ -24,6 +24,7 @@ from ._chunking import (
     padded_length,
     padded_mask,
     zero_masked_queries,
+    zero_padded,
 )
 from ..random import dropout as seeded_dropout
 
@@ -58,6 +59,7 @@ def local_attention(
     n_pad = padded_length(n, c)
     g = n_pad // c
     mask = padded_mask(attention_mask, b, n, n_pad, q.device)  # (b, n_pad)
+    k, v = zero_padded(k, attention_mask), zero_padded(v, attention_mask)
 
     q_c = pad_length(q, n_pad, dim=2).view(b, h, g, c, d)  # (b, h, g, c, d)
     k_w = look_back(pad_length(k, n_pad, dim=2).view(b, h, g, c, d))  # (b, h, g, w, d)

@@ -32,6 +32,7 @@ from ._chunking import (
     padded_length,
     padded_mask,
     zero_masked_queries,
+    zero_padded,
 )
 from ..random import dropout as seeded_dropout
 
@@ -176,8 +177,8 @@ def lsh_attention(
 
     n_pad = padded_length(n, chunk_size)
     mask = padded_mask(attention_mask, b, n, n_pad, qk.device)  # (b, n_pad)
-    qk_p = pad_length(qk, n_pad, dim=2)  # (b, h, n_pad, d)
-    v_p = pad_length(v, n_pad, dim=2)  # (b, h, n_pad, d)
+    qk_p = pad_length(zero_padded(qk, attention_mask), n_pad, dim=2)  # (b, h, n_pad, d)
+    v_p = pad_length(zero_padded(v, attention_mask), n_pad, dim=2)  # (b, h, n_pad, d)
 
     if buckets is None:
         with torch.no_grad():

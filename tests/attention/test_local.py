@@ -1,0 +1,95 @@
+"""local_attention and full_attention against their slow references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reformer.attention import full_attention, local_attention
+from reformer.attention.reference import full_attention_reference, local_attention_reference
+from tests.conftest import assert_close, seeded
+
+F64 = torch.float64
+
+
+def make_qkv(b, h, n, d, masked, seed=0):
+    gen = seeded(seed)
+    q, k, v = (torch.randn(b, h, n, d, dtype=F64, generator=gen, requires_grad=True) for _ in range(3))
+    mask = None
+    if masked:
+        mask = torch.ones(b, n, dtype=torch.bool)
+        mask[0, -2:] = False
+        mask[-1, n // 2] = False
+    return q, k, v, mask
+
+
+def check(fn, ref_fn, n, masked, **kwargs):
+    q, k, v, mask = make_qkv(2, 2, n, 5, masked)
+    out = fn(q, k, v, attention_mask=mask, **kwargs)
+    ref = ref_fn(q, k, v, attention_mask=mask, **kwargs)
+    assert_close(out, ref, 1e-10, "out")
+    weights = torch.randn(out.shape, dtype=F64, generator=seeded(7))
+    grads = torch.autograd.grad((out * weights).sum(), [q, k, v])
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [q, k, v])
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close(g, rg, 1e-10, f"grad {name}")
+
+
+@pytest.mark.parametrize("n", [1, 5, 13, 16])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_local_matches_reference(n, chunk_size, causal, masked):
+    if masked and n < 4:
+        pytest.skip("too short to mask")
+    check(local_attention, local_attention_reference, n, masked, chunk_size=chunk_size, causal=causal)
+
+
+@pytest.mark.parametrize("n", [1, 6, 13])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_full_matches_reference(n, causal, masked):
+    if masked and n < 4:
+        pytest.skip("too short to mask")
+    check(full_attention, full_attention_reference, n, masked, causal=causal)
+
+
+def test_local_first_chunk_does_not_wrap():
+    """Non-causal: the first chunk must not see the last chunk (HF's wrap-around is not the default)."""
+    q, k, v, _ = make_qkv(1, 1, 12, 4, masked=False)
+    out = local_attention(q, k, v, chunk_size=4)
+    v2 = v.detach().clone()
+    v2[:, :, 8:] += 100.0
+    out2 = local_attention(q, k, v2, chunk_size=4)
+    assert torch.equal(out[:, :, :4], out2[:, :, :4])
+
+
+@pytest.mark.parametrize("fn, kwargs", [(local_attention, dict(chunk_size=4)), (full_attention, {})])
+def test_padding_filled_with_nan_never_leaks(fn, kwargs):
+    """xformers' trick: NaN in the padded keys and values must not reach a real output."""
+    q, k, v, _ = make_qkv(1, 2, 10, 4, masked=False)
+    mask = torch.arange(10)[None] < 7
+    k, v = k.detach().clone(), v.detach().clone()
+    k[:, :, 7:] = float("nan")
+    v[:, :, 7:] = float("nan")
+    out = fn(q, k, v, attention_mask=mask, causal=False, **kwargs)
+    assert torch.isfinite(out[:, :, :7]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_right_padding_invariance(causal):
+    q, k, v, _ = make_qkv(1, 2, 9, 4, masked=False)
+    out = local_attention(q, k, v, chunk_size=4, causal=causal)
+    extra = torch.randn(3, 1, 2, 6, 4, dtype=F64, generator=seeded(2))
+    padded = [torch.cat([t, e], dim=2) for t, e in zip((q, k, v), extra)]
+    mask = torch.arange(15)[None] < 9
+    out_p = local_attention(*padded, chunk_size=4, causal=causal, attention_mask=mask)
+    assert_close(out_p[:, :, :9], out, 1e-12, "padded")
+
+
+def test_local_dropout_is_seeded():
+    q, k, v, _ = make_qkv(1, 2, 16, 4, masked=False)
+    a = local_attention(q, k, v, chunk_size=4, dropout=0.5, dropout_seed=1)
+    b = local_attention(q, k, v, chunk_size=4, dropout=0.5, dropout_seed=1)
+    c = local_attention(q, k, v, chunk_size=4, dropout=0.5, dropout_seed=2)
+    assert torch.equal(a, b) and not torch.allclose(a, c)

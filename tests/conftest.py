@@ -1,0 +1,44 @@
+"""Shared test helpers: a tolerance table and an assert that reports where it failed."""
+
+from __future__ import annotations
+
+import torch
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str = "tensor") -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    worst = diff.max().item() if diff.numel() else 0.0
+    if not worst <= atol:  # also catches NaN
+        where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
+        raise AssertionError(f"{name}: max |diff| {worst:.3e} > {atol:.1e} at {where} "
+                             f"({(diff > atol).float().mean().item():.1%} of elements)")
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_config(**overrides):
+    """A small model with every layer kind, odd chunk sizes and every option exercised."""
+    from reformer import ReformerConfig
+
+    fields = dict(
+        vocab_size=37, d_model=16, n_heads=2, d_head=8, d_ff=24, attn_layers=("lsh", "local", "full", "lsh"),
+        causal=True, lsh_chunk_size=4, n_hashes=2, n_buckets=None, local_chunk_size=5, ff_chunk_size=7,
+        loss_chunk_size=9, axial_shape=(8, 8), axial_dims=(6, 10), max_seq_len=64, dropout=0.0,
+        attn_dropout=0.0, seed=0,
+    )
+    fields.update(overrides)
+    return ReformerConfig(**fields)
+
+
+def random_batch(config, batch=2, length=29, seed=1, pad_from=None):
+    gen = seeded(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if pad_from is not None:
+        mask[-1, pad_from:] = False
+    return ids, mask

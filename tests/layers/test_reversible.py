@@ -1,0 +1,92 @@
+"""Reversible execution: same loss and gradients as the plain residual, no stored activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reformer.attention.lsh as lsh_module
+from reformer import ReformerLM
+from tests.conftest import assert_close, random_batch, tiny_config
+
+
+def loss_and_grads(config, ids, mask):
+    model = ReformerLM(config).double().train()
+    out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(causal=False, lsh_dedup=True, n_hashes=3),
+    dict(lsh_wrap=True, lsh_same_bucket_only=True, ff_chunk_size=0),
+    dict(attn_layers=("lsh", "lsh"), n_buckets=(2, 4), axial_shape=None, axial_dims=None),
+], ids=["mixed", "bidirectional-dedup", "wrap-same-bucket", "factorised-absolute"])
+def test_reversible_equals_plain_in_float64_with_dropout(options):
+    config = tiny_config(dropout=0.1, attn_dropout=0.1, **options)
+    ids, mask = random_batch(config, length=29, pad_from=23)
+    loss_rev, grads_rev = loss_and_grads(config, ids, mask)
+    config.reversible = False
+    loss_plain, grads_plain = loss_and_grads(config, ids, mask)
+    assert_close(loss_rev, loss_plain, 1e-8, "loss")
+    assert grads_rev.keys() == grads_plain.keys()
+    for name in grads_rev:
+        assert grads_rev[name] is not None, f"{name} got no gradient"
+        assert_close(grads_rev[name], grads_plain[name], 1e-8, name)
+    assert any(g.abs().sum() > 0 for g in grads_rev.values())
+
+
+def saved_bytes_of_activations(config):
+    model = ReformerLM(config).train()
+    params = {p.data_ptr() for p in model.parameters()}
+    ids, mask = random_batch(config, length=40)
+    total = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return sum(total)
+
+
+def test_stored_activations_do_not_grow_with_depth():
+    shallow = saved_bytes_of_activations(tiny_config(attn_layers=("lsh", "local")))
+    deep = saved_bytes_of_activations(tiny_config(attn_layers=("lsh", "local") * 4))
+    assert deep == shallow
+    plain_shallow = saved_bytes_of_activations(tiny_config(attn_layers=("lsh", "local"), reversible=False))
+    plain_deep = saved_bytes_of_activations(tiny_config(attn_layers=("lsh", "local") * 4, reversible=False))
+    assert plain_deep > 3 * plain_shallow > 3 * shallow
+
+
+def test_backward_reuses_the_forward_buckets(monkeypatch):
+    calls = []
+    original = lsh_module.hash_vectors
+    monkeypatch.setattr(lsh_module, "hash_vectors", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = tiny_config(attn_layers=("lsh", "local", "lsh"))
+    model = ReformerLM(config).train()
+    ids, mask = random_batch(config)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert len(calls) == 2  # once per LSH layer, in the forward only
+
+
+def test_same_seed_same_result_and_global_rng_untouched():
+    state = torch.get_rng_state()
+    config = tiny_config(dropout=0.1, attn_dropout=0.1)
+    ids, mask = random_batch(config)
+    losses = []
+    for _ in range(2):
+        model = ReformerLM(config).train()
+        for _step in range(2):
+            out = model(ids, attention_mask=mask, labels=ids)
+            out.loss.backward()
+        losses.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(losses[0][0], losses[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))
+    assert torch.equal(state, torch.get_rng_state()), "the global RNG was used"
+    other = ReformerLM(tiny_config(dropout=0.1, attn_dropout=0.1, seed=1)).train()
+    assert not torch.equal(other(ids, attention_mask=mask, labels=ids).loss.detach(), losses[0][0])
