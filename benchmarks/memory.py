@@ -64,6 +64,9 @@ def peak_rss_mib() -> float:
 
 
 def worker(spec: dict) -> dict:
+    from reformer.memory import release_freed_memory_eagerly
+
+    eager = spec["eager_release"] and release_freed_memory_eagerly()
     import torch
 
     from reformer import ReformerConfig, ReformerLM
@@ -90,7 +93,7 @@ def worker(spec: dict) -> dict:
 
     peak = peak_rss_mib()
     return dict(peak_mib=peak, baseline_mib=baseline, step_peak_mib=peak - baseline, seconds=seconds,
-                loss=out.loss.item(), threads=torch.get_num_threads(), torch=torch.__version__)
+                loss=out.loss.item(), threads=torch.get_num_threads(), torch=torch.__version__, eager=eager)
 
 
 # --- driver ----------------------------------------------------------------
@@ -118,7 +121,7 @@ def measure(args) -> dict[tuple[int, int], list[dict]]:
     for r in range(args.repeats):
         for n_layers, length in todo:
             spec = dict(layers=n_layers, length=length, max_len=max(args.lengths), ff_chunk=args.ff_chunk,
-                        n_hashes=args.n_hashes, seed=r)
+                        n_hashes=args.n_hashes, seed=r, eager_release=not args.default_malloc)
             result = run_worker(spec)
             if result is not None:
                 results[(n_layers, length)].append(result)
@@ -150,8 +153,10 @@ def table(results, repeats: int) -> str:
 def ratio_line(name: str, results, num: tuple[int, int], den: tuple[int, int], target: float) -> str:
     peak = [median_of(results.get(case, []), "peak_mib") for case in (num, den)]
     step = [median_of(results.get(case, []), "step_peak_mib") for case in (num, den)]
-    if num == den or None in peak:
-        return f"- {name}: n/a (the table lacks the two cases)"
+    if num == den:
+        return f"- {name}: n/a (needs two different cases; give more --layers or --lengths)"
+    if None in peak:
+        return f"- {name}: n/a (a case has no successful run)"
     ratio = peak[0] / peak[1]
     verdict = "PASS" if ratio <= target else "FAIL"
     step_note = f"; step peaks alone: {step[0] / step[1]:.2f}x" if step[1] else ""
@@ -178,6 +183,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def allocator_note(results) -> str:
+    eager = [run["eager"] for runs in results.values() for run in runs]
+    if eager and all(eager):
+        return ("`reformer.memory.release_freed_memory_eagerly()` (fixed 1 MiB mmap threshold: freed blocks "
+                "go back to the OS at once), as `make demo` does")
+    return "glibc defaults (dynamic mmap threshold, up to 32 MiB: the heap keeps freed blocks)"
+
+
 def command_line() -> str:
     python = Path(sys.executable)
     shown = os.path.relpath(python) if python.is_relative_to(Path.cwd()) else str(python)
@@ -192,7 +205,8 @@ def report(args, results, wall: float) -> str:
         f"All-LSH causal reversible ReformerLM: d_model {MODEL['d_model']}, {MODEL['n_heads']} heads of "
         f"{MODEL['d_head']}, d_ff {MODEL['d_ff']}, LSH chunk {MODEL['lsh_chunk_size']}, {args.n_hashes} hashes, "
         f"ff_chunk {args.ff_chunk}, batch 1, AdamW. Each run is a fresh process; "
-        f"baseline = RSS after imports, model and optimiser, just before the step.",
+        f"baseline = RSS after imports, model and optimiser, just before the step. "
+        f"Allocator: {allocator_note(results)}.",
         "",
         table(results, args.repeats),
         "",
@@ -222,6 +236,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help=f"markdown file to write (default: {DEFAULT_OUT.relative_to(ROOT)}, "
                         f"or {QUICK_OUT.relative_to(ROOT)} with --quick)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc as it is; by default the workers call "
+                        "reformer.memory.release_freed_memory_eagerly() first, so freed memory leaves the process")
     p.add_argument("--quick", action="store_true",
                    help="smoke configuration: length 1024, layers 1 and 2, 1 repeat (seconds)")
     p.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)

@@ -68,7 +68,7 @@ def local_attention(
 
     valid = _local_window_mask(mask, g, c, causal)  # (b, 1, g, c, w)
     _, masked_value = mask_values(dots.dtype)
-    logits = torch.where(valid, dots, torch.full_like(dots, masked_value))
+    logits = dots.masked_fill(~valid, masked_value)
     probs = torch.softmax(logits, dim=-1)
     probs = seeded_dropout(probs, dropout, dropout_seed)
     out = (probs @ v_w).view(b, h, n_pad, d)[:, :, :n]  # (b, h, n, d)

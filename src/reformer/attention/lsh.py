@@ -240,11 +240,14 @@ def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup
     valid = _window_mask(q_pos, k_pos, mask, order, buckets, r, n, c, causal, same_bucket_only, wrap)
     self_value, masked_value = mask_values(dots.dtype)
     is_self = q_pos[..., :, None] == k_pos[..., None, :]  # (b, h, g, c, w)
-    logits = torch.where(is_self, torch.full_like(dots, self_value), dots)
+    logits = dots.masked_fill(is_self, self_value)
+    del dots, is_self
     if dedup:
         counts = _duplicate_counts(rank, buckets, order, r, n, c, same_bucket_only, wrap)
-        logits = logits - torch.log(counts.clamp(min=1).to(dots.dtype))
-    logits = torch.where(valid, logits, torch.full_like(dots, masked_value))
+        logits = logits - torch.log(counts.clamp(min=1).to(logits.dtype))
+        del counts
+    logits = logits.masked_fill(~valid, masked_value)
+    del valid
 
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (b, h, g, c, 1)
     probs = torch.exp(logits - lse)  # (b, h, g, c, w)

@@ -1,0 +1,51 @@
+"""Process memory helpers: peak RSS, and a glibc setting that returns freed memory at once.
+
+Why: glibc's malloc raises its mmap threshold every time a large block is freed
+(up to 32 MiB). After that, tensors of a few MiB come from the heap, and the
+heap keeps what they leave behind. A reversible model allocates and frees one
+layer's worth of such tensors per layer, so the process RSS creeps up with
+depth even though the live tensors do not (measured: 8 layers at 4,096 tokens
+peak 660 MiB above baseline with the default, 369 MiB with a fixed threshold).
+`release_freed_memory_eagerly()` fixes the threshold, which turns the dynamic
+adjustment off: blocks above it are mapped and unmapped directly. It changes
+the whole process, so the library never calls it on import; the demo and the
+benchmarks call it, and so can you (once, at the start of a program).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+import sys
+from pathlib import Path
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+DEFAULT_THRESHOLD = 1 << 20
+
+
+def release_freed_memory_eagerly(threshold: int = DEFAULT_THRESHOLD) -> bool:
+    """Serve allocations of `threshold` bytes or more with mmap (glibc only). True if it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mib() -> float:
+    """Current resident set size in MiB (Linux; falls back to the peak elsewhere)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return peak_rss_mib()
