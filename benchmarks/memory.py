@@ -186,7 +186,7 @@ def cpu_model() -> str:
 def allocator_note(results) -> str:
     eager = [run["eager"] for runs in results.values() for run in runs]
     if eager and all(eager):
-        return ("`reformer.memory.release_freed_memory_eagerly()` (fixed 1 MiB mmap threshold: freed blocks "
+        return ("`reformer.memory.release_freed_memory_eagerly()` (fixed 8 MiB mmap threshold: freed blocks "
                 "go back to the OS at once), as `make demo` does")
     return "glibc defaults (dynamic mmap threshold, up to 32 MiB: the heap keeps freed blocks)"
 

@@ -29,7 +29,7 @@ from .layers.attention import AttentionBranch, FullSelfAttention, LayerCall, Loc
 from .layers.feed_forward import FeedForward, chunk_bounds
 from .layers.positional import AbsolutePositionEmbedding, AxialPositionEmbedding
 from .layers.reversible import ReformerBlock, run_plain, run_reversible
-from .random import STREAM_EMBED, derive_seed, draw_seeds, dropout, generator_for
+from .rng import STREAM_EMBED, derive_seed, draw_seeds, dropout, generator_for
 
 IGNORE_INDEX = -100
 _INIT_STREAM = 11

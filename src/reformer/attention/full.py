@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._chunking import check_attention_mask, check_qkv, zero_masked_queries, zero_padded
-from ..random import dropout as seeded_dropout
+from ..rng import dropout as seeded_dropout
 
 
 def full_attention(

@@ -26,7 +26,7 @@ from ._chunking import (
     zero_masked_queries,
     zero_padded,
 )
-from ..random import dropout as seeded_dropout
+from ..rng import dropout as seeded_dropout
 
 
 def local_attention(

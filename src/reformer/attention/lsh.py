@@ -34,7 +34,8 @@ from ._chunking import (
     zero_masked_queries,
     zero_padded,
 )
-from ..random import dropout as seeded_dropout
+from ..config import validate_n_buckets
+from ..rng import dropout as seeded_dropout
 
 Buckets = int | tuple[int, ...]
 
@@ -200,8 +201,6 @@ def lsh_attention(
 
 
 def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
-    from ..config import validate_n_buckets
-
     validate_n_buckets(n_buckets)
     b, h, n, d = qk_shape
     if buckets is not None:

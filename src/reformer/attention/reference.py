@@ -108,10 +108,8 @@ def lsh_attention_reference(
                 if not real[i]:
                     continue
                 seen = [j for j in range(n) if m[i][j] > 0 and real[j] and (not causal or j <= i)]
-                logits = torch.stack([
-                    (qk[bi, hi, i] @ keys[bi, hi, j]) * 0 + SELF_LOGIT if j == i else qk[bi, hi, i] @ keys[bi, hi, j]
-                    for j in seen
-                ])
+                self_logit = torch.tensor(SELF_LOGIT, dtype=qk.dtype, device=qk.device)
+                logits = torch.stack([self_logit if j == i else qk[bi, hi, i] @ keys[bi, hi, j] for j in seen])
                 if not dedup:
                     logits = logits + torch.tensor([math.log(m[i][j]) for j in seen], dtype=logits.dtype)
                 weights = torch.softmax(logits, dim=0)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attention import full_attention, local_attention, lsh_attention
 from ..attention.lsh import n_buckets_for_length, random_rotations
-from ..random import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, derive_seed, dropout, generator_for
+from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, derive_seed, dropout, generator_for
 
 
 @dataclass

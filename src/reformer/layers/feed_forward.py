@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..random import STREAM_FF_HIDDEN, STREAM_FF_OUT, dropout
+from ..rng import STREAM_FF_HIDDEN, STREAM_FF_OUT, dropout
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
