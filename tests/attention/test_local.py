@@ -35,22 +35,19 @@ def check(fn, ref_fn, n, masked, **kwargs):
         assert_close(g, rg, 1e-10, f"grad {name}")
 
 
-@pytest.mark.parametrize("n", [1, 5, 13, 16])
+LENGTHS_AND_MASKING = [(1, False), (5, False), (5, True), (13, False), (13, True), (16, False), (16, True)]
+
+
+@pytest.mark.parametrize("n, masked", LENGTHS_AND_MASKING)
 @pytest.mark.parametrize("chunk_size", [1, 4, 7])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
-def test_local_matches_reference(n, chunk_size, causal, masked):
-    if masked and n < 4:
-        pytest.skip("too short to mask")
+def test_local_matches_reference(n, masked, chunk_size, causal):
     check(local_attention, local_attention_reference, n, masked, chunk_size=chunk_size, causal=causal)
 
 
-@pytest.mark.parametrize("n", [1, 6, 13])
+@pytest.mark.parametrize("n, masked", LENGTHS_AND_MASKING)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
-def test_full_matches_reference(n, causal, masked):
-    if masked and n < 4:
-        pytest.skip("too short to mask")
+def test_full_matches_reference(n, masked, causal):
     check(full_attention, full_attention_reference, n, masked, causal=causal)
 
 
