@@ -53,8 +53,8 @@ class ReformerConfig:
     attn_dropout: float = 0.0  # dropout on attention probabilities
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon (HF default)
     init_std: float = 0.02  # std of the normal init of linear and token-embedding weights
-    axial_init_std: float = 0.02  # std of the axial weights; HF uses 1.0, which next to 0.02 token
-    # embeddings makes a byte LM sit on the unigram plateau for ~150 steps (measured on the demo model)
+    # HF's axial std is 1.0; next to 0.02 token embeddings it left the demo byte LM on the unigram plateau ~150 steps
+    axial_init_std: float = 0.02  # std of the normal init of the axial position weights
     seed: int = 0  # seeds the init, the eval-time LSH rotations and the model's own generator
 
     def __post_init__(self) -> None:

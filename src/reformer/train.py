@@ -1,0 +1,257 @@
+"""train(): the training loop behind `reformer train`, as a library function.
+
+It returns its history and reads no global state: no argparse, no sys.argv, no
+global RNG. A run directory holds `config.json` (the model), `train.json` (these
+options), `metrics.jsonl` (one JSON object per train or eval record),
+`checkpoints/` (see `reformer.checkpoint`) and `curves.png`.
+
+Resuming restores the weights, AdamW and scheduler states, the step, the model's
+generator and the data sampler, so an interrupted-and-resumed run reproduces the
+uninterrupted one, loss for loss, on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import check_compatible, latest_checkpoint, load_state, save_checkpoint
+from .config import ReformerConfig
+from .memory import release_freed_memory_eagerly
+from .model import ReformerLM
+
+LN2 = math.log(2)
+
+
+@dataclass
+class TrainConfig:
+    out: str  # run directory
+    data: str | None = None  # a text file (bytes are tokens); or use task
+    task: str | None = None  # "duplication": the paper's synthetic copy task
+    valid_data: str | None = None  # a separate validation file (else the last valid_fraction of data)
+    valid_fraction: float = 0.05
+    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
+    batch_size: int = 8  # sequences per micro-batch
+    seq_len: int = 1024  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate of AdamW
+    warmup: int = 100  # linear warm-up steps, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    eval_every: int = 100  # steps between evaluations (0 = only at the end)
+    eval_batches: int = 4  # batches per evaluation
+    save_every: int = 500  # steps between checkpoints (0 = only at the end)
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    seed: int = 0  # data order; the model's seed is in its config
+    resume: bool = False  # continue from the latest checkpoint in `out`
+    progress: bool = True  # show a tqdm progress bar
+
+    def validate(self) -> None:
+        if (self.data is None) == (self.task is None):
+            raise ValueError("give exactly one of --data PATH or --task duplication")
+        if self.task not in (None, "duplication"):
+            raise ValueError(f"unknown task {self.task!r}; the only task is 'duplication'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_samplers(cfg: TrainConfig, model_config: ReformerConfig):
+    """(train sampler, fixed list of eval batches); every batch is (ids, labels)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if cfg.task == "duplication":
+        from .duplication import DuplicationSampler
+
+        train = DuplicationSampler(cfg.batch_size, cfg.seq_len, model_config.vocab_size, gen)
+        valid = DuplicationSampler(cfg.batch_size, cfg.seq_len, model_config.vocab_size, eval_gen)
+    else:
+        from .data import WindowSampler, load_splits
+
+        train_data, valid_data = load_splits(cfg.data, cfg.valid_data, cfg.valid_fraction)
+        train = WindowSampler(train_data, cfg.seq_len, cfg.batch_size, gen)
+        valid = WindowSampler(valid_data, cfg.seq_len, cfg.batch_size, eval_gen)
+    return train, [valid.next_batch() for _ in range(cfg.eval_batches)]
+
+
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@torch.no_grad()
+def evaluate(model: ReformerLM, batches, precision: str = "fp32") -> dict[str, float]:
+    """Token-weighted mean loss (and bits per token) over `batches`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids, labels in batches:
+        with _autocast(precision, device):
+            out = model(ids.to(device), labels=labels.to(device))
+        total += out.loss.item() * out.n_tokens
+        count += out.n_tokens
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "bpc": loss / LN2}
+
+
+class _Run:
+    """The files of a run directory."""
+
+    def __init__(self, out: str):
+        self.dir = Path(out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.dir / "metrics.jsonl"
+
+    def write_configs(self, cfg: TrainConfig, model_config: ReformerConfig) -> None:
+        model_config.to_json(self.dir / "config.json")
+        (self.dir / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    def truncate_metrics(self, step: int) -> list[dict]:
+        """Keep the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+        if not self.metrics.exists():
+            return []
+        kept = [r for r in map(json.loads, self.metrics.read_text().splitlines()) if r["step"] <= step]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
+    """Train (or resume) a ReformerLM; returns the metrics records of the whole run."""
+    cfg.validate()
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}; "
+                         f"lower --seq-len or raise --max-seq-len")
+    release_freed_memory_eagerly()
+    run = _Run(cfg.out)
+    model = ReformerLM(model_config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    sampler, eval_batches = make_samplers(cfg, model_config)
+    step, history = _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config)
+    run.write_configs(cfg, model_config)
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    start, start_step = time.perf_counter(), step
+    while step < cfg.steps:
+        loss = _train_step(cfg, model, optimizer, scheduler, sampler)
+        step += 1
+        rate = (step - start_step) * tokens_per_step / (time.perf_counter() - start)
+        record = {"step": step, "split": "train", "loss": loss, "bpc": loss / LN2,
+                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate}
+        run.log(record)
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", tok_s=f"{rate:,.0f}")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            record = {"step": step, "split": "eval", **evaluate(model, eval_batches, cfg.precision)}
+            run.log(record)
+            history.append(record)
+            bar.write(f"step {step}: eval loss {record['loss']:.4f}, {record['bpc']:.4f} bits per token")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            _save(run, model, optimizer, scheduler, sampler, step)
+    bar.close()
+    plot_curves(history, run.dir / "curves.png")
+    return history
+
+
+def _train_step(cfg, model, optimizer, scheduler, sampler) -> float:
+    device = next(model.parameters()).device
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        ids, labels = sampler.next_batch()
+        with _autocast(cfg.precision, device):
+            loss = model(ids.to(device), labels=labels.to(device)).loss
+        (loss / cfg.grad_accum).backward()
+        total += loss.item() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _save(run: _Run, model, optimizer, scheduler, sampler, step: int) -> None:
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "model_generator": model.generator.get_state(), "sampler": sampler.state_dict()}
+    save_checkpoint(run.dir, model, state, step)
+
+
+def _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config) -> tuple[int, list[dict]]:
+    latest = latest_checkpoint(run.dir)
+    if not cfg.resume:
+        if latest is not None:
+            raise ValueError(f"{run.dir} already holds a run; add --resume to continue it, or choose a new --out")
+        run.truncate_metrics(-1)
+        return 0, []
+    if latest is None:
+        raise ValueError(f"--resume: {run.dir} holds no checkpoint yet; drop --resume to start a new run")
+    check_compatible(ReformerConfig.from_json(latest / "config.json"), model_config)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(latest / "model.safetensors")))
+    state = load_state(latest)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    model.generator.set_state(state["model_generator"])
+    sampler.load_state_dict(state["sampler"])
+    return state["step"], run.truncate_metrics(state["step"])
+
+
+def plot_curves(history: list[dict], path: Path) -> Path | None:
+    """Train and eval loss against steps, as a PNG (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = [(r["step"], r["loss"]) for r in history if r["split"] == split]
+        if points:
+            ax.plot(*zip(*points), style, label=split, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def load_for_eval(path: str | Path, **overrides: Any) -> ReformerLM:
+    """A trained model from a run directory or a checkpoint directory, in eval mode."""
+    from .checkpoint import resolve_checkpoint
+
+    return ReformerLM.from_pretrained(resolve_checkpoint(path), **overrides).eval()
