@@ -2,6 +2,7 @@
 
     reformer train --data FILE | --task duplication --out RUN_DIR [options] [model flags]
     reformer eval --checkpoint RUN_DIR --data FILE
+    reformer generate --checkpoint RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --seed S]
     reformer data fetch enwik8|crime-and-punishment [--dir DIR]
 
 Every model flag (`--d-model`, `--attn-layers lsh,local`, ...) overrides one field of
@@ -136,6 +137,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .data import encode
+    from .generate import check_sampling_args, generate
+    from .train import load_for_eval
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    model = load_for_eval(args.checkpoint)
+    prompt = encode(args.prompt)
+    if model.config.vocab_size < 256 and len(prompt) and int(prompt.max()) >= model.config.vocab_size:
+        raise UserError(f"the prompt has bytes >= {model.config.vocab_size}, outside this model's vocabulary; "
+                        "use characters the model was trained on")
+    stream = _Utf8Stream(sys.stdout)
+    stream.write(bytes(prompt.tolist()))
+    for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed):
+        stream.write(bytes([token]) if token < 256 else f"<{token}>".encode())
+    stream.close()
+    return 0
+
+
+class _Utf8Stream:
+    """Writes bytes to a text stream as soon as they form whole UTF-8 characters."""
+
+    def __init__(self, out):
+        import codecs
+
+        self.out = out
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data: bytes) -> None:
+        self.out.write(self.decoder.decode(data))
+        self.out.flush()
+
+    def close(self) -> None:
+        self.out.write(self.decoder.decode(b"", final=True) + "\n")
+        self.out.flush()
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .fetch import fetch
 
@@ -183,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    ge = sub.add_parser("generate", help="sample text from a trained model, streamed as it is produced")
+    ge.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
+    ge.add_argument("--prompt", required=True, help="the text to continue")
+    ge.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    ge.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    ge.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes only")
+    ge.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
+    ge.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    ge.set_defaults(func=cmd_generate)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,109 @@
+"""The command line, run in-process: every subcommand, and one-line errors for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reformer.cli import main
+
+TEXT = ("Crime and Punishment, by Fyodor Dostoevsky. Part I. Chapter I. " * 30).encode()
+MODEL = ["--d-model", "32", "--d-head", "16", "--d-ff", "64", "--attn-layers", "local,lsh", "--lsh-chunk-size", "16",
+         "--local-chunk-size", "16", "--n-hashes", "1"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_bytes(TEXT)
+    return path
+
+
+@pytest.fixture
+def trained(tmp_path, text_file):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(text_file), "--out", str(out), "--steps", "4", "--batch-size", "2",
+                 "--seq-len", "64", "--eval-every", "2", "--no-progress", *MODEL]) == 0
+    return out
+
+
+def one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+
+
+def test_train_eval_generate(trained, text_file, capsys):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["d_model"] == 32 and config["attn_layers"] == ["local", "lsh"] and config["max_seq_len"] == 64
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(trained), "--data", str(text_file), "--no-progress"]) == 0
+    assert "bits per byte" in capsys.readouterr().out
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "Crime", "--max-new-tokens", "20", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("Crime")
+
+
+def test_model_flags_override_the_config_file(tmp_path, text_file):
+    base = tmp_path / "model.json"
+    base.write_text(json.dumps({"d_model": 48, "d_head": 16, "n_heads": 3, "attn_layers": ["lsh"]}))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(text_file), "--out", str(out), "--config", str(base), "--n-heads", "2",
+                 "--steps", "1", "--seq-len", "32", "--batch-size", "1", "--no-progress", "--lsh-chunk-size", "8",
+                 "--n-buckets", "4,2"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["d_model"], saved["n_heads"], saved["attn_layers"], saved["n_buckets"]) == (48, 2, ["lsh"], [4, 2])
+
+
+def test_bad_inputs_give_one_line(tmp_path, text_file, trained, capsys):
+    train = ["train", "--out", str(tmp_path / "new"), "--steps", "1", "--no-progress", "--seq-len", "64", *MODEL]
+    one_line_error(capsys, [*train, "--data", str(tmp_path / "missing.txt")], "not found")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    one_line_error(capsys, [*train, "--data", str(tmp_path / "empty.txt")], "empty")
+    (tmp_path / "short.txt").write_bytes(b"too short")
+    one_line_error(capsys, [*train, "--data", str(tmp_path / "short.txt")], "--seq-len")
+    one_line_error(capsys, [*train, "--data", str(text_file), "--max-seq-len", "32"], "max_seq_len")
+    one_line_error(capsys, [*train, "--data", str(text_file), "--attn-layers", "lsh,dense"], "unknown kinds")
+    (tmp_path / "bad.json").write_text("{not json")
+    one_line_error(capsys, [*train, "--data", str(text_file), "--config", str(tmp_path / "bad.json")], "JSON")
+    resume = ["train", "--data", str(text_file), "--out", str(trained), "--resume", "--steps", "6", "--no-progress",
+              "--seq-len", "64", *MODEL, "--d-model", "64", "--d-head", "32"]
+    one_line_error(capsys, resume, "d_model")
+    one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path / "nothing"), "--data", str(text_file)],
+                   "does not exist")
+    one_line_error(capsys, ["eval", "--checkpoint", str(trained), "--data", str(text_file), "--seq-len", "999"],
+                   "max_seq_len")
+    one_line_error(capsys, ["generate", "--checkpoint", str(trained), "--prompt", "x", "--top-p", "2"], "--top-p")
+
+
+def test_help_explains_every_subcommand():
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["generate", "--help"],
+                 ["data", "fetch", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "reformer", *argv], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: reformer" in result.stdout
+    train_help = subprocess.run([sys.executable, "-m", "reformer", "train", "--help"], capture_output=True,
+                                text=True).stdout
+    for flag in ("--steps", "--batch-size", "--seq-len", "--lr", "--grad-clip", "--grad-accum", "--eval-every",
+                 "--save-every", "--precision", "--seed", "--resume", "--n-hashes", "--attn-layers"):
+        assert flag in train_help
+
+
+def test_fetch_from_a_file_url(tmp_path, capsys, monkeypatch):
+    import hashlib
+
+    from reformer import fetch
+
+    payload = b"a small novel\n" * 10
+    source = tmp_path / "novel.txt"
+    source.write_bytes(payload)
+    small = fetch.Dataset(name="crime-and-punishment", url=source.as_uri(), filename="novel.txt",
+                          size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    monkeypatch.setitem(fetch.DATASETS, "crime-and-punishment", small)
+    assert main(["data", "fetch", "crime-and-punishment", "--dir", str(tmp_path / "cache")]) == 0
+    assert "novel.txt" in capsys.readouterr().out
