@@ -114,6 +114,15 @@ class ReformerLM(nn.Module):
         seeds = draw_seeds(self.generator, len(self.layers) + 1)
         return seeds[0], [LayerCall(seed=s) for s in seeds[1:]]
 
+    def set_lsh_eval(self, n_hashes: int | None = None, full_attention: bool = False) -> None:
+        """Evaluate the LSH layers with another number of hash rounds, or with full shared-QK attention."""
+        for layer in self.layers:
+            attention = layer.attention.attention
+            if isinstance(attention, LSHSelfAttention):
+                attention.use_full_attention = full_attention
+                if n_hashes is not None:
+                    attention.n_hashes = n_hashes
+
     # --- forward ----------------------------------------------------------
     def forward(
         self,

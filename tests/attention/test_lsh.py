@@ -208,3 +208,13 @@ def test_padding_filled_with_nan_never_leaks():
     mask = torch.arange(10)[None] < 7
     out, _ = lsh_attention(qk, v, rotations, n_buckets=4, chunk_size=4, attention_mask=mask)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("causal, masked", [(False, False), (True, True)])
+def test_shared_qk_full_attention_is_lsh_with_one_chunk(causal, masked):
+    from reformer.attention.full import shared_qk_attention
+
+    qk, v, rotations, mask = make_inputs(2, 2, 13, 4, 1, 4, masked=masked)
+    lsh, _ = lsh_attention(qk, v, rotations, n_buckets=4, chunk_size=16, causal=causal, attention_mask=mask)
+    full = shared_qk_attention(qk, v, causal=causal, attention_mask=mask)
+    assert_close(full, lsh, 1e-12, "full vs one-chunk LSH")

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import check_attention_mask, check_qkv, zero_masked_queries, zero_padded
+from ._chunking import check_attention_mask, check_qkv, mask_values, zero_masked_queries, zero_padded
 from ..rng import dropout as seeded_dropout
 
 
@@ -57,3 +57,25 @@ def _allowed(attention_mask, b, n, causal, device):
         return allowed
     allowed = attention_mask[:, None, None, :] & allowed  # (b, 1, n, n)
     return allowed | torch.eye(n, dtype=torch.bool, device=device)
+
+
+def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Full attention with LSH attention's conventions: the "Full" column of the paper's Table 2.
+
+    Keys are the unit-length query-keys, logits are not scaled, a token sees
+    itself only when nothing else is allowed. Equals `lsh_attention` with one
+    round and one chunk holding the whole sequence. qk, v (b, h, n, d) -> (b, h, n, d).
+    """
+    from .lsh import normalize_keys
+
+    b, h, n, d = check_qkv({"qk": qk, "v": v})
+    attention_mask = check_attention_mask(attention_mask, b, n)
+    qk, v = zero_padded(qk, attention_mask), zero_padded(v, attention_mask)
+    self_value, masked_value = mask_values(qk.dtype)
+    dots = qk @ normalize_keys(qk).transpose(-1, -2)  # (b, h, n, n)
+    dots = dots.masked_fill(torch.eye(n, dtype=torch.bool, device=qk.device), self_value)
+    allowed = _allowed(attention_mask, b, n, causal, qk.device)
+    if allowed is not None:
+        dots = dots.masked_fill(~allowed, masked_value)
+    return zero_masked_queries(torch.softmax(dots, dim=-1) @ v, attention_mask)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..attention import full_attention, local_attention, lsh_attention
+from ..attention.full import shared_qk_attention
 from ..attention.lsh import n_buckets_for_length, random_rotations
 from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, derive_seed, dropout, generator_for
 
@@ -51,6 +52,7 @@ class LSHSelfAttention(nn.Module):
         self.causal, self.dedup, self.same_bucket_only, self.wrap = causal, dedup, same_bucket_only, wrap
         self.attn_dropout = attn_dropout
         self.eval_seed = eval_seed
+        self.use_full_attention = False  # evaluate with full shared-QK attention (paper Table 2, "Full")
         self._eval_rotations: dict = {}
 
     def resolve_n_buckets(self, length: int, mask: torch.Tensor | None):
@@ -73,6 +75,8 @@ class LSHSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
         qk = split_heads(self.qk(x), self.n_heads)  # (b, h, n, d)
         v = split_heads(self.v(x), self.n_heads)  # (b, h, n, d)
+        if self.use_full_attention:
+            return merge_heads(shared_qk_attention(qk, v, causal=self.causal, attention_mask=mask))
         n_buckets = self.resolve_n_buckets(x.shape[1], mask)
         rotations = None if call.buckets is not None else self.rotations(n_buckets, call.seed).to(x.device)
         out, buckets = lsh_attention(
