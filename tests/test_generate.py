@@ -33,7 +33,7 @@ def test_same_seed_same_sample_and_greedy_is_deterministic():
     b = list(generate(model, prompt, 12, seed=5, top_k=10))
     c = list(generate(model, prompt, 12, seed=6, top_k=10))
     assert a == b and a != c and all(0 <= t < model.config.vocab_size for t in a)
-    greedy = list(generate(model, prompt, 8, temperature=0.0))
+    greedy = list(generate(model, prompt, 8, temperature=0.0, use_cache=False))  # LSH layers: the cache approximates
     ids = prompt[None]
     for token in greedy:
         assert token == int(model.eval()(ids).logits[0, -1].argmax())
@@ -48,3 +48,33 @@ def test_bad_prompts_and_arguments():
         list(generate(model, torch.tensor([], dtype=torch.long), 2))
     with pytest.raises(ValueError, match="temperature"):
         list(generate(model, torch.tensor([1]), 2, temperature=-1))
+
+
+@pytest.mark.parametrize("kinds", [("local", "full", "local"), ("local",), ("full",)])
+def test_cache_gives_exactly_the_uncached_logits_for_local_and_full(kinds):
+    from reformer.decoding import decode_step, start_decoding
+
+    config = tiny_config(attn_layers=kinds, local_chunk_size=4)
+    model = ReformerLM(config).double().eval()
+    ids = torch.randint(0, config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits[0]  # (23, vocab)
+    state = start_decoding(model, 23)
+    for position in range(23):
+        step = decode_step(model, ids[:, position], state)[0]
+        torch.testing.assert_close(step, full[position], rtol=0, atol=1e-10)
+
+
+def test_cached_and_uncached_generation_agree_for_local_models():
+    model = ReformerLM(tiny_config(attn_layers=("local", "full"))).eval()
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    cached = list(generate(model, prompt, 20, temperature=0.0, use_cache=True))
+    uncached = list(generate(model, prompt, 20, temperature=0.0, use_cache=False))
+    assert cached == uncached
+
+
+def test_lsh_cache_decodes_with_fixed_rotations():
+    model = ReformerLM(tiny_config(attn_layers=("lsh", "local"), n_hashes=2)).eval()
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    a = list(generate(model, prompt, 30, seed=1))
+    b = list(generate(model, prompt, 30, seed=1))
+    assert a == b and len(a) == 30

@@ -1,8 +1,9 @@
 """Sampling: temperature, top-k and top-p (nucleus), reproducible from a seed.
 
 `generate(model, prompt_ids, ...)` yields one token id at a time, so callers can
-stream text as it is produced. Each step runs the model over the last
-`max_seq_len` tokens (no incremental cache yet).
+stream text as it is produced. With `use_cache=True` (the default) each token
+costs one incremental step (`reformer.decoding`); with `use_cache=False` every
+step runs the model over the last `max_seq_len` tokens.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+from .decoding import decode_step, start_decoding
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -51,7 +54,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 100, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[int]:
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             use_cache: bool = True) -> Iterator[int]:
     """Yield `max_new_tokens` sampled token ids continuing `prompt_ids` (1-D or (1, n))."""
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     ids = prompt_ids.reshape(1, -1).to(next(model.parameters()).device)
@@ -64,11 +68,21 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 100, *, temp
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     window = model.config.max_seq_len
+    if use_cache and ids.shape[1] + max_new_tokens > window:
+        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                         f"{window}; shorten them, or pass use_cache=False to slide a window")
     try:
-        for _ in range(max_new_tokens):
-            logits = model(ids[:, -window:]).logits[:, -1]  # (1, vocab)
+        if use_cache:
+            state = start_decoding(model, ids.shape[1] + max_new_tokens)
+            for token in ids[0]:
+                logits = decode_step(model, token.reshape(1), state)  # (1, vocab)
+        for step in range(max_new_tokens):
+            if not use_cache:
+                logits = model(ids[:, -window:]).logits[:, -1]  # (1, vocab)
             next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             yield int(next_id)
+            if use_cache and step + 1 < max_new_tokens:
+                logits = decode_step(model, next_id, state)
     finally:
         model.train(was_training)

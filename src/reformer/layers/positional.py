@@ -38,7 +38,10 @@ class AxialPositionEmbedding(nn.Module):
                 f"sequence length {length} exceeds prod(axial_shape) = {self.max_length}; "
                 f"use a longer axial_shape in the config, or shorter sequences"
             )
-        positions = torch.arange(length, device=self.weights[0].device)
+        return self.at(torch.arange(length, device=self.weights[0].device))
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the given positions (n,) -> (n, sum(axial_dims))."""
         parts = []
         stride = self.max_length
         for size, dim, weight in zip(self.axial_shape, self.axial_dims, self.weights):
@@ -57,3 +60,6 @@ class AbsolutePositionEmbedding(nn.Module):
         if length > self.embedding.num_embeddings:
             raise ValueError(f"sequence length {length} exceeds max_seq_len = {self.embedding.num_embeddings}")
         return self.embedding.weight[:length]
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.embedding.weight[positions]

@@ -1,0 +1,155 @@
+"""Incremental decoding: one new token costs O(window) per layer, not a pass over the prefix.
+
+Legend: b batch, h heads, t cached positions, d head width.
+
+Each layer keeps what later tokens need of the earlier ones:
+- local attention: keys and values of the last 2 * chunk_size positions. The new
+  token at position p attends to positions from (p // c - 1) * c to p, exactly
+  as `local_attention` does, so cached logits equal uncached ones.
+- full attention: all keys and values; exact as well.
+- LSH attention (Trax's predict mode, reference-spec §1.5): the eval-time
+  rotations stay fixed, every cached key keeps its buckets, and the new token
+  attends to the most recent `n_hashes * 2 * chunk_size` cached keys that share
+  one of its buckets in any round (each counted once), and to itself only when
+  there is none. This approximates the chunked attention of a full forward pass.
+The prompt is fed through the same step, one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention._chunking import mask_values
+from .attention.lsh import hash_vectors, n_buckets_for_length, normalize_keys
+from .layers.attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention, merge_heads, split_heads
+
+
+@dataclass
+class LayerCache:
+    keys: torch.Tensor | None = None  # (b, h, t, d)
+    values: torch.Tensor | None = None  # (b, h, t, d)
+    positions: torch.Tensor | None = None  # (t,) positions of the cached rows
+    buckets: torch.Tensor | None = None  # (b, h, r, t), LSH only
+
+
+@dataclass
+class DecodingState:
+    position: int = 0
+    layers: list[LayerCache] = field(default_factory=list)
+    n_buckets: object = None  # fixed LSH bucket count for the whole decode
+
+
+def _append(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, position: int, keep: int | None) -> None:
+    pos = torch.tensor([position], device=k.device)
+    if cache.keys is None:
+        cache.keys, cache.values, cache.positions = k, v, pos
+    else:
+        cache.keys = torch.cat([cache.keys, k], dim=2)
+        cache.values = torch.cat([cache.values, v], dim=2)
+        cache.positions = torch.cat([cache.positions, pos])
+    if keep is not None and cache.positions.numel() > keep:
+        cache.keys, cache.values = cache.keys[:, :, -keep:], cache.values[:, :, -keep:]
+        cache.positions = cache.positions[-keep:]
+        if cache.buckets is not None:
+            cache.buckets = cache.buckets[..., -keep:]
+
+
+def _softmax_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, logits_mask=None, scale=1.0):
+    """q (b, h, 1, d) over keys/values (b, h, t, d); logits_mask: callable editing (b, h, 1, t) logits."""
+    logits = (q @ keys.transpose(-1, -2)) * scale  # (b, h, 1, t)
+    if logits_mask is not None:
+        logits = logits_mask(logits)
+    return torch.softmax(logits, dim=-1) @ values  # (b, h, 1, d)
+
+
+def _local_step(core: LocalSelfAttention, x: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
+    q, k, v = (split_heads(proj(x), core.n_heads) for proj in (core.q, core.k, core.v))  # (b, h, 1, d)
+    c = core.chunk_size
+    _append(cache, k, v, position, keep=2 * c)
+    first = max(0, (position // c - 1) * c)
+    visible = cache.positions >= first  # (t,)
+    return _softmax_attend(q, cache.keys[:, :, visible], cache.values[:, :, visible], scale=1 / math.sqrt(q.shape[-1]))
+
+
+def _full_step(core: FullSelfAttention, x: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
+    q, k, v = (split_heads(proj(x), core.n_heads) for proj in (core.q, core.k, core.v))  # (b, h, 1, d)
+    _append(cache, k, v, position, keep=None)
+    return _softmax_attend(q, cache.keys, cache.values, scale=1 / math.sqrt(q.shape[-1]))
+
+
+def _lsh_step(core: LSHSelfAttention, x: torch.Tensor, cache: LayerCache, position: int, n_buckets) -> torch.Tensor:
+    qk = split_heads(core.qk(x), core.n_heads)  # (b, h, 1, d)
+    v = split_heads(core.v(x), core.n_heads)  # (b, h, 1, d)
+    buckets = hash_vectors(qk, core.rotations(n_buckets, None).to(x.device), n_buckets)  # (b, h, r, 1)
+    previous = cache.buckets
+    self_value, masked_value = mask_values(qk.dtype)
+    limit = core.n_hashes * 2 * core.chunk_size
+    cache.buckets = buckets if previous is None else torch.cat([previous, buckets], dim=-1)
+    _append(cache, normalize_keys(qk), v, position, keep=None)
+    shares = (cache.buckets == buckets).any(dim=2)  # (b, h, t): shares a bucket in some round
+    shares[..., -1] = False  # the token itself is handled by the self value
+    recent = shares.flip(-1).cumsum(-1).flip(-1) <= limit  # keep the `limit` most recent matches
+    visible = shares & recent
+
+    def edit(logits):  # (b, h, 1, t)
+        logits = logits.masked_fill(~visible[:, :, None, :], masked_value)
+        logits[..., -1] = self_value
+        return logits
+
+    return _softmax_attend(qk, cache.keys, cache.values, edit)
+
+
+@torch.no_grad()
+def decode_step(model, token: torch.Tensor, state: DecodingState) -> torch.Tensor:
+    """Feed one token per row, token (b,), and return the logits of the next one, (b, vocab)."""
+    p = state.position
+    if p >= model.config.max_seq_len:
+        raise ValueError(f"the sequence reached max_seq_len = {model.config.max_seq_len}; "
+                         "generate fewer tokens or use a model with a longer max_seq_len")
+    if not state.layers:
+        state.layers = [LayerCache() for _ in model.layers]
+    position = torch.tensor([p], device=token.device)
+    x = model.token_embedding(token[:, None]) + model.position_embedding.at(position).to(
+        model.token_embedding.weight.dtype)  # (b, 1, d)
+    x1 = x2 = x
+    for block, cache in zip(model.layers, state.layers):
+        branch = block.attention
+        h = branch.norm(x2)
+        core = branch.attention
+        if isinstance(core, LSHSelfAttention) and not core.use_full_attention:
+            out = _lsh_step(core, h, cache, p, state.n_buckets)
+        elif isinstance(core, LocalSelfAttention):
+            out = _local_step(core, h, cache, p)
+        else:
+            out = _full_step_any(core, h, cache, p)
+        x1 = x1 + branch.out(merge_heads(out))
+        x2 = x2 + block.feed_forward(x1)
+    state.position += 1
+    return model.logits_from_hidden(torch.cat([x1, x2], dim=-1))[:, -1]  # (b, vocab)
+
+
+def _full_step_any(core, h, cache, position):
+    if isinstance(core, FullSelfAttention):
+        return _full_step(core, h, cache, position)
+    # an LSH layer evaluated with full shared-QK attention
+    qk = split_heads(core.qk(h), core.n_heads)
+    v = split_heads(core.v(h), core.n_heads)
+    _append(cache, normalize_keys(qk), v, position, keep=None)
+    self_value, _ = mask_values(qk.dtype)
+
+    def edit(logits):
+        if logits.shape[-1] > 1:
+            logits[..., -1] = self_value
+        return logits
+
+    return _softmax_attend(qk, cache.keys, cache.values, edit)
+
+
+def start_decoding(model, total_length: int) -> DecodingState:
+    """A fresh state; LSH layers with n_buckets=None fix their count from `total_length`."""
+    chunk = model.config.lsh_chunk_size
+    n_buckets = model.config.n_buckets or n_buckets_for_length(min(total_length, model.config.max_seq_len), chunk)
+    return DecodingState(n_buckets=n_buckets)
