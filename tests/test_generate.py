@@ -78,3 +78,16 @@ def test_lsh_cache_decodes_with_fixed_rotations():
     a = list(generate(model, prompt, 30, seed=1))
     b = list(generate(model, prompt, 30, seed=1))
     assert a == b and len(a) == 30
+
+
+def test_prefill_then_steps_equal_the_uncached_logits():
+    from reformer.decoding import decode_step, prefill, start_decoding
+
+    config = tiny_config(attn_layers=("local", "full"), local_chunk_size=4)
+    model = ReformerLM(config).double().eval()
+    ids = torch.randint(0, config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
+    full = model(ids).logits[0]
+    state = start_decoding(model, 30)
+    torch.testing.assert_close(prefill(model, ids[:, :11], state)[0], full[10], rtol=0, atol=1e-10)
+    for position in range(11, 30):
+        torch.testing.assert_close(decode_step(model, ids[:, position], state)[0], full[position], rtol=0, atol=1e-10)

@@ -12,7 +12,8 @@ Each layer keeps what later tokens need of the earlier ones:
   attends to the most recent `n_hashes * 2 * chunk_size` cached keys that share
   one of its buckets in any round (each counted once), and to itself only when
   there is none. This approximates the chunked attention of a full forward pass.
-The prompt is fed through the same step, one token at a time.
+`prefill` runs the prompt through one ordinary forward pass and fills the caches
+on the way; `decode_step` then adds one token at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import torch
 
 from .attention._chunking import mask_values
 from .attention.lsh import hash_vectors, n_buckets_for_length, normalize_keys
-from .layers.attention import FullSelfAttention, LocalSelfAttention, LSHSelfAttention, merge_heads, split_heads
+from .layers.attention import (
+    FullSelfAttention,
+    LayerCall,
+    LocalSelfAttention,
+    LSHSelfAttention,
+    merge_heads,
+    split_heads,
+)
 
 
 @dataclass
@@ -153,3 +161,37 @@ def start_decoding(model, total_length: int) -> DecodingState:
     chunk = model.config.lsh_chunk_size
     n_buckets = model.config.n_buckets or n_buckets_for_length(min(total_length, model.config.max_seq_len), chunk)
     return DecodingState(n_buckets=n_buckets)
+
+
+def _fill_cache(core, h: torch.Tensor, cache: LayerCache, n_buckets) -> None:
+    """Cache the keys and values of the whole prompt, h (b, n, d_model)."""
+    n = h.shape[1]
+    cache.positions = torch.arange(n, device=h.device)
+    if isinstance(core, LSHSelfAttention):
+        qk = split_heads(core.qk(h), core.n_heads)  # (b, h, n, d)
+        cache.keys, cache.values = normalize_keys(qk), split_heads(core.v(h), core.n_heads)
+        if not core.use_full_attention:
+            cache.buckets = hash_vectors(qk, core.rotations(n_buckets, None).to(h.device), n_buckets)
+        return
+    cache.keys = split_heads(core.k(h), core.n_heads)
+    cache.values = split_heads(core.v(h), core.n_heads)
+    if isinstance(core, LocalSelfAttention):
+        keep = 2 * core.chunk_size
+        cache.keys, cache.values, cache.positions = cache.keys[:, :, -keep:], cache.values[:, :, -keep:], \
+            cache.positions[-keep:]
+
+
+@torch.no_grad()
+def prefill(model, prompt: torch.Tensor, state: DecodingState) -> torch.Tensor:
+    """One ordinary forward pass over prompt (b, n) that fills the caches; returns the next logits (b, vocab)."""
+    n = prompt.shape[1]
+    if n > model.config.max_seq_len:
+        raise ValueError(f"the prompt has {n} tokens, more than max_seq_len = {model.config.max_seq_len}")
+    state.layers = [LayerCache() for _ in model.layers]
+    x = model.token_embedding(prompt) + model.position_embedding(n).to(model.token_embedding.weight.dtype)
+    x1 = x2 = x  # (b, n, d)
+    for block, cache in zip(model.layers, state.layers):
+        _fill_cache(block.attention.attention, block.attention.norm(x2), cache, state.n_buckets)
+        x1, x2 = block(x1, x2, None, LayerCall())
+    state.position = n
+    return model.logits_from_hidden(torch.cat([x1[:, -1:], x2[:, -1:]], dim=-1))[:, -1]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .decoding import decode_step, start_decoding
+from .decoding import decode_step, prefill, start_decoding
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -74,8 +74,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 100, *, temp
     try:
         if use_cache:
             state = start_decoding(model, ids.shape[1] + max_new_tokens)
-            for token in ids[0]:
-                logits = decode_step(model, token.reshape(1), state)  # (1, vocab)
+            logits = prefill(model, ids, state)  # (1, vocab)
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = model(ids[:, -window:]).logits[:, -1]  # (1, vocab)
