@@ -107,3 +107,14 @@ def test_fetch_from_a_file_url(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(fetch.DATASETS, "crime-and-punishment", small)
     assert main(["data", "fetch", "crime-and-punishment", "--dir", str(tmp_path / "cache")]) == 0
     assert "novel.txt" in capsys.readouterr().out
+
+
+def test_duplication_train_and_table(tmp_path, capsys):
+    out = tmp_path / "dup"
+    assert main(["train", "--task", "duplication", "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "32", "--vocab-size", "10", "--attn-layers", "lsh", "--lsh-chunk-size", "8",
+                 "--d-model", "32", "--d-head", "16", "--d-ff", "32", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--task", "duplication", "--max-windows", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "| Train \\ Eval | Full | LSH-8 | LSH-4 | LSH-2 | LSH-1 |" in table and "LSH-2 (this model)" in table

@@ -1,7 +1,7 @@
 """The `reformer` command line: it parses arguments and calls library functions, nothing else.
 
     reformer train --data FILE | --task duplication --out RUN_DIR [options] [model flags]
-    reformer eval --checkpoint RUN_DIR --data FILE
+    reformer eval --checkpoint RUN_DIR --data FILE | --task duplication
     reformer generate --checkpoint RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --seed S]
     reformer data fetch enwik8|crime-and-punishment [--dir DIR]
 
@@ -131,9 +131,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
+    if args.task == "duplication":
+        return _eval_duplication(args)
+    if args.data is None:
+        raise UserError("give --data FILE to score, or --task duplication")
     result = evaluate_file(args.checkpoint, args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                            progress=not args.no_progress)
     print(f"{result['tokens']:,} tokens: loss {result['loss']:.4f} nats, {result['bpc']:.4f} bits per byte")
+    return 0
+
+
+def _eval_duplication(args: argparse.Namespace) -> int:
+    from .evaluate import duplication_table, format_table2
+    from .train import load_for_eval
+
+    model = load_for_eval(args.checkpoint)
+    train_json = Path(args.checkpoint) / "train.json"
+    length = args.seq_len or (json.loads(train_json.read_text())["seq_len"] if train_json.is_file()
+                              else model.config.max_seq_len)
+    trained_with = f"LSH-{model.config.n_hashes}" if "lsh" in model.config.attn_layers else "Full Attention"
+    table = duplication_table(model, length=length, n_examples=args.max_windows or 32)
+    print(format_table2({f"{trained_with} (this model)": table}))
     return 0
 
 
@@ -217,9 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="bits per byte of a trained model on a file")
     ev.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
-    ev.add_argument("--data", required=True, help="the file to score")
+    ev.add_argument("--data", help="the file to score")
+    ev.add_argument("--task", choices=["duplication"], help="accuracy table of a duplication-task model "
+                    "(full attention and LSH with 8, 4, 2, 1 hashes)")
     ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
-    ev.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    ev.add_argument("--max-windows", type=int, default=None,
+                    help="score at most this many windows (duplication: examples, default 32)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 

@@ -36,3 +36,43 @@ def evaluate_file(checkpoint: str | Path, path: str | Path, *, seq_len: int | No
         raise ValueError(f"{path} is too short to score: it needs at least 2 bytes")
     loss = total / count
     return {"loss": loss, "bpc": loss / math.log(2), "tokens": count}
+
+
+TABLE2_COLUMNS = ("Full", "LSH-8", "LSH-4", "LSH-2", "LSH-1")
+PAPER_TABLE2 = {  # Reformer paper, Table 2: accuracy (%) on the second copy; rows = training attention
+    "Full Attention": (100.0, 94.8, 92.5, 76.9, 52.5),
+    "LSH-4": (0.8, 100.0, 99.9, 99.4, 91.9),
+    "LSH-2": (0.8, 100.0, 99.9, 98.1, 86.8),
+    "LSH-1": (0.8, 99.9, 99.6, 94.8, 77.9),
+}
+
+
+@torch.no_grad()
+def duplication_table(model, *, length: int, n_examples: int = 32, seed: int = 1234,
+                      batch_size: int = 8) -> dict[str, float]:
+    """Accuracy (%) on the second copy, evaluated with full attention and with LSH at 8, 4, 2 and 1 hashes."""
+    from .duplication import duplication_accuracy, duplication_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [duplication_batch(min(batch_size, n_examples - i), length, model.config.vocab_size, gen)
+               for i in range(0, n_examples, batch_size)]
+    original = model.config.n_hashes
+    results = {}
+    try:
+        for column in TABLE2_COLUMNS:
+            full = column == "Full"
+            model.set_lsh_eval(n_hashes=None if full else int(column.split("-")[1]), full_attention=full)
+            accuracies = [duplication_accuracy(model, ids, labels) * len(ids) for ids, labels in batches]
+            results[column] = 100.0 * sum(accuracies) / n_examples
+    finally:
+        model.set_lsh_eval(n_hashes=original, full_attention=False)
+    return results
+
+
+def format_table2(rows: dict[str, dict[str, float] | tuple]) -> str:
+    """Markdown in the paper's Table 2 layout: one row per training setting."""
+    lines = ["| Train \\ Eval | " + " | ".join(TABLE2_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE2_COLUMNS)]
+    for name, values in rows.items():
+        cells = values.values() if isinstance(values, dict) else values
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}%" for v in cells) + " |")
+    return "\n".join(lines)
