@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench-memory clean
+.PHONY: test test-fast demo demo-text bench-memory bench-generate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,17 @@ test: $(STAMP)  ## the whole suite, slow cases included
 test-fast: $(STAMP)  ## skip the slow cases
 	$(PY) -m pytest -q -m 'not slow'
 
-demo: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a built-in text) and report
+demo: $(STAMP)  ## the paper's duplication task: train a small Reformer, print Table 2 and a sample (<= 10 min)
+	$(PY) examples/duplication_demo.py
+
+demo-text: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a built-in text) and sample
 	$(PY) examples/demo.py
 
 bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (writes benchmarks/results/memory.md)
 	$(PY) benchmarks/memory.py
+
+bench-generate: $(STAMP)  ## generation tokens/s with and without the cache (writes benchmarks/results/generate.md)
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         prompt = torch.randint(0, 256, (length,), generator=gen)
         speeds = {}
         for use_cache in (True, False):
-            tokens_per_second(model, prompt, 4, use_cache)  # warm-up
+            tokens_per_second(model, prompt, args.new_tokens, use_cache)  # warm-up: one full untimed run
             speeds[use_cache] = statistics.median(
                 tokens_per_second(model, prompt, args.new_tokens, use_cache) for _ in range(args.repeats))
         rows.append(f"| {length:,} | {speeds[True]:.1f} | {speeds[False]:.1f} | {speeds[True] / speeds[False]:.1f}x |")
