@@ -135,3 +135,10 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, text_file):
         for name in ("full", "killed")
     ]
     assert losses[0] == losses[1] and len(losses[0]) == 30
+
+
+def test_top_level_functions():
+    import reformer
+
+    assert callable(reformer.train) and callable(reformer.generate) and callable(reformer.evaluate_file)
+    assert reformer.TrainConfig is TrainConfig
