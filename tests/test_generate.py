@@ -91,3 +91,39 @@ def test_prefill_then_steps_equal_the_uncached_logits():
     torch.testing.assert_close(prefill(model, ids[:, :11], state)[0], full[10], rtol=0, atol=1e-10)
     for position in range(11, 30):
         torch.testing.assert_close(decode_step(model, ids[:, position], state)[0], full[position], rtol=0, atol=1e-10)
+
+
+def test_lsh_step_equals_the_masked_dense_formulation():
+    """The gathered LSH decode step against the plain one: all cached keys, masked to the same visible set."""
+    import reformer.decoding as decoding
+    from reformer.attention._chunking import mask_values
+
+    def dense_lsh_step(core, x, cache, position, n_buckets):
+        qk = decoding.split_heads(core.qk(x), core.n_heads)
+        v = decoding.split_heads(core.v(x), core.n_heads)
+        buckets = decoding.hash_vectors(qk, core.rotations(n_buckets, None), n_buckets)
+        cache.buckets = buckets if cache.buckets is None else torch.cat([cache.buckets, buckets], dim=-1)
+        decoding._append(cache, decoding.normalize_keys(qk), v, position, keep=None)
+        shares = (cache.buckets == buckets).any(dim=2)
+        shares[..., -1] = False
+        visible = shares & (shares.flip(-1).cumsum(-1).flip(-1) <= core.n_hashes * 2 * core.chunk_size)
+        self_value, masked_value = mask_values(qk.dtype)
+        logits = (qk @ cache.keys.transpose(-1, -2)).masked_fill(~visible[:, :, None, :], masked_value)
+        logits[..., -1] = self_value
+        return torch.softmax(logits, dim=-1) @ cache.values
+
+    config = tiny_config(attn_layers=("lsh", "lsh"), n_hashes=2, lsh_chunk_size=2, n_buckets=4)
+    model = ReformerLM(config).double().eval()
+    ids = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for step_fn in (decoding._lsh_step, dense_lsh_step):
+        original = decoding._lsh_step
+        decoding._lsh_step = step_fn
+        try:
+            state = decoding.start_decoding(model, 40)
+            logits = [decoding.prefill(model, ids[:, :5], state)]
+            logits += [decoding.decode_step(model, ids[:, p], state) for p in range(5, 40)]
+        finally:
+            decoding._lsh_step = original
+        results.append(torch.stack(logits))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-12)

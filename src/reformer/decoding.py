@@ -12,6 +12,8 @@ Each layer keeps what later tokens need of the earlier ones:
   attends to the most recent `n_hashes * 2 * chunk_size` cached keys that share
   one of its buckets in any round (each counted once), and to itself only when
   there is none. This approximates the chunked attention of a full forward pass.
+  Finding them compares integer buckets over the cache; the attention itself
+  gathers only those keys, so its float work is O(n_hashes * chunk) per token.
 `prefill` runs the prompt through one ordinary forward pass and fills the caches
 on the way; `decode_step` then adds one token at a time.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention._chunking import mask_values
-from .attention.lsh import hash_vectors, n_buckets_for_length, normalize_keys
+from .attention.lsh import gather_rows, hash_vectors, n_buckets_for_length, normalize_keys
 from .layers.attention import (
     FullSelfAttention,
     LayerCall,
@@ -99,15 +101,19 @@ def _lsh_step(core: LSHSelfAttention, x: torch.Tensor, cache: LayerCache, positi
     _append(cache, normalize_keys(qk), v, position, keep=None)
     shares = (cache.buckets == buckets).any(dim=2)  # (b, h, t): shares a bucket in some round
     shares[..., -1] = False  # the token itself is handled by the self value
-    recent = shares.flip(-1).cumsum(-1).flip(-1) <= limit  # keep the `limit` most recent matches
-    visible = shares & recent
+    t = shares.shape[-1]
+    score = torch.where(shares, torch.arange(t, device=x.device), torch.full_like(shares, -1, dtype=torch.long))
+    latest, index = score.topk(min(limit, t), dim=-1)  # (b, h, k): the most recent matches, -1 if fewer
+    keys = torch.cat([gather_rows(cache.keys, index), cache.keys[:, :, -1:]], dim=2)  # (b, h, k+1, d)
+    values = torch.cat([gather_rows(cache.values, index), cache.values[:, :, -1:]], dim=2)  # (b, h, k+1, d)
+    found = torch.cat([latest >= 0, torch.zeros_like(latest[..., :1], dtype=torch.bool)], dim=-1)  # (b, h, k+1)
 
-    def edit(logits):  # (b, h, 1, t)
-        logits = logits.masked_fill(~visible[:, :, None, :], masked_value)
+    def edit(logits):  # (b, h, 1, k+1)
+        logits = logits.masked_fill(~found[:, :, None, :], masked_value)
         logits[..., -1] = self_value
         return logits
 
-    return _softmax_attend(qk, cache.keys, cache.values, edit)
+    return _softmax_attend(qk, keys, values, edit)
 
 
 @torch.no_grad()
