@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -51,20 +50,8 @@ MODEL = dict(vocab_size=256, d_model=256, n_heads=4, d_head=64, d_ff=1024, causa
 
 # --- worker: one fresh process, one step ----------------------------------
 
-def current_rss_mib() -> float:
-    """Resident set size now, from /proc/self/status (VmRSS, KiB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status (this benchmark needs Linux)")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def worker(spec: dict) -> dict:
-    from reformer.memory import release_freed_memory_eagerly
+    from reformer.memory import current_rss_mib, peak_rss_mib, release_freed_memory_eagerly
 
     eager = spec["eager_release"] and release_freed_memory_eagerly()
     import torch

@@ -14,10 +14,10 @@ accelerators; this demo must finish in about 8 minutes on a 2-core CPU):
   n_buckets = 2 * length / chunk = 16.
 - Learned absolute position embeddings instead of axial ones. With the
   default axial grid (8 x 16) a 2-layer model (N = 31 or 127, length 128)
-  plateaued at ~83% accuracy within a few hundred steps: it copies by
+  plateaued well below full accuracy in exploratory runs: it copies by
   position, and a fixed set of positions of the second copy (where the
   offset of half a sequence crosses the axial grid's rows differently) stayed
-  at 0% accuracy; a 2 x 64 grid (one row per copy) plateaued at 77%.
+  at 0% accuracy; a 2 x 64 grid (one row per copy) did no better.
   Learned positions can encode "t attends to t - length/2 + 1" for every
   position independently; with them one layer reaches ~100% (LSH-2
   to LSH-8) after ~250 steps at length 512 and ~100 steps at length 128.
@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 from reformer import ReformerConfig
-from reformer.duplication import duplication_accuracy, duplication_batch
+from reformer.duplication import duplication_batch
+from reformer.evaluate import PAPER_TABLE2, duplication_table, format_table2
 from reformer.generate import generate
 from reformer.memory import release_freed_memory_eagerly
 from reformer.train import TrainConfig, load_for_eval, train
@@ -67,13 +68,6 @@ WARMUP = 50
 EVAL_SEQUENCES = 32  # held-out sequences for the table
 EVAL_SEED = 12345  # fixed seed of the held-out set (independent of training data)
 
-PAPER_ROWS = [  # Reformer paper, Table 2: train setting -> eval Full, LSH-8, LSH-4, LSH-2, LSH-1 (%)
-    ("Full attention (paper)", (100.0, 94.8, 92.5, 76.9, 52.5)),
-    ("LSH-4 (paper)", (0.8, 100.0, 99.9, 99.4, 91.9)),
-    ("LSH-2 (paper)", (0.8, 100.0, 99.9, 98.1, 86.8)),
-    ("LSH-1 (paper)", (0.8, 99.9, 99.6, 94.8, 77.9)),
-]
-EVAL_COLUMNS = ("Full", "LSH-8", "LSH-4", "LSH-2", "LSH-1")
 
 
 def model_config(length: int, vocab: int, seed: int) -> ReformerConfig:
@@ -83,26 +77,6 @@ def model_config(length: int, vocab: int, seed: int) -> ReformerConfig:
         axial_shape=None, axial_dims=None,  # learned absolute positions (see the module docstring)
         max_seq_len=length, causal=True, seed=seed,
     )
-
-
-def table_accuracies(model, ids: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    """Accuracy (%) on the second copy with full attention and LSH-8/4/2/1, in Table 2's column order."""
-    model.set_lsh_eval(full_attention=True)
-    accs = [duplication_accuracy(model, ids, labels)]
-    model.set_lsh_eval(full_attention=False)
-    for k in (8, 4, 2, 1):
-        model.set_lsh_eval(n_hashes=k)
-        accs.append(duplication_accuracy(model, ids, labels))
-    model.set_lsh_eval(n_hashes=TRAIN_HASHES)
-    return [100.0 * a for a in accs]
-
-
-def print_table(rows: list[tuple[str, list[float] | tuple[float, ...]]]) -> None:
-    width = max(len(name) for name, _ in rows) + 2
-    header = "Train \\ Eval"
-    print(f"{header:<{width}}" + "".join(f"{c:>8}" for c in EVAL_COLUMNS))
-    for name, values in rows:
-        print(f"{name:<{width}}" + "".join(f"{v:>8.1f}" for v in values))
 
 
 def main() -> None:
@@ -133,11 +107,13 @@ def main() -> None:
     train_s = time.perf_counter() - start
 
     model = load_for_eval(out)
-    ids, labels = duplication_batch(EVAL_SEQUENCES, args.length, args.vocab, torch.Generator().manual_seed(EVAL_SEED))
-    ours = table_accuracies(model, ids, labels)
-    print(f"\nAccuracy (%) on the second copy, {EVAL_SEQUENCES} held-out sequences "
+    ours = duplication_table(model, length=args.length, n_examples=EVAL_SEQUENCES, seed=EVAL_SEED)
+    print(f"\nAccuracy on the second copy, {EVAL_SEQUENCES} held-out sequences "
           f"(length {args.length}, N = {args.vocab - 1}); paper: length 1024, N = 127, 1 layer, 150K steps")
-    print_table([(f"LSH-{TRAIN_HASHES} (this run)", ours)] + PAPER_ROWS)
+    paper = {f"{name} (paper)": row for name, row in PAPER_TABLE2.items()}
+    print(format_table2({f"LSH-{TRAIN_HASHES} (this run)": ours, **paper}))
+
+    ids, _ = duplication_batch(EVAL_SEQUENCES, args.length, args.vocab, torch.Generator().manual_seed(EVAL_SEED))
 
     # greedy generation of the second copy from the prompt `0 w 0`
     half = args.length // 2

@@ -48,6 +48,12 @@ def test_bad_prompts_and_arguments():
         list(generate(model, torch.tensor([], dtype=torch.long), 2))
     with pytest.raises(ValueError, match="temperature"):
         list(generate(model, torch.tensor([1]), 2, temperature=-1))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        list(generate(model, torch.tensor([1] * 60), 10))
+    with pytest.raises(ValueError, match="more than max_seq_len"):
+        from reformer.decoding import prefill, start_decoding
+
+        prefill(model, torch.ones(1, 65, dtype=torch.long), start_decoding(model, 65))
 
 
 @pytest.mark.parametrize("kinds", [("local", "full", "local"), ("local",), ("full",)])

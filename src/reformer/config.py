@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class ReformerConfig:
     attn_dropout: float = 0.0  # dropout on attention probabilities
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon (HF default)
     init_std: float = 0.02  # std of the normal init of linear and token-embedding weights
-    # HF's axial std is 1.0; next to 0.02 token embeddings it left the demo byte LM on the unigram plateau ~150 steps
+    # HF's axial std is 1.0; next to 0.02 token embeddings it kept a byte LM on the unigram plateau for long
     axial_init_std: float = 0.02  # std of the normal init of the axial position weights
     seed: int = 0  # seeds the init, the eval-time LSH rotations and the model's own generator
 

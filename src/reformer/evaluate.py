@@ -49,8 +49,11 @@ PAPER_TABLE2 = {  # Reformer paper, Table 2: accuracy (%) on the second copy; ro
 
 @torch.no_grad()
 def duplication_table(model, *, length: int, n_examples: int = 32, seed: int = 1234,
-                      batch_size: int = 8) -> dict[str, float]:
-    """Accuracy (%) on the second copy, evaluated with full attention and with LSH at 8, 4, 2 and 1 hashes."""
+                      batch_size: int = 32) -> dict[str, float]:
+    """Accuracy (%) on the second copy, evaluated with full attention and with LSH at 8, 4, 2 and 1 hashes.
+
+    The held-out set is `duplication_batch` drawn from `seed`, `batch_size` sequences at a time.
+    """
     from .duplication import duplication_accuracy, duplication_batch
 
     gen = torch.Generator().manual_seed(seed)

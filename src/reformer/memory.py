@@ -4,12 +4,12 @@ Why: glibc's malloc raises its mmap threshold every time a large block is freed
 (up to 32 MiB). After that, tensors of a few MiB come from the heap, and the
 heap keeps what they leave behind. A reversible model allocates and frees one
 layer's worth of such tensors per layer, so the process RSS creeps up with
-depth even though the live tensors do not (measured at 16,384 tokens: 12 layers
-peak 1.33x the 2-layer model with the default, 1.10x with an 8 MiB threshold).
+depth even though the live tensors do not (`benchmarks/memory.py`, 16,384 tokens:
+12 layers peak 1.33x the 2-layer model with `--default-malloc`, 1.06x with this fix).
 `release_freed_memory_eagerly()` fixes the threshold, which turns the dynamic
 adjustment off: blocks above it are mapped and unmapped directly. A lower
-threshold saves a little more memory but costs page faults: at 1 MiB the demo
-model trains 1.9x slower, at 8 MiB 1.06x. It changes
+threshold saves a little more memory but costs page faults, which slow
+training; 8 MiB is the compromise. It changes
 the whole process, so the library never calls it on import; the demo and the
 benchmarks call it, and so can you (once, at the start of a program).
 """

@@ -174,7 +174,7 @@ def lsh_attention(
     b, h, n, d = check_qkv({"qk": qk, "v": v})
     check_chunk_size(chunk_size)
     attention_mask = check_attention_mask(attention_mask, b, n)
-    n_hashes = _check_rotations_or_buckets(rotations, buckets, n_buckets, (b, h, n, d))
+    _check_rotations_or_buckets(rotations, buckets, n_buckets, (b, h, n, d))
 
     n_pad = padded_length(n, chunk_size)
     mask = padded_mask(attention_mask, b, n, n_pad, qk.device)  # (b, n_pad)
