@@ -58,6 +58,8 @@ def _parse_field(kind: str):
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         if kind.startswith("float"):
             return float(text)
+        if kind.startswith("str"):
+            return text
         return int(text)
     return parse
 

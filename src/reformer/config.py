@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 ATTENTION_KINDS = ("lsh", "local", "full")
+BUCKET_RULES = ("trax", "hf")
+LSH_NORMALIZATIONS = ("softmax", "hf")
+FF_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 
 
 @dataclass
@@ -34,14 +37,23 @@ class ReformerConfig:
     lsh_dedup: bool = False  # paper eq. 16: count a key seen in several rounds once
     lsh_same_bucket_only: bool = False  # paper eq. 3-4: attend only inside the own bucket
     lsh_wrap: bool = False  # Trax/HF layout: rounds concatenated, look-back wraps around
+    lsh_bucket_rule: str = "trax"  # for n_buckets=None: "trax" = 2*length/chunk; "hf" = HF's power-of-two rule
+    hash_seed: int | None = None  # HF's hash_seed: LSH rotations redrawn from this seed on every call, train and eval
+    lsh_attn_dropout: float | None = None  # attention dropout of the LSH layers (None = attn_dropout)
+    lsh_normalize: str = "softmax"  # "softmax" (exact) or "hf": exp(x - logsumexp(x)), HF's float32 rounding
 
     # --- local attention ---
     local_chunk_size: int = 64  # each chunk attends to itself and the previous chunk
+    local_wrap: bool = False  # HF/Trax layout: the first chunk looks back at the last (matters only non-causal)
+
+    # --- feed-forward ---
+    ff_activation: str = "relu"  # "relu", "gelu", "gelu_new" (tanh approximation) or "silu"
 
     # --- execution ---
     reversible: bool = True  # recompute activations in backward instead of storing them
     ff_chunk_size: int = 0  # positions per feed-forward chunk (0 = whole sequence at once)
     loss_chunk_size: int = 4096  # positions per chunk of the LM head and loss when labels are given
+    pad_to_multiple: int = 0  # right-pad inputs to a multiple of this, as HF does (lcm of its chunks); 0 = off
 
     # --- positions ---
     axial_shape: tuple[int, ...] | None = (64, 64)  # axial position grid; None = learned absolute positions
@@ -78,15 +90,27 @@ class ReformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.ff_chunk_size, int) or self.ff_chunk_size < 0:
-            raise ValueError(f"ff_chunk_size must be >= 0 (0 = no chunking), got {self.ff_chunk_size!r}")
+        for name, meaning in (("ff_chunk_size", "no chunking"), ("pad_to_multiple", "no padding")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = {meaning}), got {value!r}")
+        if self.lsh_bucket_rule not in BUCKET_RULES:
+            raise ValueError(f"lsh_bucket_rule must be one of {BUCKET_RULES}, got {self.lsh_bucket_rule!r}")
+        if self.lsh_normalize not in LSH_NORMALIZATIONS:
+            raise ValueError(f"lsh_normalize must be one of {LSH_NORMALIZATIONS}, got {self.lsh_normalize!r}")
+        if self.ff_activation not in FF_ACTIVATIONS:
+            raise ValueError(f"ff_activation must be one of {FF_ACTIVATIONS}, got {self.ff_activation!r}")
+        if self.hash_seed is not None and (not isinstance(self.hash_seed, int) or isinstance(self.hash_seed, bool)):
+            raise ValueError(f"hash_seed must be an integer or None, got {self.hash_seed!r}")
         if not self.attn_layers:
             raise ValueError("attn_layers is empty: give one of 'lsh', 'local', 'full' per layer")
         bad = [kind for kind in self.attn_layers if kind not in ATTENTION_KINDS]
         if bad:
             raise ValueError(f"attn_layers has unknown kinds {bad}; use only {ATTENTION_KINDS}")
-        for name in ("dropout", "attn_dropout"):
+        for name in ("dropout", "attn_dropout", "lsh_attn_dropout"):
             p = getattr(self, name)
+            if p is None and name == "lsh_attn_dropout":
+                continue
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         if self.n_buckets is not None:

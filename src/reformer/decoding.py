@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention._chunking import mask_values
-from .attention.lsh import gather_rows, hash_vectors, n_buckets_for_length, normalize_keys
+from .attention._chunking import mask_values, padded_length
+from .attention.lsh import gather_rows, hash_vectors, normalize_keys
 from .layers.attention import (
     FullSelfAttention,
     LayerCall,
@@ -93,7 +93,7 @@ def _full_step(core: FullSelfAttention, x: torch.Tensor, cache: LayerCache, posi
 def _lsh_step(core: LSHSelfAttention, x: torch.Tensor, cache: LayerCache, position: int, n_buckets) -> torch.Tensor:
     qk = split_heads(core.qk(x), core.n_heads)  # (b, h, 1, d)
     v = split_heads(core.v(x), core.n_heads)  # (b, h, 1, d)
-    buckets = hash_vectors(qk, core.rotations(n_buckets, None).to(x.device), n_buckets)  # (b, h, r, 1)
+    buckets = hash_vectors(qk, core.rotations(n_buckets, None, qk.dtype).to(x.device), n_buckets)  # (b, h, r, 1)
     previous = cache.buckets
     self_value, masked_value = mask_values(qk.dtype)
     limit = core.n_hashes * 2 * core.chunk_size
@@ -164,9 +164,10 @@ def _full_step_any(core, h, cache, position):
 
 def start_decoding(model, total_length: int) -> DecodingState:
     """A fresh state; LSH layers with n_buckets=None fix their count from `total_length`."""
-    chunk = model.config.lsh_chunk_size
-    n_buckets = model.config.n_buckets or n_buckets_for_length(min(total_length, model.config.max_seq_len), chunk)
-    return DecodingState(n_buckets=n_buckets)
+    lsh = [block.attention.attention for block in model.layers
+           if isinstance(block.attention.attention, LSHSelfAttention)]
+    length = padded_length(min(total_length, model.config.max_seq_len), max(model.config.pad_to_multiple, 1))
+    return DecodingState(n_buckets=lsh[0].resolve_n_buckets(length, None) if lsh else None)
 
 
 def _fill_cache(core, h: torch.Tensor, cache: LayerCache, n_buckets) -> None:
@@ -177,7 +178,7 @@ def _fill_cache(core, h: torch.Tensor, cache: LayerCache, n_buckets) -> None:
         qk = split_heads(core.qk(h), core.n_heads)  # (b, h, n, d)
         cache.keys, cache.values = normalize_keys(qk), split_heads(core.v(h), core.n_heads)
         if not core.use_full_attention:
-            cache.buckets = hash_vectors(qk, core.rotations(n_buckets, None).to(h.device), n_buckets)
+            cache.buckets = hash_vectors(qk, core.rotations(n_buckets, None, qk.dtype).to(h.device), n_buckets)
         return
     cache.keys = split_heads(core.k(h), core.n_heads)
     cache.values = split_heads(core.v(h), core.n_heads)

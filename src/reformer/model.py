@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention._chunking import pad_length, padded_length, padded_mask
 from .config import ReformerConfig
 from .layers.attention import AttentionBranch, FullSelfAttention, LayerCall, LocalSelfAttention, LSHSelfAttention
 from .layers.feed_forward import FeedForward, chunk_bounds
@@ -50,12 +51,14 @@ def build_attention(config: ReformerConfig, kind: str, layer: int) -> nn.Module:
         return LSHSelfAttention(
             **common, chunk_size=config.lsh_chunk_size, n_hashes=config.n_hashes, n_buckets=config.n_buckets,
             causal=config.causal, dedup=config.lsh_dedup, same_bucket_only=config.lsh_same_bucket_only,
-            wrap=config.lsh_wrap, attn_dropout=config.attn_dropout,
-            eval_seed=derive_seed(config.seed, _LAYER_STREAM, layer),
+            wrap=config.lsh_wrap,
+            attn_dropout=config.attn_dropout if config.lsh_attn_dropout is None else config.lsh_attn_dropout,
+            eval_seed=derive_seed(config.seed, _LAYER_STREAM, layer), bucket_rule=config.lsh_bucket_rule,
+            max_positions=config.max_seq_len, hash_seed=config.hash_seed, normalize=config.lsh_normalize,
         )
     if kind == "local":
         return LocalSelfAttention(**common, chunk_size=config.local_chunk_size, causal=config.causal,
-                                  attn_dropout=config.attn_dropout)
+                                  attn_dropout=config.attn_dropout, wrap=config.local_wrap)
     return FullSelfAttention(**common, causal=config.causal, attn_dropout=config.attn_dropout)
 
 
@@ -82,7 +85,7 @@ class ReformerLM(nn.Module):
                 AttentionBranch(build_attention(c, kind, i), c.d_model, inner, dropout=c.dropout,
                                 layer_norm_eps=c.layer_norm_eps),
                 FeedForward(c.d_model, c.d_ff, chunk_size=c.ff_chunk_size, dropout=c.dropout,
-                            layer_norm_eps=c.layer_norm_eps),
+                            activation=c.ff_activation, layer_norm_eps=c.layer_norm_eps),
             )
             for i, kind in enumerate(c.attn_layers)
         )
@@ -150,8 +153,18 @@ class ReformerLM(nn.Module):
         n = input_ids.shape[1]
         x = self.token_embedding(input_ids) + self.position_embedding(n).to(self.token_embedding.weight.dtype)
         x = dropout(x, self.config.dropout, embed_seed, STREAM_EMBED)  # (b, n, d)
+        x, attention_mask = self._pad_to_multiple(x, attention_mask)  # (b, n_pad, d)
         run = run_reversible if self.config.reversible and torch.is_grad_enabled() else run_plain
-        return run(self.layers, x, attention_mask, calls)
+        return run(self.layers, x, attention_mask, calls)[:, :n]
+
+    def _pad_to_multiple(self, x: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Right-pad x (b, n, d) with masked zeros to a multiple of `pad_to_multiple` (HF's padding)."""
+        multiple = self.config.pad_to_multiple
+        b, n, _ = x.shape
+        if multiple <= 1 or n % multiple == 0:
+            return x, attention_mask
+        n_pad = padded_length(n, multiple)
+        return pad_length(x, n_pad, dim=1), padded_mask(attention_mask, b, n, n_pad, x.device)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.final_norm(hidden))  # (b, n, vocab)
@@ -223,6 +236,22 @@ class ReformerLM(nn.Module):
         save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
         tmp_weights.replace(directory / "model.safetensors")
         tmp_config.replace(directory / "config.json")
+
+    @classmethod
+    def from_hf(cls, source, **overrides) -> "ReformerLM":
+        """An equal model from a Hugging Face Reformer: its directory or an in-memory HF model.
+
+        See `reformer.hf` for what is matched and how; `overrides` replace config fields.
+        """
+        from .hf import from_hf
+
+        return from_hf(source, **overrides)
+
+    def to_hf(self, directory: str | Path, *, strict: bool = True, fold_bias: bool | None = None) -> Path:
+        """Write an HF Reformer directory that `transformers` loads with the same logits (see `reformer.hf.to_hf`)."""
+        from .hf import to_hf
+
+        return to_hf(self, directory, strict=strict, fold_bias=fold_bias)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> "ReformerLM":

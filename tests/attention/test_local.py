@@ -46,6 +46,25 @@ def test_local_matches_reference(n, masked, chunk_size, causal):
 
 
 @pytest.mark.parametrize("n, masked", LENGTHS_AND_MASKING)
+@pytest.mark.parametrize("chunk_size", [1, 4, 7])
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_with_wrap_matches_reference(n, masked, chunk_size, causal):
+    check(local_attention, local_attention_reference, n, masked, chunk_size=chunk_size, causal=causal, wrap=True)
+
+
+def test_local_wrap_lets_the_first_chunk_see_the_last():
+    """HF layout: non-causal, the first chunk sees the last chunk (and only the first chunk does)."""
+    q, k, v, _ = make_qkv(1, 1, 12, 4, masked=False)
+    v2 = v.detach().clone()
+    v2[:, :, 8:] += 100.0
+    out, out2 = (local_attention(q, k, values, chunk_size=4, wrap=True) for values in (v, v2))
+    assert not torch.allclose(out[:, :, :4], out2[:, :, :4])
+    assert torch.equal(out[:, :, 4:8], out2[:, :, 4:8])
+    causal, causal2 = (local_attention(q, k, values, chunk_size=4, wrap=True, causal=True) for values in (v, v2))
+    assert torch.equal(causal[:, :, :8], causal2[:, :, :8])
+
+
+@pytest.mark.parametrize("n, masked", LENGTHS_AND_MASKING)
 @pytest.mark.parametrize("causal", [False, True])
 def test_full_matches_reference(n, masked, causal):
     check(full_attention, full_attention_reference, n, masked, causal=causal)

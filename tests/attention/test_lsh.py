@@ -27,10 +27,10 @@ def make_inputs(b, h, n, d, n_hashes, n_buckets, masked, seed=0):
     return qk, v, rotations, mask
 
 
-def compare_with_reference(n, n_hashes, n_buckets, chunk_size, seed=0, **options):
+def compare_with_reference(n, n_hashes, n_buckets, chunk_size, seed=0, normalize="softmax", **options):
     qk, v, rotations, mask = make_inputs(2, 2, n, 4, n_hashes, n_buckets, options.pop("masked"), seed)
     kwargs = dict(n_buckets=n_buckets, chunk_size=chunk_size, attention_mask=mask, **options)
-    out, buckets = lsh_attention(qk, v, rotations, **kwargs)
+    out, buckets = lsh_attention(qk, v, rotations, normalize=normalize, **kwargs)
     ref, ref_buckets = lsh_attention_reference(qk, v, rotations, **kwargs)
     assert torch.equal(buckets, ref_buckets)
     assert_close(out, ref, 1e-10, "out")
@@ -57,6 +57,32 @@ OPTION_SETS = [
 @pytest.mark.parametrize("wrap", [False, True])
 def test_matches_reference(n_hashes, causal, masked, options, wrap):
     compare_with_reference(13, n_hashes, 4, 4, causal=causal, masked=masked, wrap=wrap, **options)
+
+
+@pytest.mark.parametrize("n_hashes", [1, 3])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_hf_normalisation_matches_reference_in_float64(n_hashes, causal, wrap):
+    """exp(x - logsumexp(x)) is the same math as softmax: equal to the reference in float64."""
+    compare_with_reference(13, n_hashes, 4, 4, causal=causal, masked=True, wrap=wrap, normalize="hf")
+
+
+def test_exact_normalisation_where_hf_rounding_is_off():
+    """float32: a query that sees only itself (logit -1e5) in every round.
+
+    Softmax weights give exactly its value; exp(x - logsumexp(x)) is off by
+    up to 0.4% (float32 spacing near 1e5 is 0.0078), as in HF and Trax.
+    """
+    gen = seeded(3)
+    qk, v = torch.randn(1, 1, 8, 4, generator=gen), torch.randn(1, 1, 8, 4, generator=gen)
+    rotations = torch.randn(1, 4, 3, 2, generator=gen)
+    kwargs = dict(n_buckets=4, chunk_size=4, causal=True, wrap=True)
+    exact, _ = lsh_attention(qk, v, rotations, **kwargs)
+    rounded, _ = lsh_attention(qk, v, rotations, normalize="hf", **kwargs)
+    assert torch.allclose(exact[..., 0, :], v[..., 0, :], rtol=1e-6, atol=0)  # the first token sees only itself
+    assert (rounded[..., 0, :] - v[..., 0, :]).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        lsh_attention(qk, v, rotations, normalize="sparsemax", **kwargs)
 
 
 @pytest.mark.parametrize("n_buckets", [(2, 4), (4, 2, 2)])

@@ -60,12 +60,14 @@ def _allowed(attention_mask, b, n, causal, device):
 
 
 def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        attention_mask: torch.Tensor | None = None, dropout: float = 0.0,
+                        dropout_seed: int | None = None) -> torch.Tensor:
     """Full attention with LSH attention's conventions: the "Full" column of the paper's Table 2.
 
     Keys are the unit-length query-keys, logits are not scaled, a token sees
     itself only when nothing else is allowed. Equals `lsh_attention` with one
     round and one chunk holding the whole sequence. qk, v (b, h, n, d) -> (b, h, n, d).
+    Attention-probability dropout comes from `dropout_seed` (None: no dropout).
     """
     from .lsh import normalize_keys
 
@@ -78,4 +80,5 @@ def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = Fal
     allowed = _allowed(attention_mask, b, n, causal, qk.device)
     if allowed is not None:
         dots = dots.masked_fill(~allowed, masked_value)
-    return zero_masked_queries(torch.softmax(dots, dim=-1) @ v, attention_mask)
+    probs = seeded_dropout(torch.softmax(dots, dim=-1), dropout, dropout_seed)
+    return zero_masked_queries(probs @ v, attention_mask)

@@ -4,8 +4,10 @@ Legend: b batch, h heads, n length (padded to a chunk multiple), d head width,
 g chunks, c chunk length, w = 2c window.
 
 Positions are cut into chunks of `chunk_size`; every chunk attends to itself and
-to the previous chunk. The first chunk has no predecessor (no wrap-around), so
-right padding never changes what real tokens see. Logits are scaled by 1/sqrt(d).
+to the previous chunk. By default the first chunk has no predecessor, so right
+padding never changes what real tokens see. `wrap=True` is HF's and Trax's
+layout: the first chunk looks back at the last one (this matters only without
+`causal`, where those keys are not masked). Logits are scaled by 1/sqrt(d).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def local_attention(
     chunk_size: int,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
+    wrap: bool = False,
     dropout: float = 0.0,
     dropout_seed: int | None = None,
 ) -> torch.Tensor:
@@ -47,6 +50,8 @@ def local_attention(
         chunk_size: chunk length.
         causal: no key after the query.
         attention_mask: (b, n) bool, True = real token. Padded queries output 0.
+        wrap: the first chunk looks back at the last chunk (HF / Trax), when
+            there are at least two chunks.
         dropout, dropout_seed: attention-probability dropout from an explicit seed.
 
     Returns:
@@ -66,7 +71,7 @@ def local_attention(
     v_w = look_back(pad_length(v, n_pad, dim=2).view(b, h, g, c, d))  # (b, h, g, w, d)
     dots = (q_c @ k_w.transpose(-1, -2)) / math.sqrt(d)  # (b, h, g, c, w)
 
-    valid = _local_window_mask(mask, g, c, causal)  # (b, 1, g, c, w)
+    valid = _local_window_mask(mask, g, c, causal, wrap)  # (b, 1, g, c, w)
     _, masked_value = mask_values(dots.dtype)
     logits = dots.masked_fill(~valid, masked_value)
     probs = torch.softmax(logits, dim=-1)
@@ -75,13 +80,14 @@ def local_attention(
     return zero_masked_queries(out, attention_mask)
 
 
-def _local_window_mask(mask: torch.Tensor, g: int, c: int, causal: bool) -> torch.Tensor:
+def _local_window_mask(mask: torch.Tensor, g: int, c: int, causal: bool, wrap: bool) -> torch.Tensor:
     """(b, 1, g, c, w) bool: real key, inside the layout, and (causal) not in the future."""
     b = mask.shape[0]
     positions = torch.arange(g * c, device=mask.device).view(1, 1, g, c)  # (1, 1, g, c)
     key_positions = look_back(positions)  # (1, 1, g, w)
     key_real = look_back(mask.view(b, 1, g, c))  # (b, 1, g, w)
-    has_prev = torch.arange(g, device=mask.device) > 0  # (g,)
+    chunk = torch.arange(g, device=mask.device)
+    has_prev = torch.full_like(chunk, g > 1, dtype=torch.bool) if wrap else chunk > 0  # (g,)
     in_layout = torch.cat([has_prev[:, None].expand(g, c), has_prev.new_ones(g, c)], dim=1)  # (g, w)
     valid = (key_real & in_layout)[..., None, :]  # (b, 1, g, 1, w)
     if causal:

@@ -14,6 +14,12 @@ Layouts:
   own bucket), so right padding never changes what real tokens see.
 - wrap=True: the Trax / HF layout. Rounds are concatenated before chunking, and
   the look-back crosses rounds and wraps from the first chunk to the last.
+
+Normalisation: the attention weights inside a chunk and the weights of the
+rounds are softmaxes, computed exactly (`normalize="softmax"`). Trax and HF
+compute them as exp(x - logsumexp(x)); in float32, where a query sees only
+itself (logit -1e5, float32 spacing 0.0078 there), those weights are off by
+up to 0.4%. `normalize="hf"` reproduces that, for parity with HF checkpoints.
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ def n_buckets_for_length(length: int, chunk_size: int) -> Buckets:
         return n
     div = 2 ** math.ceil(math.log2(math.sqrt(n)))
     return div, 2 * (n // (2 * div))
+
+
+def n_buckets_hf_rule(length: int, chunk_size: int, max_positions: int) -> Buckets:
+    """HF's `_set_num_buckets`: the largest power of two <= 2 * length / chunk (at least 2).
+
+    Above 2 * max(int(sqrt(max_positions / chunk)), chunk) it is factorised into
+    two powers of two, the first the smaller. HF computes it from the padded
+    length of the first batch it sees and then keeps it.
+    """
+    power = max((2 * (length // chunk_size)).bit_length() - 1, 1)
+    limit = 2 * max(int((max_positions // chunk_size) ** 0.5), chunk_size)
+    if 2 ** power > limit:
+        return 2 ** (power // 2), 2 ** (power - power // 2)
+    return 2 ** power
 
 
 def random_rotations(n_heads: int, d_head: int, n_hashes: int, n_buckets: Buckets,
@@ -147,6 +167,7 @@ def lsh_attention(
     buckets: torch.Tensor | None = None,
     dropout: float = 0.0,
     dropout_seed: int | None = None,
+    normalize: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-round LSH attention with shared query-keys.
 
@@ -167,6 +188,8 @@ def lsh_attention(
             the forward's); hashing is skipped.
         dropout: probability of dropping an attention weight.
         dropout_seed: seed of the dropout mask; None disables dropout.
+        normalize: "softmax" (exact) or "hf" (exp(x - logsumexp(x)), HF's and
+            Trax's float rounding; see the module docstring).
 
     Returns:
         out (b, h, n, d) and buckets (b, h, r, n).
@@ -175,6 +198,9 @@ def lsh_attention(
     check_chunk_size(chunk_size)
     attention_mask = check_attention_mask(attention_mask, b, n)
     _check_rotations_or_buckets(rotations, buckets, n_buckets, (b, h, n, d))
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {tuple(NORMALIZATIONS)}, got {normalize!r}")
+    normalized = NORMALIZATIONS[normalize]
 
     n_pad = padded_length(n, chunk_size)
     mask = padded_mask(attention_mask, b, n, n_pad, qk.device)  # (b, n_pad)
@@ -192,12 +218,25 @@ def lsh_attention(
         qk_p, v_p, buckets, mask,
         n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
         same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
+        normalized=normalized,
     )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
 
-    weights = torch.softmax(lse, dim=2)  # (b, h, r, n_pad): each round's share of the joint softmax
+    weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
     out = (out * weights[..., None]).sum(dim=2)[:, :, :n]  # (b, h, n, d)
     out = zero_masked_queries(out, attention_mask)
     return out, buckets[..., :n]
+
+
+def _softmax(x: torch.Tensor, dim: int, lse: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.softmax(x, dim=dim)
+
+
+def _exp_minus_logsumexp(x: torch.Tensor, dim: int, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's and Trax's normalisation: exp(x - logsumexp(x)). Inexact in float32 where |lse| is large."""
+    return torch.exp(x - (torch.logsumexp(x, dim=dim, keepdim=True) if lse is None else lse))
+
+
+NORMALIZATIONS = {"softmax": _softmax, "hf": _exp_minus_logsumexp}
 
 
 def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
@@ -220,7 +259,7 @@ def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
 
 
 def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup,
-                   same_bucket_only, wrap, dropout, dropout_seed):
+                   same_bucket_only, wrap, dropout, dropout_seed, normalized):
     """Sort, chunk, attend, unsort. Returns per-round out (b, h, r, n, d) and lse (b, h, r, n)."""
     b, h, r, n = buckets.shape
     d = qk.shape[-1]
@@ -249,7 +288,7 @@ def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup
     del valid
 
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (b, h, g, c, 1)
-    probs = torch.exp(logits - lse)  # (b, h, g, c, w)
+    probs = normalized(logits, -1, lse)  # (b, h, g, c, w)
     probs = seeded_dropout(probs, dropout, dropout_seed)
     out = probs @ vw  # (b, h, g, c, d)
 

@@ -118,10 +118,22 @@ def lsh_attention_reference(
     return outputs, torch.stack(all_buckets).to(qk.device)
 
 
-def local_attention_reference(q, k, v, *, chunk_size, causal=False, attention_mask=None) -> torch.Tensor:
-    """Query i sees key j when j's chunk is i's chunk or the one before, j is real, and (causal) j <= i."""
+def local_attention_reference(q, k, v, *, chunk_size, causal=False, attention_mask=None,
+                              wrap=False) -> torch.Tensor:
+    """Query i sees key j when j's chunk is i's chunk or the one before, j is real, and (causal) j <= i.
+
+    With wrap, the chunk before the first is the last one (when there are two or more).
+    """
     b, h, n, d = q.shape
+    n_chunks = -(-n // chunk_size)
     out = torch.zeros_like(v)
+
+    def neighbours(i: int, j: int) -> bool:
+        ci, cj = i // chunk_size, j // chunk_size
+        if ci - 1 <= cj <= ci:
+            return True
+        return wrap and n_chunks > 1 and ci == 0 and cj == n_chunks - 1
+
     for bi in range(b):
         for hi in range(h):
             for i in range(n):
@@ -129,7 +141,7 @@ def local_attention_reference(q, k, v, *, chunk_size, causal=False, attention_ma
                     continue
                 seen = [
                     j for j in range(n)
-                    if i // chunk_size - 1 <= j // chunk_size <= i // chunk_size
+                    if neighbours(i, j)
                     and (attention_mask is None or attention_mask[bi, j])
                     and (not causal or j <= i)
                 ]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attention import full_attention, local_attention, lsh_attention
 from ..attention.full import shared_qk_attention
-from ..attention.lsh import n_buckets_for_length, random_rotations
+from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
 from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, derive_seed, dropout, generator_for
 
 
@@ -39,11 +39,21 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class LSHSelfAttention(nn.Module):
-    """Shared-QK LSH attention. Rotations: fresh per training call, fixed per layer in eval."""
+    """Shared-QK LSH attention. Rotations: fresh per training call, fixed per layer in eval.
+
+    A sequence that fits in one chunk gets full shared-QK attention (HF's rule):
+    every round would see every key anyway, so no hashing is needed.
+
+    With `hash_seed` (HF's option) the rotations are drawn again on every call,
+    in training and in eval, from a generator seeded with it, in the dtype of
+    the query-keys: HF's `torch.manual_seed(hash_seed); torch.randn(...)`
+    without touching the global RNG.
+    """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, n_hashes: int,
                  n_buckets, causal: bool, dedup: bool, same_bucket_only: bool, wrap: bool,
-                 attn_dropout: float, eval_seed: int):
+                 attn_dropout: float, eval_seed: int, bucket_rule: str = "trax", max_positions: int = 0,
+                 hash_seed: int | None = None, normalize: str = "softmax"):
         super().__init__()
         self.qk = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
@@ -52,17 +62,32 @@ class LSHSelfAttention(nn.Module):
         self.causal, self.dedup, self.same_bucket_only, self.wrap = causal, dedup, same_bucket_only, wrap
         self.attn_dropout = attn_dropout
         self.eval_seed = eval_seed
+        self.bucket_rule, self.max_positions, self.hash_seed = bucket_rule, max_positions, hash_seed
+        self.normalize = normalize
         self.use_full_attention = False  # evaluate with full shared-QK attention (paper Table 2, "Full")
         self._eval_rotations: dict = {}
 
     def resolve_n_buckets(self, length: int, mask: torch.Tensor | None):
+        """The configured count; else the Trax rule on the longest real length, or HF's on the padded length."""
         if self.n_buckets is not None:
             return self.n_buckets
+        if self.bucket_rule == "hf":
+            return n_buckets_hf_rule(length, self.chunk_size, self.max_positions)
         real_length = length if mask is None else int(mask.sum(dim=1).max().item())
         return n_buckets_for_length(max(real_length, 1), self.chunk_size)
 
-    def rotations(self, n_buckets, seed: int | None) -> torch.Tensor:
-        """(h, d, r, rot) float32 on the CPU: from the call seed in training, cached per layer in eval."""
+    def rotations(self, n_buckets, seed: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(h, d, r, rot) on the CPU: from the call seed in training, cached per layer in eval (float32).
+
+        With `hash_seed`, the same rotations on every call, drawn in `dtype` as HF draws them.
+        """
+        if self.hash_seed is not None:
+            key = ("hash_seed", self.n_hashes, n_buckets, dtype)
+            if key not in self._eval_rotations:
+                gen = torch.Generator().manual_seed(self.hash_seed)
+                shape = (self.n_heads, self.d_head, self.n_hashes, rotation_size(n_buckets))
+                self._eval_rotations[key] = torch.randn(shape, generator=gen, dtype=dtype)
+            return self._eval_rotations[key]
         if seed is not None:
             gen = generator_for(derive_seed(seed, STREAM_ROTATIONS))
             return random_rotations(self.n_heads, self.d_head, self.n_hashes, n_buckets, gen)
@@ -75,15 +100,16 @@ class LSHSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
         qk = split_heads(self.qk(x), self.n_heads)  # (b, h, n, d)
         v = split_heads(self.v(x), self.n_heads)  # (b, h, n, d)
-        if self.use_full_attention:
-            return merge_heads(shared_qk_attention(qk, v, causal=self.causal, attention_mask=mask))
+        dropout_seed = None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS)
+        if self.use_full_attention or x.shape[1] <= self.chunk_size:
+            return merge_heads(shared_qk_attention(qk, v, causal=self.causal, attention_mask=mask,
+                                                   dropout=self.attn_dropout, dropout_seed=dropout_seed))
         n_buckets = self.resolve_n_buckets(x.shape[1], mask)
-        rotations = None if call.buckets is not None else self.rotations(n_buckets, call.seed).to(x.device)
+        rotations = None if call.buckets is not None else self.rotations(n_buckets, call.seed, qk.dtype).to(x.device)
         out, buckets = lsh_attention(
             qk, v, rotations, n_buckets=n_buckets, chunk_size=self.chunk_size, causal=self.causal,
             attention_mask=mask, dedup=self.dedup, same_bucket_only=self.same_bucket_only, wrap=self.wrap,
-            buckets=call.buckets, dropout=self.attn_dropout,
-            dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
+            buckets=call.buckets, dropout=self.attn_dropout, dropout_seed=dropout_seed, normalize=self.normalize,
         )
         call.buckets = buckets
         return merge_heads(out)
@@ -93,17 +119,18 @@ class LocalSelfAttention(nn.Module):
     """Chunked local attention with separate q, k, v projections (HF `LocalSelfAttention`)."""
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, causal: bool,
-                 attn_dropout: float):
+                 attn_dropout: float, wrap: bool = False):
         super().__init__()
         self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.n_heads, self.chunk_size, self.causal, self.attn_dropout = n_heads, chunk_size, causal, attn_dropout
+        self.wrap = wrap
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
         q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.q, self.k, self.v))  # (b, h, n, d)
         out = local_attention(
-            q, k, v, chunk_size=self.chunk_size, causal=self.causal, attention_mask=mask,
+            q, k, v, chunk_size=self.chunk_size, causal=self.causal, attention_mask=mask, wrap=self.wrap,
             dropout=self.attn_dropout,
             dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
         )

@@ -16,7 +16,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..rng import STREAM_FF_HIDDEN, STREAM_FF_OUT, dropout
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+ACTIVATIONS = {  # HF names: "gelu_new" is the tanh approximation
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
 
 
 def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
