@@ -4,6 +4,8 @@
     reformer eval --checkpoint RUN_DIR --data FILE | --task duplication
     reformer generate --checkpoint RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --seed S]
     reformer data fetch enwik8|crime-and-punishment [--dir DIR]
+    reformer convert --from-hf HF_DIR --out MODEL_DIR
+    reformer convert --to-hf RUN_DIR --out HF_DIR [--allow-differences] [--fold-bias auto|yes|no]
 
 Every model flag (`--d-model`, `--attn-layers lsh,local`, ...) overrides one field of
 `ReformerConfig`; its help is the field's comment in `reformer/config.py`.
@@ -19,6 +21,7 @@ import json
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from .config import ReformerConfig, default_axial_dims, default_axial_shape
@@ -114,6 +117,12 @@ def model_config_from_args(args: argparse.Namespace, seq_len: int | None = None)
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
+    if args.init_from:
+        if args.config:
+            raise UserError("give --init-from or --config, not both: --init-from brings its own config")
+        from .checkpoint import resolve_checkpoint
+
+        args.config = str(resolve_checkpoint(args.init_from) / "config.json")
     model_config = model_config_from_args(args, seq_len=args.seq_len)
     cfg = TrainConfig(
         out=args.out, data=args.data, task=args.task, valid_data=args.valid_data, steps=args.steps,
@@ -121,6 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         precision=args.precision, seed=args.seed, resume=args.resume, progress=not args.no_progress,
+        init_from=args.init_from,
     )
     history = train(cfg, model_config)
     last_eval = [r for r in history if r["split"] == "eval"][-1:]
@@ -195,6 +205,32 @@ class _Utf8Stream:
         self.out.flush()
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .hf import from_hf, to_hf
+    from .train import load_for_eval
+
+    if (args.from_hf is None) == (args.to_hf is None):
+        raise UserError("give exactly one of --from-hf HF_DIR or --to-hf RUN_DIR")
+    out = Path(args.out)
+    if args.from_hf is not None:
+        model = from_hf(args.from_hf)
+        model.save_pretrained(out)
+        print(f"wrote {out} ({model.config.n_layers} layers {','.join(model.config.attn_layers)}, "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters); "
+              f"use it with --checkpoint {out}, or train on with --init-from {out}")
+        return 0
+    model = load_for_eval(args.to_hf)
+    fold = {"auto": None, "yes": True, "no": False}[args.fold_bias]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        to_hf(model, out, strict=not args.allow_differences, fold_bias=fold)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    architecture = "ReformerModelWithLMHead" if model.config.causal else "ReformerForMaskedLM"
+    print(f"wrote {out}; load it with transformers.{architecture}.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .fetch import fetch
 
@@ -231,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
     run.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: at the end)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--init-from", metavar="MODEL_DIR", default=None,
+                     help="start from these weights and their config (a run, a checkpoint, or "
+                          "`reformer convert --from-hf` output); model flags may change execution fields")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_flags(tr)
     tr.set_defaults(func=cmd_train)
@@ -255,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
     ge.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
     ge.set_defaults(func=cmd_generate)
+
+    co = sub.add_parser("convert", help="Hugging Face Reformer checkpoints: load theirs, write ours as theirs")
+    co.add_argument("--from-hf", metavar="HF_DIR", help="an HF ReformerModelWithLMHead / ReformerForMaskedLM "
+                    "directory (config.json with model.safetensors or pytorch_model.bin)")
+    co.add_argument("--to-hf", metavar="RUN_DIR", help="a run directory, one of its checkpoints, or a model directory")
+    co.add_argument("--out", required=True, help="the directory to write")
+    co.add_argument("--allow-differences", action="store_true",
+                    help="--to-hf: write even where HF would compute something else (each difference is printed)")
+    co.add_argument("--fold-bias", choices=["auto", "yes", "no"], default="auto",
+                    help="--to-hf: fold the head bias into the final LayerNorm (auto: when the installed "
+                         "transformers ignores lm_head.bias, as 5.x does)")
+    co.set_defaults(func=cmd_convert)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

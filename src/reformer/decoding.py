@@ -196,9 +196,10 @@ def prefill(model, prompt: torch.Tensor, state: DecodingState) -> torch.Tensor:
         raise ValueError(f"the prompt has {n} tokens, more than max_seq_len = {model.config.max_seq_len}")
     state.layers = [LayerCache() for _ in model.layers]
     x = model.token_embedding(prompt) + model.position_embedding(n).to(model.token_embedding.weight.dtype)
-    x1 = x2 = x  # (b, n, d)
+    x, mask = model._pad_to_multiple(x, None)  # (b, n_pad, d), as the forward pass pads
+    x1 = x2 = x
     for block, cache in zip(model.layers, state.layers):
-        _fill_cache(block.attention.attention, block.attention.norm(x2), cache, state.n_buckets)
-        x1, x2 = block(x1, x2, None, LayerCall())
+        _fill_cache(block.attention.attention, block.attention.norm(x2[:, :n]), cache, state.n_buckets)
+        x1, x2 = block(x1, x2, mask, LayerCall())
     state.position = n
-    return model.logits_from_hidden(torch.cat([x1[:, -1:], x2[:, -1:]], dim=-1))[:, -1]
+    return model.logits_from_hidden(torch.cat([x1[:, n - 1:n], x2[:, n - 1:n]], dim=-1))[:, -1]

@@ -385,15 +385,43 @@ def fold_head_bias(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return folded, residual
 
 
+def _head_bias_for_hf(state: dict[str, torch.Tensor], fold_bias: bool | None) -> dict[str, torch.Tensor]:
+    """Fold the head bias when asked, or (None) when the installed transformers would drop it."""
+    bias_max = float(state["head.bias"].abs().max())
+    drops = hf_applies_head_bias() is False
+    if fold_bias is None:
+        fold_bias = drops and bias_max > 0
+        explicit = False
+    else:
+        explicit = True
+    if not fold_bias:
+        if drops and bias_max > 0:
+            warnings.warn(f"to_hf: the installed transformers ignores lm_head.bias (max |bias| {bias_max:.3g}); "
+                          "its logits will lack it, transformers 4.x adds it", stacklevel=3)
+        return state
+    folded, residual = fold_head_bias(state)
+    if residual <= 1e-6 * (1.0 + bias_max):
+        return folded
+    message = (f"the head bias cannot be folded into the final LayerNorm exactly (residual {residual:.2e}): "
+               f"the head weight has rank < vocab_size (vocab {state['head.bias'].numel()} vs 2 * d_model "
+               f"{state['final_norm.bias'].numel()})")
+    if explicit:
+        raise ConversionError(message + "; write it with fold_bias=False (CLI: --fold-bias no)")
+    warnings.warn(f"to_hf: {message}; writing lm_head.bias as it is, which the installed transformers ignores",
+                  stacklevel=3)
+    return state
+
+
 def to_hf(model, directory: str | Path, *, strict: bool = True, fold_bias: bool | None = None) -> Path:
     """Write `model` as an HF Reformer directory (config.json, model.safetensors).
 
     strict: raise when HF would compute something else than our model (see
         `differences_from_hf`); strict=False writes anyway and warns.
-    fold_bias: fold the head bias into the final LayerNorm bias (exact when
-        vocab <= 2 d_model), for transformers versions that ignore
-        `lm_head.bias`. None = do it only when the installed transformers
-        ignores the bias and the bias is not zero.
+    fold_bias: fold the head bias into the final LayerNorm bias, for
+        transformers versions that ignore `lm_head.bias`; exact only when
+        the head weight has full row rank (vocab <= 2 d_model), else an
+        error. None = fold when the installed transformers ignores the bias,
+        the bias is not zero and folding is exact; otherwise warn.
     """
     from safetensors.torch import save_file
 
@@ -407,14 +435,7 @@ def to_hf(model, directory: str | Path, *, strict: bool = True, fold_bias: bool 
                               "(CLI: --allow-differences) to write it anyway")
     for difference in differences:
         warnings.warn(f"to_hf: {difference}", stacklevel=2)
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    if fold_bias is None:
-        fold_bias = hf_applies_head_bias() is False and bool(state["head.bias"].abs().max() > 0)
-    if fold_bias:
-        state, residual = fold_head_bias(state)
-        if residual > 1e-4:
-            warnings.warn(f"to_hf: folding the head bias leaves logit errors up to {residual:.2e} "
-                          f"(vocab {config.vocab_size} > 2 * d_model {config.d_model})", stacklevel=2)
+    state = _head_bias_for_hf({k: v.detach().float() for k, v in model.state_dict().items()}, fold_bias)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp_weights = directory / "model.safetensors.tmp"

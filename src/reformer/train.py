@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_compatible, latest_checkpoint, load_state, save_checkpoint
+from .checkpoint import check_compatible, latest_checkpoint, load_state, resolve_checkpoint, save_checkpoint
 from .config import ReformerConfig
 from .memory import release_freed_memory_eagerly
 from .model import ReformerLM
@@ -53,6 +53,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     seed: int = 0  # data order; the model's seed is in its config
     resume: bool = False  # continue from the latest checkpoint in `out`
+    init_from: str | None = None  # start a new run from these weights (a model, checkpoint or run directory)
     progress: bool = True  # show a tqdm progress bar
 
     def validate(self) -> None:
@@ -153,6 +154,8 @@ def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
         optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     sampler, eval_batches = make_samplers(cfg, model_config)
     step, history = _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config)
+    if step == 0 and cfg.init_from:
+        _load_initial_weights(model, cfg.init_from, model_config)
     run.write_configs(cfg, model_config)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
@@ -224,6 +227,14 @@ def _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config) 
     return state["step"], run.truncate_metrics(state["step"])
 
 
+def _load_initial_weights(model, path: str, model_config: ReformerConfig) -> None:
+    from safetensors.torch import load_file
+
+    source = resolve_checkpoint(path)
+    check_compatible(ReformerConfig.from_json(source / "config.json"), model_config)
+    model.load_state_dict(load_file(str(source / "model.safetensors")))
+
+
 def plot_curves(history: list[dict], path: Path) -> Path | None:
     """Train and eval loss against steps, as a PNG (needs matplotlib; skipped without it)."""
     try:
@@ -252,6 +263,4 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
 
 def load_for_eval(path: str | Path, **overrides: Any) -> ReformerLM:
     """A trained model from a run directory or a checkpoint directory, in eval mode."""
-    from .checkpoint import resolve_checkpoint
-
     return ReformerLM.from_pretrained(resolve_checkpoint(path), **overrides).eval()
