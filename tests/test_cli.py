@@ -56,9 +56,12 @@ def test_model_flags_override_the_config_file(tmp_path, text_file):
     out = tmp_path / "run"
     assert main(["train", "--data", str(text_file), "--out", str(out), "--config", str(base), "--n-heads", "2",
                  "--steps", "1", "--seq-len", "32", "--batch-size", "1", "--no-progress", "--lsh-chunk-size", "8",
-                 "--n-buckets", "4,2"]) == 0
+                 "--n-buckets", "4,2", "--lsh-bucket-rule", "hf", "--hash-seed", "3", "--lsh-attn-dropout", "none",
+                 "--ff-activation", "gelu", "--local-wrap", "true", "--pad-to-multiple", "16"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["d_model"], saved["n_heads"], saved["attn_layers"], saved["n_buckets"]) == (48, 2, ["lsh"], [4, 2])
+    assert (saved["lsh_bucket_rule"], saved["hash_seed"], saved["lsh_attn_dropout"], saved["ff_activation"],
+            saved["local_wrap"], saved["pad_to_multiple"]) == ("hf", 3, None, "gelu", True, 16)
 
 
 def test_bad_inputs_give_one_line(tmp_path, text_file, trained, capsys):
@@ -75,6 +78,10 @@ def test_bad_inputs_give_one_line(tmp_path, text_file, trained, capsys):
     resume = ["train", "--data", str(text_file), "--out", str(trained), "--resume", "--steps", "6", "--no-progress",
               "--seq-len", "64", *MODEL, "--d-model", "64", "--d-head", "32"]
     one_line_error(capsys, resume, "d_model")
+    one_line_error(capsys, [*train, "--data", str(text_file), "--init-from", str(tmp_path / "nothing")],
+                   "does not exist")
+    one_line_error(capsys, [*train, "--data", str(text_file), "--init-from", str(trained), "--d-model", "64",
+                            "--d-head", "32"], "d_model")
     one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path / "nothing"), "--data", str(text_file)],
                    "does not exist")
     one_line_error(capsys, ["eval", "--checkpoint", str(trained), "--data", str(text_file), "--seq-len", "999"],
@@ -84,7 +91,7 @@ def test_bad_inputs_give_one_line(tmp_path, text_file, trained, capsys):
 
 def test_help_explains_every_subcommand():
     for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["generate", "--help"],
-                 ["data", "fetch", "--help"]):
+                 ["data", "fetch", "--help"], ["convert", "--help"]):
         result = subprocess.run([sys.executable, "-m", "reformer", *argv], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: reformer" in result.stdout
     train_help = subprocess.run([sys.executable, "-m", "reformer", "train", "--help"], capture_output=True,

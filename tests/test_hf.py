@@ -136,6 +136,21 @@ def test_greedy_generation_matches_hf(layers):
         assert theirs[0, 5:].tolist() == list(generate(ours, prompt[0], 50, temperature=0.0, use_cache=True))
 
 
+@pytest.mark.parametrize("length, chunk, max_positions", [
+    (16, 4, 64), (100, 8, 4096), (1024, 64, 4096), (3000, 4, 4096), (65536, 256, 65536), (524288, 64, 524288),
+])
+def test_bucket_rule_is_hfs(length, chunk, max_positions):
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+
+    from reformer.attention.lsh import n_buckets_hf_rule
+
+    layer = LSHSelfAttention(HFConfig(lsh_attn_chunk_length=chunk, max_position_embeddings=max_positions,
+                                      num_buckets=None))
+    layer._set_num_buckets(length)
+    expected = tuple(layer.num_buckets) if isinstance(layer.num_buckets, list) else layer.num_buckets
+    assert n_buckets_hf_rule(length, chunk, max_positions) == expected
+
+
 def test_hash_seed_rotations_leave_the_global_rng_alone():
     hf = tiny_hf(layers=("lsh",), n_hashes=2)
     ours = ReformerLM.from_hf(hf).train()

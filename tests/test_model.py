@@ -58,6 +58,26 @@ def test_eval_rotations_are_fixed_and_training_rotations_fresh():
     assert not torch.allclose(train_a, train_b), "training must draw fresh rotations each step"
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_pad_to_multiple_changes_nothing_without_wrap_around(causal):
+    """Extra right padding is invisible to real tokens in our default layouts (it matters only with wrap)."""
+    config = tiny_config(causal=causal, n_buckets=4)
+    model = ReformerLM(config).double().eval()
+    padded = ReformerLM(tiny_config(causal=causal, n_buckets=4, pad_to_multiple=20)).double().eval()
+    padded.load_state_dict(model.state_dict())
+    ids, mask = random_batch(config, length=23, pad_from=19)
+    assert_close(logits_of(padded, ids, mask)[mask], logits_of(model, ids, mask)[mask], 1e-10, "logits")
+
+
+def test_hash_seed_fixes_the_rotations_in_training_too():
+    """HF's hash_seed: the same rotations on every call; without it, training draws fresh ones."""
+    ids, _ = random_batch(tiny_config(), length=29)
+    for hash_seed, same in ((5, True), (None, False)):
+        model = ReformerLM(tiny_config(hash_seed=hash_seed, attn_layers=("lsh",), n_hashes=1)).train()
+        losses = [model(ids, labels=ids).loss.item() for _ in range(4)]
+        assert (len(set(losses)) == 1) == same, losses
+
+
 def test_more_hashes_at_eval_time():
     config = tiny_config(attn_layers=("lsh",), n_hashes=1)
     model = ReformerLM(config).eval()
@@ -143,6 +163,12 @@ def test_config_json_round_trip(tmp_path):
     (dict(dropout=1.5), "dropout"),
     (dict(d_model=0), "d_model"),
     (dict(ff_chunk_size=-1), "ff_chunk_size"),
+    (dict(pad_to_multiple=-8), "pad_to_multiple must be an integer >= 0"),
+    (dict(lsh_bucket_rule="paper"), "lsh_bucket_rule must be one of"),
+    (dict(lsh_normalize="sparsemax"), "lsh_normalize must be one of"),
+    (dict(ff_activation="tanh"), "ff_activation must be one of"),
+    (dict(hash_seed="7"), "hash_seed must be an integer"),
+    (dict(lsh_attn_dropout=1.0), "lsh_attn_dropout"),
 ])
 def test_config_errors_say_what_to_change(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -22,7 +22,10 @@ def loss_and_grads(config, ids, mask):
     dict(causal=False, lsh_dedup=True, n_hashes=3),
     dict(lsh_wrap=True, lsh_same_bucket_only=True, ff_chunk_size=0),
     dict(attn_layers=("lsh", "lsh"), n_buckets=(2, 4), axial_shape=None, axial_dims=None),
-], ids=["mixed", "bidirectional-dedup", "wrap-same-bucket", "factorised-absolute"])
+    dict(causal=False, lsh_wrap=True, local_wrap=True, lsh_bucket_rule="hf", hash_seed=3, lsh_normalize="hf",
+         pad_to_multiple=20, ff_activation="gelu_new", lsh_attn_dropout=0.2),
+    dict(lsh_chunk_size=32),
+], ids=["mixed", "bidirectional-dedup", "wrap-same-bucket", "factorised-absolute", "hf-layout", "lsh-in-one-chunk"])
 def test_reversible_equals_plain_in_float64_with_dropout(options):
     config = tiny_config(dropout=0.1, attn_dropout=0.1, **options)
     ids, mask = random_batch(config, length=29, pad_from=23)
