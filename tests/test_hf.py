@@ -130,7 +130,7 @@ def test_greedy_generation_matches_hf(layers):
     mine = list(generate(ours, prompt[0], 50, temperature=0.0, use_cache=False))
     assert theirs[0, 5:].tolist() == mine
     assert len(set(mine)) > 3  # a real sequence, not one token repeated
-    if "lsh" not in layers:  # local attention caches exactly in both libraries (HF's LSH cache approximates its own way)
+    if "lsh" not in layers:  # local attention caches exactly in both; HF's LSH cache approximates its own way
         with torch.no_grad():
             theirs = hf.generate(prompt, max_new_tokens=50, do_sample=False, use_cache=True, pad_token_id=0)
         assert theirs[0, 5:].tolist() == list(generate(ours, prompt[0], 50, temperature=0.0, use_cache=True))

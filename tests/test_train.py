@@ -56,7 +56,8 @@ def test_schedule_warms_up_then_decays():
 def test_a_run_writes_its_files_and_learns(tmp_path, text_file):
     history = train(run_config(tmp_path / "run", text_file, steps=30, eval_every=10, lr=3e-3), small_model())
     run = tmp_path / "run"
-    assert {"config.json", "train.json", "metrics.jsonl", "curves.png", "checkpoints"} <= {p.name for p in run.iterdir()}
+    expected = {"config.json", "train.json", "metrics.jsonl", "curves.png", "checkpoints"}
+    assert expected <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records == history
     evals = [r["loss"] for r in history if r["split"] == "eval"]
@@ -94,7 +95,8 @@ def test_mistakes_are_explained(tmp_path, text_file):
     with pytest.raises(ValueError, match="holds no checkpoint"):
         train(run_config(tmp_path / "empty", text_file, resume=True), small_model())
     with pytest.raises(CheckpointError, match="d_model"):
-        train(run_config(tmp_path / "run", text_file, steps=4, resume=True), small_model(d_model=64, axial_dims=(8, 56)))
+        train(run_config(tmp_path / "run", text_file, steps=4, resume=True),
+              small_model(d_model=64, axial_dims=(8, 56)))
     with pytest.raises(ValueError, match="max_seq_len"):
         train(run_config(tmp_path / "long", text_file, seq_len=256), small_model())
     with pytest.raises(ValueError, match="exactly one"):
