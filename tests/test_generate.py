@@ -56,11 +56,12 @@ def test_bad_prompts_and_arguments():
         prefill(model, torch.ones(1, 65, dtype=torch.long), start_decoding(model, 65))
 
 
-@pytest.mark.parametrize("kinds", [("local", "full", "local"), ("local",), ("full",)])
-def test_cache_gives_exactly_the_uncached_logits_for_local_and_full(kinds):
+@pytest.mark.parametrize("kinds, before", [(("local", "full", "local"), 1), (("local",), 1), (("full",), 1),
+                                           (("local",), 0), (("local", "local"), 2)])
+def test_cache_gives_exactly_the_uncached_logits_for_local_and_full(kinds, before):
     from reformer.decoding import decode_step, start_decoding
 
-    config = tiny_config(attn_layers=kinds, local_chunk_size=4)
+    config = tiny_config(attn_layers=kinds, local_chunk_size=4, local_chunks_before=before)
     model = ReformerLM(config).double().eval()
     ids = torch.randint(0, config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(0))
     full = model(ids).logits[0]  # (23, vocab)

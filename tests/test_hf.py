@@ -97,6 +97,22 @@ def test_logits_match_hf(causal, layers, n_hashes, buckets):
             assert_same_real_logits(hf, ours, n, masked, causal)
 
 
+@pytest.mark.parametrize("causal, windows", [
+    (True, dict(lsh_num_chunks_before=2, local_num_chunks_before=0)),
+    (False, dict(lsh_num_chunks_before=1, lsh_num_chunks_after=1, local_num_chunks_before=0,
+                 local_num_chunks_after=1)),
+    (False, dict(lsh_num_chunks_before=2, lsh_num_chunks_after=1, local_num_chunks_before=2,
+                 local_num_chunks_after=2)),
+])
+def test_chunks_before_and_after_match_hf(causal, windows):
+    for n, masked in ((13, True), (24, False), (40, True)):
+        hf = tiny_hf(causal, ("local", "lsh", "local"), n_hashes=2, buckets=[2, 4], **windows)
+        ours = ReformerLM.from_hf(hf).eval()
+        assert (ours.config.lsh_chunks_before, ours.config.lsh_chunks_after) == (
+            windows["lsh_num_chunks_before"], windows.get("lsh_num_chunks_after", 0))
+        assert_same_real_logits(hf, ours, n, masked, causal)
+
+
 @pytest.mark.parametrize("axial, activation", [(False, "gelu"), (True, "gelu_new"), (True, "silu")])
 def test_absolute_positions_and_activations_match_hf(axial, activation):
     hf = tiny_hf(layers=("local", "lsh"), n_hashes=2, axial=axial, hidden_act=activation)
@@ -315,8 +331,8 @@ def test_bad_checkpoints_are_explained(tmp_path):
         ReformerLM.from_hf(tmp_path / "bad")
 
     config = json.loads((tmp_path / "ok" / "config.json").read_text())
-    with pytest.raises(ConversionError, match="lsh_num_chunks_before/after = 2/0"):
-        config_from_hf({**config, "lsh_num_chunks_before": 2})
+    with pytest.raises(ConversionError, match="lsh_chunks_after = 1 in a causal model"):
+        config_from_hf({**config, "lsh_num_chunks_after": 1})
     with pytest.raises(ConversionError, match="hidden_act 'mish'"):
         config_from_hf({**config, "hidden_act": "mish"})
     with pytest.raises(ConversionError, match="cannot convert a ReformerModel"):

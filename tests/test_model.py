@@ -169,6 +169,9 @@ def test_config_json_round_trip(tmp_path):
     (dict(ff_activation="tanh"), "ff_activation must be one of"),
     (dict(hash_seed="7"), "hash_seed must be an integer"),
     (dict(lsh_attn_dropout=1.0), "lsh_attn_dropout"),
+    (dict(local_chunks_after=1), "local_chunks_after = 1 in a causal model"),
+    (dict(lsh_chunks_before=-1), "lsh_chunks_before must be an integer >= 0"),
+    (dict(causal=False, lsh_dedup=True, lsh_chunks_after=1), "lsh_dedup needs lsh_chunks_before=1"),
 ])
 def test_config_errors_say_what_to_change(fields, message):
     with pytest.raises(ValueError, match=message):

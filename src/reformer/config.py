@@ -32,6 +32,8 @@ class ReformerConfig:
 
     # --- LSH attention ---
     lsh_chunk_size: int = 64  # chunk length after sorting by bucket
+    lsh_chunks_before: int = 1  # chunks before its own that each chunk attends to
+    lsh_chunks_after: int = 0  # chunks after its own (bidirectional models only)
     n_hashes: int = 1  # hash rounds; may be raised at eval time
     n_buckets: int | tuple[int, ...] | None = None  # int, factorised tuple, or None = 2*length/chunk (paper)
     lsh_dedup: bool = False  # paper eq. 16: count a key seen in several rounds once
@@ -44,6 +46,8 @@ class ReformerConfig:
 
     # --- local attention ---
     local_chunk_size: int = 64  # each chunk attends to itself and the previous chunk
+    local_chunks_before: int = 1  # chunks before its own that each chunk attends to
+    local_chunks_after: int = 0  # chunks after its own (bidirectional models only)
     local_wrap: bool = False  # HF/Trax layout: the first chunk looks back at the last (matters only non-causal)
 
     # --- feed-forward ---
@@ -90,6 +94,7 @@ class ReformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self._validate_windows()
         for name, meaning in (("ff_chunk_size", "no chunking"), ("pad_to_multiple", "no padding")):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -116,6 +121,20 @@ class ReformerConfig:
         if self.n_buckets is not None:
             validate_n_buckets(self.n_buckets)
         self._validate_positions()
+
+    def _validate_windows(self) -> None:
+        for kind in ("lsh", "local"):
+            for side in ("before", "after"):
+                name = f"{kind}_chunks_{side}"
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            after = getattr(self, f"{kind}_chunks_after")
+            if self.causal and after and kind in self.attn_layers:
+                raise ValueError(f"{kind}_chunks_after = {after} in a causal model: those chunks are all in the "
+                                 f"future and masked; set {kind}_chunks_after=0")
+        if self.lsh_dedup and (self.lsh_chunks_before, self.lsh_chunks_after) != (1, 0):
+            raise ValueError("lsh_dedup needs lsh_chunks_before=1 and lsh_chunks_after=0; change one or the other")
 
     def _validate_positions(self) -> None:
         if (self.axial_shape is None) != (self.axial_dims is None):

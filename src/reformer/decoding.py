@@ -3,13 +3,14 @@
 Legend: b batch, h heads, t cached positions, d head width.
 
 Each layer keeps what later tokens need of the earlier ones:
-- local attention: keys and values of the last 2 * chunk_size positions. The new
-  token at position p attends to positions from (p // c - 1) * c to p, exactly
-  as `local_attention` does, so cached logits equal uncached ones.
+- local attention: keys and values of the last (chunks_before + 1) * chunk_size
+  positions. The new token at position p attends to positions from
+  (p // c - chunks_before) * c to p, exactly as `local_attention` does, so
+  cached logits equal uncached ones.
 - full attention: all keys and values; exact as well.
 - LSH attention (Trax's predict mode, reference-spec §1.5): the eval-time
   rotations stay fixed, every cached key keeps its buckets, and the new token
-  attends to the most recent `n_hashes * 2 * chunk_size` cached keys that share
+  attends to the most recent `n_hashes * (chunks_before + 1) * chunk_size` cached keys that share
   one of its buckets in any round (each counted once), and to itself only when
   there is none. This approximates the chunked attention of a full forward pass.
   Finding them compares integer buckets over the cache; the attention itself
@@ -77,9 +78,9 @@ def _softmax_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, l
 
 def _local_step(core: LocalSelfAttention, x: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
     q, k, v = (split_heads(proj(x), core.n_heads) for proj in (core.q, core.k, core.v))  # (b, h, 1, d)
-    c = core.chunk_size
-    _append(cache, k, v, position, keep=2 * c)
-    first = max(0, (position // c - 1) * c)
+    c, before = core.chunk_size, core.window[0]
+    _append(cache, k, v, position, keep=(before + 1) * c)
+    first = max(0, (position // c - before) * c)
     visible = cache.positions >= first  # (t,)
     return _softmax_attend(q, cache.keys[:, :, visible], cache.values[:, :, visible], scale=1 / math.sqrt(q.shape[-1]))
 
@@ -96,7 +97,7 @@ def _lsh_step(core: LSHSelfAttention, x: torch.Tensor, cache: LayerCache, positi
     buckets = hash_vectors(qk, core.rotations(n_buckets, None, qk.dtype).to(x.device), n_buckets)  # (b, h, r, 1)
     previous = cache.buckets
     self_value, masked_value = mask_values(qk.dtype)
-    limit = core.n_hashes * 2 * core.chunk_size
+    limit = core.n_hashes * (core.window[0] + 1) * core.chunk_size
     cache.buckets = buckets if previous is None else torch.cat([previous, buckets], dim=-1)
     _append(cache, normalize_keys(qk), v, position, keep=None)
     shares = (cache.buckets == buckets).any(dim=2)  # (b, h, t): shares a bucket in some round
@@ -183,7 +184,7 @@ def _fill_cache(core, h: torch.Tensor, cache: LayerCache, n_buckets) -> None:
     cache.keys = split_heads(core.k(h), core.n_heads)
     cache.values = split_heads(core.v(h), core.n_heads)
     if isinstance(core, LocalSelfAttention):
-        keep = 2 * core.chunk_size
+        keep = (core.window[0] + 1) * core.chunk_size
         cache.keys, cache.values, cache.positions = cache.keys[:, :, -keep:], cache.values[:, :, -keep:], \
             cache.positions[-keep:]
 

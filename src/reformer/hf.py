@@ -135,6 +135,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ReformerConfig:
         d_head=c["attention_head_size"], d_ff=c["feed_forward_size"], attn_layers=tuple(c["attn_layers"]),
         causal=bool(c["is_decoder"]),
         lsh_chunk_size=c["lsh_attn_chunk_length"], n_hashes=c["num_hashes"],
+        lsh_chunks_before=c["lsh_num_chunks_before"], lsh_chunks_after=c["lsh_num_chunks_after"],
+        local_chunks_before=c["local_num_chunks_before"], local_chunks_after=c["local_num_chunks_after"],
         n_buckets=tuple(buckets) if isinstance(buckets, (list, tuple)) and len(buckets) > 1
         else (buckets[0] if isinstance(buckets, (list, tuple)) else buckets),
         lsh_wrap=True, lsh_bucket_rule="hf", hash_seed=c["hash_seed"], lsh_normalize="hf",
@@ -165,11 +167,6 @@ def _check_supported_hf_config(c: dict[str, Any]) -> None:
     bad_layers = sorted(set(c["attn_layers"]) - {"lsh", "local"})
     if bad_layers or not c["attn_layers"]:
         problems.append(f"attn_layers {c['attn_layers']} (HF allows only 'lsh' and 'local')")
-    for kind in ("lsh", "local"):
-        before, after = c[f"{kind}_num_chunks_before"], c[f"{kind}_num_chunks_after"]
-        if kind in c["attn_layers"] and (before, after) != (1, 0):
-            problems.append(f"{kind}_num_chunks_before/after = {before}/{after} (reformer supports 1/0: each chunk "
-                            "attends to itself and the one before)")
     if c["hidden_act"] not in HF_ACTIVATIONS:
         problems.append(f"hidden_act {c['hidden_act']!r} (supported: {sorted(HF_ACTIVATIONS)})")
     if c["axial_pos_embds"] and len(c["axial_pos_shape"]) != 2:
@@ -205,12 +202,12 @@ def config_to_hf(config: ReformerConfig) -> dict[str, Any]:
         "layer_norm_eps": config.layer_norm_eps,
         "local_attention_probs_dropout_prob": config.attn_dropout,
         "local_attn_chunk_length": config.local_chunk_size,
-        "local_num_chunks_after": 0,
-        "local_num_chunks_before": 1,
+        "local_num_chunks_after": config.local_chunks_after,
+        "local_num_chunks_before": config.local_chunks_before,
         "lsh_attention_probs_dropout_prob": lsh_dropout,
         "lsh_attn_chunk_length": config.lsh_chunk_size,
-        "lsh_num_chunks_after": 0,
-        "lsh_num_chunks_before": 1,
+        "lsh_num_chunks_after": config.lsh_chunks_after,
+        "lsh_num_chunks_before": config.lsh_chunks_before,
         "max_position_embeddings": config.max_seq_len,
         "num_attention_heads": config.n_heads,
         "num_buckets": list(config.n_buckets) if isinstance(config.n_buckets, tuple) else config.n_buckets,

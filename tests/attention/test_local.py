@@ -52,6 +52,19 @@ def test_local_with_wrap_matches_reference(n, masked, chunk_size, causal):
     check(local_attention, local_attention_reference, n, masked, chunk_size=chunk_size, causal=causal, wrap=True)
 
 
+WINDOWS = [(0, 0), (2, 0), (1, 1), (0, 2), (2, 1)]
+
+
+@pytest.mark.parametrize("before, after", WINDOWS)
+@pytest.mark.parametrize("n", [5, 13, 16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_local_windows_match_reference(before, after, n, causal, wrap):
+    """Chunks before and after (HF's local_num_chunks_before / after), with and without wrap-around."""
+    check(local_attention, local_attention_reference, n, True, chunk_size=4, causal=causal, wrap=wrap,
+          chunks_before=before, chunks_after=after)
+
+
 def test_local_wrap_lets_the_first_chunk_see_the_last():
     """HF layout: non-causal, the first chunk sees the last chunk (and only the first chunk does)."""
     q, k, v, _ = make_qkv(1, 1, 12, 4, masked=False)

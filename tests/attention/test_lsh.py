@@ -59,6 +59,25 @@ def test_matches_reference(n_hashes, causal, masked, options, wrap):
     compare_with_reference(13, n_hashes, 4, 4, causal=causal, masked=masked, wrap=wrap, **options)
 
 
+@pytest.mark.parametrize("before, after", [(0, 0), (2, 0), (1, 1), (0, 1)])
+@pytest.mark.parametrize("n_hashes", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.parametrize("same_bucket_only", [False, True])
+def test_windows_match_reference(before, after, n_hashes, causal, wrap, same_bucket_only):
+    """Chunks before and after (HF's lsh_num_chunks_before / after), with and without wrap-around."""
+    compare_with_reference(13, n_hashes, 4, 3, causal=causal, masked=True, wrap=wrap, chunks_before=before,
+                           chunks_after=after, same_bucket_only=same_bucket_only)
+
+
+def test_dedup_needs_the_default_window():
+    qk, v, rotations, _ = make_inputs(1, 1, 8, 4, 2, 4, masked=False)
+    with pytest.raises(ValueError, match="dedup counts keys over windows of one chunk before"):
+        lsh_attention(qk, v, rotations, n_buckets=4, chunk_size=4, dedup=True, chunks_after=1)
+    with pytest.raises(ValueError, match="chunks_before must be an integer >= 0"):
+        lsh_attention(qk, v, rotations, n_buckets=4, chunk_size=4, chunks_before=-1)
+
+
 @pytest.mark.parametrize("n_hashes", [1, 3])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("wrap", [False, True])

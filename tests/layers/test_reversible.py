@@ -25,7 +25,9 @@ def loss_and_grads(config, ids, mask):
     dict(causal=False, lsh_wrap=True, local_wrap=True, lsh_bucket_rule="hf", hash_seed=3, lsh_normalize="hf",
          pad_to_multiple=20, ff_activation="gelu_new", lsh_attn_dropout=0.2),
     dict(lsh_chunk_size=32),
-], ids=["mixed", "bidirectional-dedup", "wrap-same-bucket", "factorised-absolute", "hf-layout", "lsh-in-one-chunk"])
+    dict(causal=False, lsh_chunks_before=2, lsh_chunks_after=1, local_chunks_before=0, local_chunks_after=2),
+], ids=["mixed", "bidirectional-dedup", "wrap-same-bucket", "factorised-absolute", "hf-layout", "lsh-in-one-chunk",
+        "windows"])
 def test_reversible_equals_plain_in_float64_with_dropout(options):
     config = tiny_config(dropout=0.1, attn_dropout=0.1, **options)
     ids, mask = random_batch(config, length=29, pad_from=23)

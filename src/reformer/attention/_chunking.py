@@ -44,13 +44,35 @@ def padded_mask(attention_mask: torch.Tensor | None, batch: int, n: int, n_pad: 
     return pad_length(mask, n_pad, dim=1, value=False)
 
 
-def look_back(x: torch.Tensor) -> torch.Tensor:
-    """Prepend each chunk's predecessor: (b, h, g, c, ...) -> (b, h, g, 2c, ...).
+def look_adjacent(x: torch.Tensor, before: int = 1, after: int = 0) -> torch.Tensor:
+    """Each chunk with its neighbours: (b, h, g, c, ...) -> (b, h, g, (before + 1 + after) * c, ...).
 
-    Chunk 0's predecessor is the last chunk (a wrap-around); callers mask it
-    out where the layout has no predecessor.
+    The window of chunk i is chunks i - before, ..., i + after in that order
+    (HF's `_look_adjacent`), wrapping around at both ends; callers mask the
+    neighbours the layout does not have (`neighbour_mask`).
     """
-    return torch.cat([x.roll(1, dims=2), x], dim=3)
+    return torch.cat([x.roll(-offset, dims=2) if offset else x for offset in range(-before, after + 1)], dim=3)
+
+
+def neighbour_mask(g: int, per_round: int, before: int, after: int, wrap: bool, device) -> torch.Tensor:
+    """(g, before + 1 + after) bool: does chunk i have its neighbour at each offset?
+
+    Without wrap, neighbours stay inside the chunk's round (`per_round` chunks).
+    With wrap (HF / Trax), every offset is a neighbour once there are two chunks
+    or more, even when the wrap-around brings the same chunk twice, as in HF.
+    """
+    offsets = torch.arange(-before, after + 1, device=device)  # (o,)
+    if wrap:
+        present = torch.full((g, offsets.numel()), g > 1, dtype=torch.bool, device=device)
+        return present | (offsets == 0)
+    position = (torch.arange(g, device=device) % per_round)[:, None] + offsets  # (g, o)
+    return (position >= 0) & (position < per_round)
+
+
+def check_window(chunks_before: int, chunks_after: int) -> None:
+    for name, value in (("chunks_before", chunks_before), ("chunks_after", chunks_after)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def check_attention_mask(attention_mask: torch.Tensor | None, batch: int, n: int) -> torch.Tensor | None:

@@ -1,13 +1,15 @@
 """Chunked local attention (HF `LocalSelfAttention`, Trax `SelfAttention(chunk_len)`).
 
 Legend: b batch, h heads, n length (padded to a chunk multiple), d head width,
-g chunks, c chunk length, w = 2c window.
+g chunks, c chunk length, w = (chunks_before + 1 + chunks_after) * c window.
 
-Positions are cut into chunks of `chunk_size`; every chunk attends to itself and
-to the previous chunk. By default the first chunk has no predecessor, so right
-padding never changes what real tokens see. `wrap=True` is HF's and Trax's
-layout: the first chunk looks back at the last one (this matters only without
-`causal`, where those keys are not masked). Logits are scaled by 1/sqrt(d).
+Positions are cut into chunks of `chunk_size`; every chunk attends to itself,
+to `chunks_before` chunks before it and `chunks_after` after it (default 1 and
+0). By default the window stops at the ends of the sequence, so right padding
+never changes what real tokens see in a causal model. `wrap=True` is HF's and
+Trax's layout: the window wraps around (the first chunk looks back at the
+last one), which matters only where the causal mask does not hide those keys.
+Logits are scaled by 1/sqrt(d).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from ._chunking import (
     check_attention_mask,
     check_chunk_size,
     check_qkv,
-    look_back,
+    check_window,
+    look_adjacent,
     mask_values,
+    neighbour_mask,
     pad_length,
     padded_length,
     padded_mask,
@@ -40,18 +44,21 @@ def local_attention(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
     wrap: bool = False,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
     dropout: float = 0.0,
     dropout_seed: int | None = None,
 ) -> torch.Tensor:
-    """Each chunk of queries attends to its own chunk and the previous one.
+    """Each chunk of queries attends to its own chunk and its neighbours.
 
     Args:
         q, k, v: (b, h, n, d).
         chunk_size: chunk length.
         causal: no key after the query.
         attention_mask: (b, n) bool, True = real token. Padded queries output 0.
-        wrap: the first chunk looks back at the last chunk (HF / Trax), when
-            there are at least two chunks.
+        wrap: the window wraps around the ends (HF / Trax), when there are at
+            least two chunks.
+        chunks_before, chunks_after: neighbouring chunks in the window.
         dropout, dropout_seed: attention-probability dropout from an explicit seed.
 
     Returns:
@@ -60,6 +67,8 @@ def local_attention(
     b, h, n, d = check_qkv({"q": q, "k": k, "v": v})
     check_chunk_size(chunk_size)
     attention_mask = check_attention_mask(attention_mask, b, n)
+    check_window(chunks_before, chunks_after)
+    window = (chunks_before, chunks_after)
     c = chunk_size
     n_pad = padded_length(n, c)
     g = n_pad // c
@@ -67,11 +76,11 @@ def local_attention(
     k, v = zero_padded(k, attention_mask), zero_padded(v, attention_mask)
 
     q_c = pad_length(q, n_pad, dim=2).view(b, h, g, c, d)  # (b, h, g, c, d)
-    k_w = look_back(pad_length(k, n_pad, dim=2).view(b, h, g, c, d))  # (b, h, g, w, d)
-    v_w = look_back(pad_length(v, n_pad, dim=2).view(b, h, g, c, d))  # (b, h, g, w, d)
+    k_w = look_adjacent(pad_length(k, n_pad, dim=2).view(b, h, g, c, d), *window)  # (b, h, g, w, d)
+    v_w = look_adjacent(pad_length(v, n_pad, dim=2).view(b, h, g, c, d), *window)  # (b, h, g, w, d)
     dots = (q_c @ k_w.transpose(-1, -2)) / math.sqrt(d)  # (b, h, g, c, w)
 
-    valid = _local_window_mask(mask, g, c, causal, wrap)  # (b, 1, g, c, w)
+    valid = _local_window_mask(mask, g, c, causal, wrap, window)  # (b, 1, g, c, w)
     _, masked_value = mask_values(dots.dtype)
     logits = dots.masked_fill(~valid, masked_value)
     probs = torch.softmax(logits, dim=-1)
@@ -80,16 +89,15 @@ def local_attention(
     return zero_masked_queries(out, attention_mask)
 
 
-def _local_window_mask(mask: torch.Tensor, g: int, c: int, causal: bool, wrap: bool) -> torch.Tensor:
+def _local_window_mask(mask: torch.Tensor, g: int, c: int, causal: bool, wrap: bool,
+                       window: tuple[int, int]) -> torch.Tensor:
     """(b, 1, g, c, w) bool: real key, inside the layout, and (causal) not in the future."""
     b = mask.shape[0]
     positions = torch.arange(g * c, device=mask.device).view(1, 1, g, c)  # (1, 1, g, c)
-    key_positions = look_back(positions)  # (1, 1, g, w)
-    key_real = look_back(mask.view(b, 1, g, c))  # (b, 1, g, w)
-    chunk = torch.arange(g, device=mask.device)
-    has_prev = torch.full_like(chunk, g > 1, dtype=torch.bool) if wrap else chunk > 0  # (g,)
-    in_layout = torch.cat([has_prev[:, None].expand(g, c), has_prev.new_ones(g, c)], dim=1)  # (g, w)
+    key_positions = look_adjacent(positions, *window)  # (1, 1, g, w)
+    key_real = look_adjacent(mask.view(b, 1, g, c), *window)  # (b, 1, g, w)
+    in_layout = neighbour_mask(g, g, *window, wrap, mask.device).repeat_interleave(c, dim=1)  # (g, w)
     valid = (key_real & in_layout)[..., None, :]  # (b, 1, g, 1, w)
     if causal:
         valid = valid & (key_positions[..., None, :] <= positions[..., :, None])  # (b, 1, g, c, w)
-    return valid.expand(b, 1, g, c, 2 * c)
+    return valid.expand(b, 1, g, c, key_real.shape[-1])

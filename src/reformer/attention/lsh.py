@@ -1,11 +1,13 @@
 """LSH attention (Reformer, Kitaev et al. 2020, §2 and Appendix A) as a pure tensor function.
 
 Legend: b batch, h heads, n length (padded to a chunk multiple), d head width,
-r hash rounds, g chunks over all rounds (r * n / c), c chunk length, w = 2c window.
+r hash rounds, g chunks over all rounds (r * n / c), c chunk length,
+w = (chunks_before + 1 + chunks_after) * c window (2c by default).
 
 Per round: hash each query-key with angular LSH, sort by (bucket, position),
 cut into chunks of `chunk_size`; every chunk attends to itself and to the
-previous chunk. The rounds are combined with their log-sum-exp weights, so the
+previous chunk (or, with `chunks_before` / `chunks_after`, to that many chunks
+before and after it). The rounds are combined with their log-sum-exp weights, so the
 result is a single softmax over every (round, key) a query saw.
 
 Layouts:
@@ -32,8 +34,10 @@ from ._chunking import (
     check_attention_mask,
     check_chunk_size,
     check_qkv,
-    look_back,
+    check_window,
+    look_adjacent,
     mask_values,
+    neighbour_mask,
     pad_length,
     padded_length,
     padded_mask,
@@ -168,6 +172,8 @@ def lsh_attention(
     dropout: float = 0.0,
     dropout_seed: int | None = None,
     normalize: str = "softmax",
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-round LSH attention with shared query-keys.
 
@@ -190,6 +196,8 @@ def lsh_attention(
         dropout_seed: seed of the dropout mask; None disables dropout.
         normalize: "softmax" (exact) or "hf" (exp(x - logsumexp(x)), HF's and
             Trax's float rounding; see the module docstring).
+        chunks_before, chunks_after: neighbouring chunks each chunk attends to
+            (HF's lsh_num_chunks_before / after); dedup needs the default 1, 0.
 
     Returns:
         out (b, h, n, d) and buckets (b, h, r, n).
@@ -201,6 +209,10 @@ def lsh_attention(
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {tuple(NORMALIZATIONS)}, got {normalize!r}")
     normalized = NORMALIZATIONS[normalize]
+    check_window(chunks_before, chunks_after)
+    if dedup and (chunks_before, chunks_after) != (1, 0):
+        raise ValueError("dedup counts keys over windows of one chunk before and none after; "
+                         "use chunks_before=1, chunks_after=0 with dedup, or turn dedup off")
 
     n_pad = padded_length(n, chunk_size)
     mask = padded_mask(attention_mask, b, n, n_pad, qk.device)  # (b, n_pad)
@@ -218,7 +230,7 @@ def lsh_attention(
         qk_p, v_p, buckets, mask,
         n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
         same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
-        normalized=normalized,
+        normalized=normalized, window=(chunks_before, chunks_after),
     )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
 
     weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
@@ -259,7 +271,7 @@ def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
 
 
 def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup,
-                   same_bucket_only, wrap, dropout, dropout_seed, normalized):
+                   same_bucket_only, wrap, dropout, dropout_seed, normalized, window):
     """Sort, chunk, attend, unsort. Returns per-round out (b, h, r, n, d) and lse (b, h, r, n)."""
     b, h, r, n = buckets.shape
     d = qk.shape[-1]
@@ -269,13 +281,13 @@ def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup
     flat_order = order.reshape(b, h, r * n)  # (b, h, r*n): position at each sorted slot
 
     q = gather_rows(qk, flat_order).view(b, h, g, c, d)  # (b, h, g, c, d)
-    k = look_back(gather_rows(normalize_keys(qk), flat_order).view(b, h, g, c, d))  # (b, h, g, w, d)
-    vw = look_back(gather_rows(v, flat_order).view(b, h, g, c, d))  # (b, h, g, w, d)
+    k = look_adjacent(gather_rows(normalize_keys(qk), flat_order).view(b, h, g, c, d), *window)  # (b, h, g, w, d)
+    vw = look_adjacent(gather_rows(v, flat_order).view(b, h, g, c, d), *window)  # (b, h, g, w, d)
     dots = q @ k.transpose(-1, -2)  # (b, h, g, c, w)
 
     q_pos = order.view(b, h, g, c)  # (b, h, g, c)
-    k_pos = look_back(q_pos)  # (b, h, g, w)
-    valid = _window_mask(q_pos, k_pos, mask, order, buckets, r, n, c, causal, same_bucket_only, wrap)
+    k_pos = look_adjacent(q_pos, *window)  # (b, h, g, w)
+    valid = _window_mask(q_pos, k_pos, mask, order, buckets, r, n, c, causal, same_bucket_only, wrap, window)
     self_value, masked_value = mask_values(dots.dtype)
     is_self = q_pos[..., :, None] == k_pos[..., None, :]  # (b, h, g, c, w)
     logits = dots.masked_fill(is_self, self_value)
@@ -300,25 +312,21 @@ def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup
 
 def _has_previous_chunk(r: int, n: int, c: int, wrap: bool, device) -> torch.Tensor:
     """(g,) bool: does chunk i have a predecessor in the layout?"""
-    chunks_per_round = n // c
-    index = torch.arange(r * chunks_per_round, device=device)
-    if wrap:
-        return torch.full_like(index, r * chunks_per_round > 1, dtype=torch.bool)
-    return index % chunks_per_round != 0
+    return neighbour_mask(r * n // c, n // c, 1, 0, wrap, device)[:, 0]
 
 
-def _window_mask(q_pos, k_pos, mask, order, buckets, r, n, c, causal, same_bucket_only, wrap):
+def _window_mask(q_pos, k_pos, mask, order, buckets, r, n, c, causal, same_bucket_only, wrap, window):
     """(b, h, g, c, w) bool: which (query slot, key slot) pairs may attend."""
     b, h, g, _ = q_pos.shape
-    key_real = look_back(mask[:, None, None, :].expand(b, h, r, n).gather(-1, order).view(b, h, g, c))
-    has_prev = _has_previous_chunk(r, n, c, wrap, q_pos.device)  # (g,)
-    in_layout = torch.cat([has_prev[:, None].expand(g, c), has_prev.new_ones(g, c)], dim=1)  # (g, w)
-    valid = (key_real & in_layout)[..., None, :].expand(b, h, g, c, 2 * c)  # (b, h, g, c, w)
+    key_real = look_adjacent(mask[:, None, None, :].expand(b, h, r, n).gather(-1, order).view(b, h, g, c), *window)
+    in_layout = neighbour_mask(g, n // c, *window, wrap, q_pos.device).repeat_interleave(c, dim=1)  # (g, w)
+    w = in_layout.shape[1]
+    valid = (key_real & in_layout)[..., None, :].expand(b, h, g, c, w)  # (b, h, g, c, w)
     if causal:
         valid = valid & (k_pos[..., None, :] <= q_pos[..., :, None])
     if same_bucket_only:
         q_bucket = _round_offset_buckets(buckets, order).view(b, h, g, c)  # (b, h, g, c)
-        k_bucket = look_back(q_bucket)  # (b, h, g, w)
+        k_bucket = look_adjacent(q_bucket, *window)  # (b, h, g, w)
         valid = valid & (k_bucket[..., None, :] == q_bucket[..., :, None])
     return valid
 
@@ -343,12 +351,12 @@ def _duplicate_counts(rank, buckets, order, r, n, c, same_bucket_only, wrap):
     chunk_of = ((rank + torch.arange(r, device=rank.device)[:, None] * n) // c)  # (b, h, r, n)
     by_position = chunk_of.transpose(2, 3)  # (b, h, n, r): chunk of each position in every round
     q_chunks = gather_rows(by_position, order.reshape(b, h, r * n)).view(b, h, g, c, r)  # (b, h, g, c, r)
-    k_chunks = look_back(q_chunks)  # (b, h, g, w, r)
+    k_chunks = look_adjacent(q_chunks)  # (b, h, g, w, r)
     has_prev = _has_previous_chunk(r, n, c, wrap, rank.device)  # (g,)
     if same_bucket_only:
         bucket_by_position = buckets.transpose(2, 3)  # (b, h, n, r)
         q_buckets = gather_rows(bucket_by_position, order.reshape(b, h, r * n)).view(b, h, g, c, r)
-        k_buckets = look_back(q_buckets)  # (b, h, g, w, r)
+        k_buckets = look_adjacent(q_buckets)  # (b, h, g, w, r)
 
     counts = torch.zeros(b, h, g, c, 2 * c, dtype=torch.int32, device=rank.device)
     for a in range(r):

@@ -38,7 +38,18 @@ def lsh_buckets_reference(x: torch.Tensor, rotations: torch.Tensor, n_buckets, r
     return result
 
 
-def _lsh_multiplicity(bk: list[list[int]], n_pad: int, c: int, same_bucket_only: bool, wrap: bool):
+def _neighbour_chunks(chunk: int, n_chunks: int, per_round: int, before: int, after: int, wrap: bool) -> list[int]:
+    """The chunks in `chunk`'s window, in order, repeated where the wrap-around brings one twice."""
+    if wrap:
+        if n_chunks == 1:
+            return [chunk]
+        return [(chunk + offset) % n_chunks for offset in range(-before, after + 1)]
+    start = chunk - chunk % per_round
+    return [chunk + offset for offset in range(-before, after + 1) if start <= chunk + offset < start + per_round]
+
+
+def _lsh_multiplicity(bk: list[list[int]], n_pad: int, c: int, same_bucket_only: bool, wrap: bool,
+                      before: int = 1, after: int = 0):
     """M[i][j]: how many times key j appears in query i's windows, over all rounds."""
     n_rounds = len(bk)
     per_round = n_pad // c
@@ -50,17 +61,10 @@ def _lsh_multiplicity(bk: list[list[int]], n_pad: int, c: int, same_bucket_only:
         for index, t in enumerate(ordered):
             slots[r * per_round + index // c].append((t, r))
 
-    def predecessor(chunk: int) -> int | None:
-        if wrap:
-            return (chunk - 1) % n_chunks if n_chunks > 1 else None
-        return chunk - 1 if chunk % per_round != 0 else None
-
     m = [[0] * n_pad for _ in range(n_pad)]
     for chunk in range(n_chunks):
-        window = list(slots[chunk])
-        prev = predecessor(chunk)
-        if prev is not None:
-            window = slots[prev] + window
+        window = [slot for other in _neighbour_chunks(chunk, n_chunks, per_round, before, after, wrap)
+                  for slot in slots[other]]
         for i, round_i in slots[chunk]:
             for j, round_j in window:
                 if same_bucket_only and (round_i, bk[round_i][i]) != (round_j, bk[round_j][j]):
@@ -82,6 +86,8 @@ def lsh_attention_reference(
     same_bucket_only: bool = False,
     wrap: bool = False,
     buckets: torch.Tensor | None = None,
+    chunks_before: int = 1,
+    chunks_after: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LSH attention as the spec says it, one query at a time. Same signature as `lsh_attention`."""
     b, h, n, d = qk.shape
@@ -103,7 +109,7 @@ def lsh_attention_reference(
                 bk = [[int(buckets[bi, hi, r, t]) if real[t] else pad_bucket for t in range(n_pad)]
                       for r in range(buckets.shape[2])]
             head_buckets.append(torch.tensor([row[:n] for row in bk]))
-            m = _lsh_multiplicity(bk, n_pad, c, same_bucket_only, wrap)
+            m = _lsh_multiplicity(bk, n_pad, c, same_bucket_only, wrap, chunks_before, chunks_after)
             for i in range(n):
                 if not real[i]:
                     continue
@@ -118,32 +124,24 @@ def lsh_attention_reference(
     return outputs, torch.stack(all_buckets).to(qk.device)
 
 
-def local_attention_reference(q, k, v, *, chunk_size, causal=False, attention_mask=None,
-                              wrap=False) -> torch.Tensor:
-    """Query i sees key j when j's chunk is i's chunk or the one before, j is real, and (causal) j <= i.
-
-    With wrap, the chunk before the first is the last one (when there are two or more).
+def local_attention_reference(q, k, v, *, chunk_size, causal=False, attention_mask=None, wrap=False,
+                              chunks_before=1, chunks_after=0) -> torch.Tensor:
+    """Query i sees every key of the chunks in its window (i's chunk, chunks_before before, chunks_after
+    after; with wrap, around the ends, a chunk counted as often as the window holds it), when the key is
+    real and (causal) j <= i.
     """
     b, h, n, d = q.shape
     n_chunks = -(-n // chunk_size)
     out = torch.zeros_like(v)
-
-    def neighbours(i: int, j: int) -> bool:
-        ci, cj = i // chunk_size, j // chunk_size
-        if ci - 1 <= cj <= ci:
-            return True
-        return wrap and n_chunks > 1 and ci == 0 and cj == n_chunks - 1
-
     for bi in range(b):
         for hi in range(h):
             for i in range(n):
                 if attention_mask is not None and not attention_mask[bi, i]:
                     continue
+                chunks = _neighbour_chunks(i // chunk_size, n_chunks, n_chunks, chunks_before, chunks_after, wrap)
                 seen = [
-                    j for j in range(n)
-                    if neighbours(i, j)
-                    and (attention_mask is None or attention_mask[bi, j])
-                    and (not causal or j <= i)
+                    j for chunk in chunks for j in range(chunk * chunk_size, min(n, (chunk + 1) * chunk_size))
+                    if (attention_mask is None or attention_mask[bi, j]) and (not causal or j <= i)
                 ]
                 logits = torch.stack([q[bi, hi, i] @ k[bi, hi, j] for j in seen]) / math.sqrt(d)
                 out[bi, hi, i] = torch.softmax(logits, dim=0) @ v[bi, hi, seen]

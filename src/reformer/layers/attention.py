@@ -53,7 +53,7 @@ class LSHSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, n_hashes: int,
                  n_buckets, causal: bool, dedup: bool, same_bucket_only: bool, wrap: bool,
                  attn_dropout: float, eval_seed: int, bucket_rule: str = "trax", max_positions: int = 0,
-                 hash_seed: int | None = None, normalize: str = "softmax"):
+                 hash_seed: int | None = None, normalize: str = "softmax", window: tuple[int, int] = (1, 0)):
         super().__init__()
         self.qk = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
@@ -63,7 +63,7 @@ class LSHSelfAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.eval_seed = eval_seed
         self.bucket_rule, self.max_positions, self.hash_seed = bucket_rule, max_positions, hash_seed
-        self.normalize = normalize
+        self.normalize, self.window = normalize, window
         self.use_full_attention = False  # evaluate with full shared-QK attention (paper Table 2, "Full")
         self._eval_rotations: dict = {}
 
@@ -110,6 +110,7 @@ class LSHSelfAttention(nn.Module):
             qk, v, rotations, n_buckets=n_buckets, chunk_size=self.chunk_size, causal=self.causal,
             attention_mask=mask, dedup=self.dedup, same_bucket_only=self.same_bucket_only, wrap=self.wrap,
             buckets=call.buckets, dropout=self.attn_dropout, dropout_seed=dropout_seed, normalize=self.normalize,
+            chunks_before=self.window[0], chunks_after=self.window[1],
         )
         call.buckets = buckets
         return merge_heads(out)
@@ -119,19 +120,19 @@ class LocalSelfAttention(nn.Module):
     """Chunked local attention with separate q, k, v projections (HF `LocalSelfAttention`)."""
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, causal: bool,
-                 attn_dropout: float, wrap: bool = False):
+                 attn_dropout: float, wrap: bool = False, window: tuple[int, int] = (1, 0)):
         super().__init__()
         self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.n_heads, self.chunk_size, self.causal, self.attn_dropout = n_heads, chunk_size, causal, attn_dropout
-        self.wrap = wrap
+        self.wrap, self.window = wrap, window
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
         q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.q, self.k, self.v))  # (b, h, n, d)
         out = local_attention(
             q, k, v, chunk_size=self.chunk_size, causal=self.causal, attention_mask=mask, wrap=self.wrap,
-            dropout=self.attn_dropout,
+            chunks_before=self.window[0], chunks_after=self.window[1], dropout=self.attn_dropout,
             dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
         )
         return merge_heads(out)
