@@ -33,6 +33,7 @@ from ._chunking import (
     zero_padded,
 )
 from ..rng import dropout as seeded_dropout
+from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, projection_rows
 
 
 def local_attention(
@@ -75,6 +76,14 @@ def local_attention(
     mask = padded_mask(attention_mask, b, n, n_pad, q.device)  # (b, n_pad)
     k, v = zero_padded(k, attention_mask), zero_padded(v, attention_mask)
 
+    if not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
+        positions = torch.arange(n_pad, device=q.device).expand(b, h, n_pad)  # chunk order = position order
+        with torch.no_grad():
+            plan = chunk_plan(positions, mask, n_pad, c, (sum(window) + 1) * c, g, causal, wrap, window, q.dtype,
+                              scale=1 / math.sqrt(d), self_value=None, self_on_diagonal=True)
+        rows = [projection_rows(pad_length(x, n_pad, dim=2)) for x in (q, k, v)]  # (b*n_pad*h, d) each
+        out = ChunkedAttention.apply(*rows, plan).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
+        return zero_masked_queries(out[:, :, :n], attention_mask)
     q_c = pad_length(q, n_pad, dim=2).view(b, h, g, c, d)  # (b, h, g, c, d)
     k_w = look_adjacent(pad_length(k, n_pad, dim=2).view(b, h, g, c, d), *window)  # (b, h, g, w, d)
     v_w = look_adjacent(pad_length(v, n_pad, dim=2).view(b, h, g, c, d), *window)  # (b, h, g, w, d)

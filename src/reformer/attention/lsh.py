@@ -45,6 +45,7 @@ from ._chunking import (
     zero_padded,
 )
 from ..config import validate_n_buckets
+from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, projection_rows
 from ..rng import dropout as seeded_dropout
 
 Buckets = int | tuple[int, ...]
@@ -226,16 +227,22 @@ def lsh_attention(
         extra = torch.full_like(buckets[..., :1], total_buckets(n_buckets))
         buckets = torch.where(mask[:, None, None, :], pad_length(buckets, n_pad, dim=3), extra)
 
-    out, lse = _attend_sorted(
-        qk_p, v_p, buckets, mask,
-        n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
-        same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
-        normalized=normalized, window=(chunks_before, chunks_after),
-    )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
-
-    weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
-    out = (out * weights[..., None]).sum(dim=2)[:, :, :n]  # (b, h, n, d)
-    out = zero_masked_queries(out, attention_mask)
+    window = (chunks_before, chunks_after)
+    with_dropout = dropout > 0.0 and dropout_seed is not None
+    fused = not (dedup or same_bucket_only or with_dropout) and normalize == "softmax"
+    if fused and fused_kernel_available(qk.device):
+        out = _attend_fused(qk_p, v_p, buckets, mask, chunk_size=chunk_size, causal=causal, wrap=wrap,
+                            window=window)  # (b, h, n_pad, d)
+    else:
+        out, lse = _attend_sorted(
+            qk_p, v_p, buckets, mask,
+            n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
+            same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
+            normalized=normalized, window=window,
+        )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
+        weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
+        out = (out * weights[..., None]).sum(dim=2)  # (b, h, n_pad, d)
+    out = zero_masked_queries(out[:, :, :n], attention_mask)
     return out, buckets[..., :n]
 
 
@@ -268,6 +275,26 @@ def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
             f"for n_buckets={n_buckets!r}, got {tuple(rotations.shape)}"
         )
     return rotations.shape[2]
+
+
+def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window):
+    """The combined output (b, h, n, d) through the fused chunk kernel (`fused_chunks`).
+
+    For dedup and same-bucket off, no attention dropout and exact softmax
+    weights; the same result as `_attend_sorted` followed by the round combination.
+    """
+    b, h, r, n = buckets.shape
+    d, c = qk.shape[-1], chunk_size
+    before, after = window
+    g, w = r * n // c, (before + 1 + after) * c  # chunks per head row, keys per window
+    order, _ = sort_by_bucket(buckets)  # (b, h, r, n)
+    flat_order = order.reshape(b, h, r * n)  # the position at each sorted slot
+    with torch.no_grad():
+        self_value, _ = mask_values(qk.dtype)
+        plan = chunk_plan(flat_order, mask, n, c, w, n // c, causal, wrap, window, qk.dtype, scale=1.0,
+                          self_value=self_value, self_on_diagonal=not wrap)
+    out = ChunkedAttention.apply(projection_rows(qk), projection_rows(normalize_keys(qk)), projection_rows(v), plan)
+    return out.view(b, n, h, d).permute(0, 2, 1, 3)  # (b, h, n, d) view
 
 
 def _attend_sorted(qk, v, buckets, mask, *, n_buckets, chunk_size, causal, dedup,

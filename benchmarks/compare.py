@@ -1,0 +1,356 @@
+"""Training-step speed and memory, side by side: ours, HF's Reformer, reformer_pytorch, an SDPA Transformer.
+
+Every contender is the same model: a 6-layer causal LM, d_model 256, 4 heads x
+64, d_ff 1024, byte vocabulary, batch 1. The Reformers use LSH attention in
+every layer (chunks of 64, 4 hashes, buckets from the length) and reversible
+layers; the baseline is a plain pre-LayerNorm Transformer whose attention is
+PyTorch's `scaled_dot_product_attention(is_causal=True)`.
+
+Each (contender, length) runs in a fresh process: one warm-up step, then up to
+--repeats timed steps (forward, backward, AdamW) while they fit in --budget
+seconds; the table shows the median step time, tokens/s and the process's peak
+memory (RSS from getrusage; on CUDA, torch.cuda.max_memory_allocated). Cells
+run in alternation (every contender at one length before the next length). A
+contender is skipped, with the reason in the table, when its previous length
+failed or when extrapolating its last two lengths predicts more than
+--max-memory-gib or a step longer than --max-step-s.
+
+FLOPs (ours, analytic, multiply-add = 2): per layer and token, the two
+projections and the output projection 3 * 2 * d * (h * dh), the feed-forward
+2 * 2 * d * d_ff, the attention 4 * w * dh * h * rounds (q.k and p.v over a
+window of w = 2 * chunk keys); the head 2 * 2d * vocab. A training step counts
+3x the forward (forward + backward). The reversible recomputation (one more
+forward) is not counted: it is work the model does, not model FLOPs. The
+machine's rate is the median of 5 float32 4096^3 matrix products in the same run.
+
+    python benchmarks/compare.py                    # writes benchmarks/results/compare.md and two plots
+    python benchmarks/compare.py --lengths 1024 4096 --contenders ours sdpa --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTENDERS = ("ours", "hf", "reformer_pytorch", "sdpa")
+LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
+          "sdpa": "Transformer + SDPA"}
+D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
+
+
+def model_flops_per_step(length: int) -> float:
+    """Analytic training FLOPs of our model for one sequence (see the module docstring)."""
+    inner = HEADS * D_HEAD
+    per_token_layer = 3 * 2 * D_MODEL * inner + 2 * 2 * D_MODEL * D_FF + 4 * (2 * CHUNK) * D_HEAD * HEADS * HASHES
+    forward = length * (LAYERS * per_token_layer + 2 * 2 * D_MODEL * VOCAB)
+    return 3.0 * forward
+
+
+# --- the contenders (each built inside its own worker process) -------------------------------------
+
+def build_ours(length: int, device):
+    from reformer import ReformerConfig, ReformerLM
+    from reformer.config import default_axial_shape
+    from reformer.memory import release_freed_memory_eagerly
+
+    release_freed_memory_eagerly()
+    config = ReformerConfig(vocab_size=VOCAB, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
+                            attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
+                            axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
+                            ff_chunk_size=4096, loss_chunk_size=4096, reversible=True)
+    model = ReformerLM(config).to(device)
+    return model, lambda ids: model(ids, labels=ids).loss
+
+
+def build_hf(length: int, device):
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    side = 1 << (length.bit_length() - 1) // 2
+    config = transformers.ReformerConfig(
+        vocab_size=VOCAB, hidden_size=D_MODEL, num_attention_heads=HEADS, attention_head_size=D_HEAD,
+        feed_forward_size=D_FF, attn_layers=["lsh"] * LAYERS, lsh_attn_chunk_length=CHUNK, num_hashes=HASHES,
+        num_buckets=None, is_decoder=True, axial_pos_shape=[side, length // side], axial_pos_embds_dim=[64, 192],
+        max_position_embeddings=length, hidden_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0, pad_token_id=0, eos_token_id=None)
+    model = transformers.ReformerModelWithLMHead(config).to(device)
+    return model, lambda ids: model(ids, labels=ids).loss
+
+
+def build_reformer_pytorch(length: int, device):
+    import torch.nn.functional as F
+    from reformer_pytorch import ReformerLM as LucidReformerLM
+
+    model = LucidReformerLM(num_tokens=VOCAB, dim=D_MODEL, depth=LAYERS, max_seq_len=length, heads=HEADS,
+                            dim_head=D_HEAD, bucket_size=CHUNK, n_hashes=HASHES, causal=True, ff_mult=D_FF // D_MODEL,
+                            lsh_dropout=0.0, ff_dropout=0.0, post_attn_dropout=0.0, layer_dropout=0.0).to(device)
+
+    def loss(ids):
+        logits = model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return model, loss
+
+
+def build_sdpa(length: int, device):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
+            self.qkv = nn.Linear(D_MODEL, 3 * HEADS * D_HEAD, bias=False)
+            self.out = nn.Linear(HEADS * D_HEAD, D_MODEL, bias=False)
+            self.ff = nn.Sequential(nn.Linear(D_MODEL, D_FF), nn.ReLU(), nn.Linear(D_FF, D_MODEL))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, HEADS, D_HEAD).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, n, dh)
+            x = x + self.out(attended.transpose(1, 2).reshape(b, n, HEADS * D_HEAD))
+            return x + self.ff(self.norm2(x))
+
+    class TransformerLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.positions = nn.Embedding(VOCAB, D_MODEL), nn.Embedding(length, D_MODEL)
+            self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+            self.norm, self.head = nn.LayerNorm(D_MODEL), nn.Linear(D_MODEL, VOCAB)
+
+        def forward(self, ids):
+            x = self.embed(ids) + self.positions.weight[: ids.shape[1]]
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.norm(x))
+
+    model = TransformerLM().to(device)
+
+    def loss(ids):
+        logits = model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return model, loss
+
+
+BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reformer_pytorch, "sdpa": build_sdpa}
+
+
+def worker(contender: str, length: int, repeats: int, budget_s: float, device_name: str) -> dict:
+    import torch
+
+    from reformer.memory import peak_rss_mib
+
+    device = torch.device(device_name)
+    torch.manual_seed(0)  # the peers initialise from the global RNG; this process is theirs
+    model, loss_fn = BUILDERS[contender](length, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, VOCAB, (1, length), device=device)
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = loss_fn(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    warm = step()
+    times = []
+    while len(times) < repeats and (not times or sum(times) + times[-1] <= budget_s):
+        times.append(step())
+    peak = (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else peak_rss_mib()
+    return {"contender": contender, "length": length, "warmup_s": warm, "step_s": statistics.median(times),
+            "steps": len(times), "peak_mib": peak}
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+def matmul_gflops(device_name: str) -> float:
+    import torch
+
+    device = torch.device(device_name)
+    a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * 4096**3 / statistics.median(times) / 1e9
+
+
+def predicted_skip(history: list[dict], length: int, args) -> str | None:
+    if history and "error" in history[-1]:
+        return f"skipped: failed at {history[-1]['length']:,} ({history[-1]['error']})"
+    done = [h for h in history if "step_s" in h]
+    if len(done) < 2:
+        return None
+    (l1, a), (l2, b) = [(h["length"], h) for h in done[-2:]]
+    scale = math.log(length / l2) / math.log(l2 / l1)
+    memory = b["peak_mib"] * (b["peak_mib"] / a["peak_mib"]) ** scale / 1024
+    seconds = b["step_s"] * (b["step_s"] / a["step_s"]) ** scale
+    if memory > args.max_memory_gib:
+        return f"skipped: predicted {memory:.0f} GiB > {args.max_memory_gib:g} GiB"
+    if seconds > args.max_step_s:
+        return f"skipped: predicted {seconds:.0f} s per step > {args.max_step_s:g} s"
+    return None
+
+
+def run_cell(contender: str, length: int, args) -> dict:
+    command = [sys.executable, __file__, "--worker", contender, "--lengths", str(length), "--repeats",
+               str(args.repeats), "--budget", str(args.budget), "--device", args.device]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.max_step_s * 3 + 120)
+    except subprocess.TimeoutExpired:
+        return {"contender": contender, "length": length, "error": "timed out"}
+    if done.returncode != 0:
+        reason = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1][:120]
+        return {"contender": contender, "length": length, "error": reason}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict, lengths, contenders, rate_gflops: float) -> list[str]:
+    rows = ["| tokens | " + " | ".join(f"{LABELS[c]}: s/step, tokens/s, peak GiB" for c in contenders)
+            + " | ours vs fastest peer | ours: model TFLOP/s (share of matmul rate) |",
+            "|---:|" + "---|" * len(contenders) + "---:|---:|"]
+    for length in lengths:
+        cells, peer_times = [], []
+        for contender in contenders:
+            r = results.get((contender, length))
+            if r is None:
+                cells.append("-")
+            elif "step_s" not in r:
+                cells.append(r.get("skip") or f"failed: {r['error']}")
+            else:
+                cells.append(f"{r['step_s']:.2f} s, {length / r['step_s']:,.0f}, {r['peak_mib'] / 1024:.2f}")
+                if contender != "ours":
+                    peer_times.append(r["step_s"])
+        ours = results.get(("ours", length), {})
+        speedup = f"{min(peer_times) / ours['step_s']:.2f}x" if peer_times and "step_s" in ours else "-"
+        if "step_s" in ours:
+            achieved = model_flops_per_step(length) / ours["step_s"] / 1e9
+            flops = f"{achieved / 1000:.3f} ({achieved / rate_gflops:.0%})"
+        else:
+            flops = "-"
+        rows.append(f"| {length:,} | " + " | ".join(cells) + f" | {speedup} | {flops} |")
+    return rows
+
+
+def plots(results: dict, lengths, contenders, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for key, ylabel, name in (("step_s", "seconds per training step", "time_vs_length.png"),
+                              ("peak_mib", "peak memory (GiB)", "memory_vs_length.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for contender in contenders:
+            points = [(n, results[(contender, n)][key] / (1024 if key == "peak_mib" else 1)) for n in lengths
+                      if "step_s" in results.get((contender, n), {})]
+            if points:
+                ax.plot(*zip(*points), "o-", label=LABELS[contender])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 262144])
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--peer-max-length", type=int, default=65536, help="longest length tried for the peers")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per cell (after one warm-up)")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds of timed steps per cell, at least one step")
+    p.add_argument("--max-step-s", type=float, default=600.0, help="skip a cell predicted to be slower than this")
+    p.add_argument("--max-memory-gib", type=float, default=20.0, help="skip a cell predicted to need more memory")
+    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.budget, args.device)))
+        return
+
+    import torch
+
+    rate = matmul_gflops(args.device)
+    print(f"matmul rate: {rate:.1f} GFLOP/s", flush=True)
+    results: dict = {}
+    history = {c: [] for c in args.contenders}
+    started = time.perf_counter()
+    for length in args.lengths:
+        for contender in args.contenders:
+            if contender != "ours" and length > args.peer_max_length:
+                continue
+            skip = predicted_skip(history[contender], length, args)
+            result = {"contender": contender, "length": length, "skip": skip} if skip else run_cell(contender,
+                                                                                                  length, args)
+            results[(contender, length)] = result
+            if not skip:
+                history[contender].append(result)
+            print(json.dumps(result), flush=True)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    written = plots(results, args.lengths, args.contenders, args.out_dir)
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    text = [f"# Training step: ours beside the peers\n",
+            f"Command: `python {' '.join(['benchmarks/compare.py', *(argv if argv is not None else sys.argv[1:])])}`."
+            f" {datetime.date.today()}, {device}, torch {torch.__version__}; {time.perf_counter() - started:.0f} s "
+            "in all.\n",
+            f"Model: {LAYERS} layers, causal, d_model {D_MODEL}, {HEADS} heads x {D_HEAD}, d_ff {D_FF}, byte "
+            f"vocabulary, batch 1; the Reformers: LSH attention in every layer, chunks of {CHUNK}, {HASHES} hashes, "
+            "reversible. Each cell: a fresh process, one warm-up step, then the median of up to "
+            f"{args.repeats} timed steps (forward, backward, AdamW). Memory: peak "
+            f"{'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'RSS of the process'}.\n",
+            f"Machine matmul rate (float32, 4096^3, median of 5): **{rate:.1f} GFLOP/s**. Model FLOPs: see the "
+            "docstring of benchmarks/compare.py.\n",
+            *table(results, args.lengths, args.contenders, rate),
+            "", *(f"![{path.stem}]({path.name})" for path in written)]
+    (args.out_dir / "compare.md").write_text("\n".join(text) + "\n")
+    (args.out_dir / "compare.json").write_text(json.dumps(
+        {"matmul_gflops": rate, "results": [r for r in results.values()]}, indent=1) + "\n")
+    print("\n".join(text))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

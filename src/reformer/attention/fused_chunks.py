@@ -1,0 +1,226 @@
+"""Fast chunked attention over a permutation: LSH's sorted chunks, or local attention's plain ones.
+
+Legend: per head row (one of b * h): g chunks of c queries (over all rounds),
+w window keys per chunk ((before + 1 + after) * c), e = (before + g + after) * c
+rows of the extended keys; "rows" are (head row, sorted slot) pairs.
+
+The inputs are the rows of the projections, untouched; a `Plan` says which
+rows each block gathers: its queries, and its keys and values in chunk order,
+extended with the `before` chunks that wrap around in front and the `after`
+chunks behind. Each chunk's window is an overlapping strided view of those.
+
+The work runs in blocks of chunks, each inside one round of one head row.
+Forward, per block: PyTorch's CPU flash-attention kernel attends each chunk's
+queries to its window under an additive mask built for that block only (0
+allowed, `self_value` for the query itself, -1e9 not allowed) and returns
+outputs and log-sum-exps; blocks merge into the output position by position
+with an online log-sum-exp (kept in float64: near the -1e5 self logit float32
+is 0.0078 coarse), so the rounds combine exactly as one softmax.
+
+Backward, per block, with the same kernel: the gradient of a round's logits
+under the joint softmax is P_r * w_r * (dO . v - dO . o), with w_r the round's
+share exp(lse_r - lse) and o the combined output; that is what the flash
+backward computes given dout = w_r * dO and out = o. Window gradients fold back
+onto the extended rows. Nothing of size (chunks, c, w) outlives a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._chunking import mask_values, neighbour_mask
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+BLOCK_ELEMENTS = 1 << 22  # mask elements per block (16 MiB in float32)
+
+
+def fused_kernel_available(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
+    """Overlapping chunk windows of extended rows: (bh, e, *rest) -> (bh, g, w, *rest), a strided view."""
+    bh = extended.shape[0]
+    rest, inner, row = extended.shape[2:], extended.stride()[2:], extended.stride(1)
+    return extended.as_strided((bh, g, w, *rest), (extended.stride(0), c * row, row, *inner),
+                               extended.storage_offset())
+
+
+@dataclass
+class MaskRecipe:
+    """What the additive mask of any block is built from (all small: per chunk, not per query-key pair)."""
+
+    q_pos: torch.Tensor  # (bh, g, c) int32: the position of each query
+    k_pos: torch.Tensor  # (bh, g, w) int32: the position of each window key, -1 where it is not allowed
+    bias: torch.Tensor  # (bh, g, w): 0, or the masked value where the key is not allowed
+    causal: bool
+    self_value: float | None  # the query itself (LSH); None: no self mask (local attention)
+    self_on_diagonal: bool  # each position is in a window once: the query itself is its own chunk's diagonal
+    diagonal: int  # window offset of the own chunk: before * c
+    masked_value: float
+
+    def block(self, row: int, start: int, end: int) -> torch.Tensor:
+        """(1, end - start, c, w) additive mask of chunks start..end of head row `row`."""
+        q_pos = self.q_pos[row:row + 1, start:end, :, None]  # (1, G, c, 1)
+        k_pos, bias = self.k_pos[row:row + 1, start:end, None, :], self.bias[row:row + 1, start:end, None, :]
+        shape = (1, end - start, q_pos.shape[2], k_pos.shape[3])
+        additive = torch.where(k_pos > q_pos, self.masked_value, bias) if self.causal else bias.expand(shape).clone()
+        if self.self_value is not None:
+            if self.self_on_diagonal:
+                additive.diagonal(offset=self.diagonal, dim1=2, dim2=3).fill_(self.self_value)
+            else:
+                additive.masked_fill_(k_pos == q_pos, self.self_value)
+        return additive
+
+
+def blocks(bh: int, g: int, per_round: int, c: int, w: int) -> list[tuple[int, int, int]]:
+    """(head row, first chunk, end chunk) blocks of at most BLOCK_ELEMENTS mask elements, never across rounds."""
+    size = max(1, min(per_round, BLOCK_ELEMENTS // (c * w)))
+    return [(row, start, min(start + size, round_start + per_round))
+            for row in range(bh) for round_start in range(0, g, per_round)
+            for start in range(round_start, round_start + per_round, size)]
+
+
+@dataclass
+class Plan:
+    """Where every row of the work comes from and goes to (index tensors; small next to the activations)."""
+
+    q_source: torch.Tensor  # (bh, c, g): source row of each query, in the kernel's (c, g) memory order
+    kv_source: torch.Tensor  # (bh, e): source row of each extended key / value
+    target: torch.Tensor  # (bh, c, g): output row of each query (a position's copies in other rounds share it)
+    recipe: MaskRecipe
+    per_round: int  # chunks per round
+    n_rows: int  # output rows
+    scale: float  # logit scale
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """Rows of q, k, v (N, d) -> out (n_rows, d): each query row attends to its chunk's window, one softmax per target.
+
+    Everything of the size of (rows, d) or more is gathered, computed and
+    scattered block by block; only the output, its log-sum-exps and the
+    per-query log-sum-exps are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q_rows, k_rows, v_rows, plan: Plan):
+        bh, c, g = plan.q_source.shape
+        d = q_rows.shape[1]
+        out = q_rows.new_zeros(plan.n_rows, d)
+        lse = q_rows.new_full((plan.n_rows,), float("-inf"), dtype=torch.float64)  # float64: exact near -1e5
+        lse_sorted = q_rows.new_empty(bh, c, g)  # per query row
+        for row, start, end in blocks(bh, g, plan.per_round, c, plan.recipe.k_pos.shape[-1]):
+            q, k, v = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
+            out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
+                                          scale=plan.scale)  # (1, G, c, d) in (c, G) memory, (1, G, c)
+            lse_sorted[row, :, start:end] = lse_block[0].t()
+            _merge(out, lse, plan.target[row, :, start:end].reshape(-1),
+                   out_block[0].transpose(0, 1).reshape(-1, d), lse_block[0].t().reshape(-1))
+        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_sorted, out, lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (n_rows, d)
+        q_rows, k_rows, v_rows, lse_sorted, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        bh, c, g = plan.q_source.shape
+        d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
+        dq_rows, dk_rows, dv_rows = torch.zeros_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+        grad_out = grad_out.contiguous()
+        for row, start, end in blocks(bh, g, plan.per_round, c, w):
+            q, k, v = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
+            targets = plan.target[row, :, start:end].reshape(-1)  # (c * G,) in (c, G) order
+            lse_rows = lse_sorted[row, :, start:end].reshape(-1)
+            share = torch.exp(lse_rows.double() - lse.index_select(0, targets)).to(q.dtype)[:, None]  # w_r
+            layout = (1, c, end - start, d)
+            grad_block = (grad_out.index_select(0, targets) * share).view(layout).transpose(1, 2)
+            out_block = out.index_select(0, targets).view(layout).transpose(1, 2)  # the combined o
+            lse_block = lse_sorted[row:row + 1, :, start:end].transpose(1, 2)  # (1, G, c)
+            dq, dk, dv = _FLASH_BACKWARD(grad_block, q, k, v, out_block, lse_block, 0.0, False,
+                                         attn_mask=plan.recipe.block(row, start, end), scale=plan.scale)
+            dq_rows.index_add_(0, plan.q_source[row, :, start:end].reshape(-1), dq[0].transpose(0, 1).reshape(-1, d))
+            extended = plan.kv_source[row, start * c:(end - 1) * c + w]
+            dk_rows.index_add_(0, extended, _fold_windows(dk[0], c))
+            dv_rows.index_add_(0, extended, _fold_windows(dv[0], c))
+        return dq_rows, dk_rows, dv_rows, None
+
+
+def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows):
+    """Queries (1, G, c, d) in the kernel's layout and window views (1, G, w, d) of chunks start..end."""
+    c, d, w = plan.q_source.shape[1], q_rows.shape[1], plan.recipe.k_pos.shape[-1]
+    g = end - start
+    q = q_rows.index_select(0, plan.q_source[row, :, start:end].reshape(-1)).view(1, c, g, d).transpose(1, 2)
+    extended = plan.kv_source[row, start * c:(end - 1) * c + w]
+    k = windows(k_rows.index_select(0, extended)[None], g, c, w)
+    v = windows(v_rows.index_select(0, extended)[None], g, c, w)
+    return q, k, v
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, out_new: torch.Tensor,
+           lse_new: torch.Tensor) -> None:
+    """Online softmax merge of one block into the per-position output and log-sum-exp, in place."""
+    lse_old, lse_new = lse.index_select(0, rows), lse_new.double()
+    lse_both = torch.logaddexp(lse_old, lse_new)
+    keep = torch.exp(lse_old - lse_both).to(out.dtype)[:, None]
+    take = torch.exp(lse_new - lse_both).to(out.dtype)[:, None]
+    out.index_copy_(0, rows, out.index_select(0, rows) * keep + out_new * take)
+    lse.index_copy_(0, rows, lse_both)
+
+
+def _fold_windows(grad_windows: torch.Tensor, c: int) -> torch.Tensor:
+    """Sum the gradients of overlapping windows (G, w, d) onto their extended rows ((G - 1) * c + w, d)."""
+    g, w, d = grad_windows.shape
+    folded = grad_windows.new_zeros(g + w // c - 1, c, d)  # window part p of chunk i is extended chunk i + p
+    for part in range(w // c):
+        folded[part:part + g] += grad_windows[:, part * c:(part + 1) * c]
+    return folded.view(-1, d)
+
+
+# --- plans: index tensors and mask recipes ---------------------------------------------------------
+
+def projection_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (b, h, n, d) as rows (b*n*h, d) of the (b, n, h, d) layout: a view of the projections' own output."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b * n * h, d)
+
+
+def chunk_plan(flat_order, mask, n, c, w, per_round, causal, wrap, window, dtype, *, scale, self_value,
+               self_on_diagonal) -> Plan:
+    """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n)."""
+    b, h, rn = flat_order.shape
+    g = rn // c
+    before, after = window
+    extended = flat_order[..., torch.arange(-before * c, rn + after * c, device=flat_order.device) % rn]  # (b, h, e)
+    memory_order = flat_order.view(b, h, g, c).transpose(2, 3)  # (b, h, c, g): the kernel's order
+    recipe = window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, window, dtype,
+                           self_value=self_value, self_on_diagonal=self_on_diagonal)
+    rows = output_rows(memory_order.reshape(b, h, rn), n).view(b * h, c, g)  # a query's row is its output row
+    return Plan(q_source=rows, kv_source=output_rows(extended, n).view(b * h, -1), target=rows, recipe=recipe,
+                per_round=per_round, n_rows=b * n * h, scale=scale)
+
+
+def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of a (b, n, h, d) output viewed as (b*n*h, d) for (b, h, m) positions."""
+    b, h = positions.shape[:2]
+    batch = torch.arange(b, device=positions.device).view(b, 1, 1)
+    head = torch.arange(h, device=positions.device).view(1, h, 1)
+    return (batch * n + positions) * h + head
+
+
+def window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, window, dtype, *,
+                  self_value, self_on_diagonal) -> MaskRecipe:
+    """The small tensors the fused kernel builds each block's additive mask from."""
+    b, h = flat_order.shape[:2]
+    _, masked_value = mask_values(dtype)
+    key_real = mask[:, None, :].expand(b, h, mask.shape[1]).gather(-1, extended).view(b * h, -1)  # (bh, e)
+    in_layout = neighbour_mask(g, per_round, *window, wrap, flat_order.device).repeat_interleave(c, dim=1)  # (g, w)
+    key_ok = windows(key_real, g, c, w) & in_layout  # (bh, g, w)
+    k_pos = windows(extended.view(b * h, -1).to(torch.int32), g, c, w).masked_fill(~key_ok, -1)  # -1: never a query
+    bias = torch.zeros(key_ok.shape, dtype=dtype, device=key_ok.device).masked_fill_(~key_ok, masked_value)
+    return MaskRecipe(q_pos=flat_order.view(b * h, g, c).to(torch.int32), k_pos=k_pos, bias=bias, causal=causal,
+                      self_value=self_value, self_on_diagonal=self_on_diagonal, diagonal=window[0] * c,
+                      masked_value=masked_value)
