@@ -101,7 +101,6 @@ def build_reformer_pytorch(length: int, device):
 
 
 def build_sdpa(length: int, device):
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -227,11 +226,13 @@ def run_cell(contender: str, length: int, args) -> dict:
 
 
 def table(results: dict, lengths, contenders, rate_gflops: float) -> list[str]:
+    peers = [c for c in ("hf", "reformer_pytorch") if c in contenders]
     rows = ["| tokens | " + " | ".join(f"{LABELS[c]}: s/step, tokens/s, peak GiB" for c in contenders)
-            + " | ours vs fastest peer | ours: model TFLOP/s (share of matmul rate) |",
-            "|---:|" + "---|" * len(contenders) + "---:|---:|"]
+            + " | ours: speed-up over the faster Reformer peer | ours: speed-up over SDPA"
+            " | ours: memory / the lower Reformer peer's | ours: model GFLOP/s (share of the matmul rate) |",
+            "|---:|" + "---|" * len(contenders) + "---:|---:|---:|---:|"]
     for length in lengths:
-        cells, peer_times = [], []
+        cells = []
         for contender in contenders:
             r = results.get((contender, length))
             if r is None:
@@ -240,16 +241,20 @@ def table(results: dict, lengths, contenders, rate_gflops: float) -> list[str]:
                 cells.append(r.get("skip") or f"failed: {r['error']}")
             else:
                 cells.append(f"{r['step_s']:.2f} s, {length / r['step_s']:,.0f}, {r['peak_mib'] / 1024:.2f}")
-                if contender != "ours":
-                    peer_times.append(r["step_s"])
         ours = results.get(("ours", length), {})
-        speedup = f"{min(peer_times) / ours['step_s']:.2f}x" if peer_times and "step_s" in ours else "-"
+        done = {c: results[(c, length)] for c in contenders if "step_s" in results.get((c, length), {})}
+        peer_done = [done[c] for c in peers if c in done]
+        speedup = f"{min(r['step_s'] for r in peer_done) / ours['step_s']:.2f}x" if peer_done and "step_s" in ours \
+            else "-"
+        over_sdpa = f"{done['sdpa']['step_s'] / ours['step_s']:.2f}x" if "sdpa" in done and "step_s" in ours else "-"
+        memory = f"{ours['peak_mib'] / min(r['peak_mib'] for r in peer_done):.2f}" if peer_done and "step_s" in ours \
+            else "-"
         if "step_s" in ours:
             achieved = model_flops_per_step(length) / ours["step_s"] / 1e9
-            flops = f"{achieved / 1000:.3f} ({achieved / rate_gflops:.0%})"
+            flops = f"{achieved:.1f} ({achieved / rate_gflops:.0%})"
         else:
             flops = "-"
-        rows.append(f"| {length:,} | " + " | ".join(cells) + f" | {speedup} | {flops} |")
+        rows.append(f"| {length:,} | " + " | ".join(cells) + f" | {speedup} | {over_sdpa} | {memory} | {flops} |")
     return rows
 
 
@@ -324,7 +329,7 @@ def main(argv=None) -> None:
     written = plots(results, args.lengths, args.contenders, args.out_dir)
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    text = [f"# Training step: ours beside the peers\n",
+    text = ["# Training step: ours beside the peers\n",
             f"Command: `python {' '.join(['benchmarks/compare.py', *(argv if argv is not None else sys.argv[1:])])}`."
             f" {datetime.date.today()}, {device}, torch {torch.__version__}; {time.perf_counter() - started:.0f} s "
             "in all.\n",

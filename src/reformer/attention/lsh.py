@@ -49,6 +49,7 @@ from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, 
 from ..rng import dropout as seeded_dropout
 
 Buckets = int | tuple[int, ...]
+HASH_PIECE = 1 << 16  # positions hashed at a time: the rotated vectors of a long sequence never all exist
 
 
 # ---------------------------------------------------------------------------
@@ -111,17 +112,27 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets,
     factor is the least significant digit. Masked positions get bucket
     `total_buckets(n_buckets)`. Returns (b, h, r, n) int64.
     """
-    rotated = torch.einsum("bhnd,hdrk->bhrnk", x, rotations.to(x.dtype))  # (b, h, r, n, rot)
-    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.int64, device=x.device)  # (b, h, r, n)
+    buckets = torch.cat([_hash_piece(x[:, :, start:start + HASH_PIECE], rotations, n_buckets)
+                         for start in range(0, x.shape[2], HASH_PIECE)], dim=-1)  # (b, h, r, n)
+    stride = total_buckets(n_buckets)
+    if mask is not None:
+        buckets = torch.where(mask[:, None, None, :], buckets, torch.full_like(buckets, stride))
+    return buckets
+
+
+def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) -> torch.Tensor:
+    """Buckets (b, h, r, m) of positions x (b, h, m, d); argmax([y ; -y]) without building [y ; -y]."""
+    rotated = torch.einsum("bhnd,hdrk->bhrnk", x, rotations.to(x.dtype))  # (b, h, r, m, rot)
+    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.int64, device=x.device)  # (b, h, r, m)
     offset, stride = 0, 1
     for factor in bucket_factors(n_buckets):
         part = rotated[..., offset:offset + factor // 2]
-        digit = torch.cat([part, -part], dim=-1).argmax(dim=-1)  # (b, h, r, n)
+        top, top_index = part.max(dim=-1)
+        bottom, bottom_index = part.min(dim=-1)
+        digit = torch.where(top >= -bottom, top_index, bottom_index + factor // 2)  # ties: the first, as argmax
         buckets += digit * stride
         offset += factor // 2
         stride *= factor
-    if mask is not None:
-        buckets = torch.where(mask[:, None, None, :], buckets, torch.full_like(buckets, stride))
     return buckets
 
 
@@ -285,8 +296,7 @@ def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window):
     """
     b, h, r, n = buckets.shape
     d, c = qk.shape[-1], chunk_size
-    before, after = window
-    g, w = r * n // c, (before + 1 + after) * c  # chunks per head row, keys per window
+    w = (sum(window) + 1) * c  # keys per window
     order, _ = sort_by_bucket(buckets)  # (b, h, r, n)
     flat_order = order.reshape(b, h, r * n)  # the position at each sorted slot
     with torch.no_grad():

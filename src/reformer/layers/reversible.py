@@ -63,13 +63,16 @@ class _ReversibleStack(torch.autograd.Function):
             for block, call in zip(blocks, calls):
                 x1, x2 = block(x1, x2, mask, call)
         ctx.stack = stack
-        ctx.save_for_backward(x1, x2)
-        return torch.cat([x1, x2], dim=-1)
+        out = torch.cat([x1, x2], dim=-1)
+        del x1, x2
+        ctx.save_for_backward(out)  # the output itself: no second copy of the last activations
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         blocks, mask, calls = ctx.stack
-        y1, y2 = ctx.saved_tensors
+        (out,) = ctx.saved_tensors
+        y1, y2 = out.chunk(2, dim=-1)
         dy1, dy2 = grad_out.chunk(2, dim=-1)
         param_grads: list[torch.Tensor | None] = []
         for block, call in zip(reversed(blocks), reversed(calls)):
@@ -83,20 +86,19 @@ def _block_backward(block: ReformerBlock, call: LayerCall, mask, y1, y2, dy1, dy
     ff = block.feed_forward
     ff_params = list(ff.parameters())
     ff_grads = [torch.zeros_like(p) for p in ff_params]
-    g_parts, dy1_from_ff = [], torch.empty_like(dy1)
+    x2 = y2.clone()  # becomes y2 - G(y1), chunk by chunk
+    dy1 = dy1.clone()  # accumulates the feed-forward's gradient in place
     for index, (start, end) in enumerate(chunk_bounds(y1.shape[1], ff.chunk_size)):
         with torch.enable_grad():
             y1_part = y1[:, start:end].detach().requires_grad_()
             g_part = ff.chunk(y1_part, call.seed, index)
             grads = torch.autograd.grad(g_part, [y1_part, *ff_params], dy2[:, start:end], allow_unused=True)
-        dy1_from_ff[:, start:end] = grads[0]
+        dy1[:, start:end] += grads[0]
+        x2[:, start:end] -= g_part.detach()
         for total, grad in zip(ff_grads, grads[1:]):
             if grad is not None:
                 total += grad
-        g_parts.append(g_part.detach())
-    x2 = y2 - torch.cat(g_parts, dim=1)
-    dy1 = dy1 + dy1_from_ff
-    del g_parts, dy1_from_ff
+        del g_part, grads
 
     attn_params = list(block.attention.parameters())
     with torch.enable_grad():
@@ -104,5 +106,6 @@ def _block_backward(block: ReformerBlock, call: LayerCall, mask, y1, y2, dy1, dy
         f = block.attention(x2_leaf, mask, call)
         grads = torch.autograd.grad(f, [x2_leaf, *attn_params], dy1, allow_unused=True)
     x1 = y1 - f.detach()
+    del f
     dx2 = dy2 + grads[0]
     return x1, x2, dy1, dx2, list(grads[1:]) + ff_grads
