@@ -262,3 +262,28 @@ def test_shared_qk_full_attention_is_lsh_with_one_chunk(causal, masked):
     lsh, _ = lsh_attention(qk, v, rotations, n_buckets=4, chunk_size=16, causal=causal, attention_mask=mask)
     full = shared_qk_attention(qk, v, causal=causal, attention_mask=mask)
     assert_close(full, lsh, 1e-12, "full vs one-chunk LSH")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_fused_blocks_smaller_than_a_round_match_reference(monkeypatch, causal, wrap):
+    """One chunk per kernel call: the online merge combines blocks inside a round and across rounds."""
+    from reformer.attention import fused_chunks
+
+    monkeypatch.setattr(fused_chunks, "BLOCK_ELEMENTS", 1)
+    compare_with_reference(21, 3, (2, 4), 3, causal=causal, masked=True, wrap=wrap)
+
+
+def test_fused_kernel_is_used_exactly_when_the_options_allow(monkeypatch):
+    from reformer.attention import fused_chunks
+
+    calls = []
+    original = fused_chunks.ChunkedAttention.apply
+    monkeypatch.setattr(fused_chunks.ChunkedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    qk, v, rotations, _ = make_inputs(1, 1, 16, 4, 2, 4, masked=False)
+    for options, fused in ((dict(), True), (dict(dedup=True), False), (dict(same_bucket_only=True), False),
+                           (dict(normalize="hf"), False), (dict(dropout=0.1, dropout_seed=3), False),
+                           (dict(dropout=0.1), True)):
+        calls.clear()
+        lsh_attention(qk, v, rotations, n_buckets=4, chunk_size=4, **options)
+        assert bool(calls) == fused, options
