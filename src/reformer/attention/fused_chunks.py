@@ -34,7 +34,7 @@ from ._chunking import mask_values, neighbour_mask
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-BLOCK_ELEMENTS = 1 << 22  # mask elements per block (16 MiB in float32)
+BLOCK_ELEMENTS = 1 << 20  # mask elements per block: 4 MiB in float32, below the 8 MiB mmap threshold (memory.py)
 
 
 def fused_kernel_available(device: torch.device) -> bool:
