@@ -65,6 +65,13 @@ def test_local_windows_match_reference(before, after, n, causal, wrap):
           chunks_before=before, chunks_after=after)
 
 
+def test_bad_windows_are_explained():
+    q, k, v, _ = make_qkv(1, 1, 8, 4, masked=False)
+    for field in ("chunks_before", "chunks_after"):
+        with pytest.raises(ValueError, match=f"{field} must be an integer >= 0"):
+            local_attention(q, k, v, chunk_size=4, **{field: -1})
+
+
 def test_local_wrap_lets_the_first_chunk_see_the_last():
     """HF layout: non-causal, the first chunk sees the last chunk (and only the first chunk does)."""
     q, k, v, _ = make_qkv(1, 1, 12, 4, masked=False)

@@ -88,9 +88,8 @@ def blocks(bh: int, g: int, per_round: int, c: int, w: int) -> list[tuple[int, i
 class Plan:
     """Where every row of the work comes from and goes to (index tensors; small next to the activations)."""
 
-    q_source: torch.Tensor  # (bh, c, g): source row of each query, in the kernel's (c, g) memory order
+    rows: torch.Tensor  # (bh, c, g), in the kernel's (c, g) order: each query's row in q and in the output
     kv_source: torch.Tensor  # (bh, e): source row of each extended key / value
-    target: torch.Tensor  # (bh, c, g): output row of each query (a position's copies in other rounds share it)
     recipe: MaskRecipe
     per_round: int  # chunks per round
     n_rows: int  # output rows
@@ -98,7 +97,7 @@ class Plan:
 
 
 class ChunkedAttention(torch.autograd.Function):
-    """Rows of q, k, v (N, d) -> out (n_rows, d): each query row attends to its chunk's window, one softmax per target.
+    """Rows of q, k, v (N, d) -> out (n_rows, d): each query row attends to its chunk's window, one softmax per row.
 
     Everything of the size of (rows, d) or more is gathered, computed and
     scattered block by block; only the output, its log-sum-exps and the
@@ -107,18 +106,18 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_rows, k_rows, v_rows, plan: Plan):
-        bh, c, g = plan.q_source.shape
+        bh, c, g = plan.rows.shape
         d = q_rows.shape[1]
         out = q_rows.new_zeros(plan.n_rows, d)
         lse = q_rows.new_full((plan.n_rows,), float("-inf"), dtype=torch.float64)  # float64: exact near -1e5
         lse_sorted = q_rows.new_empty(bh, c, g)  # per query row
         for row, start, end in blocks(bh, g, plan.per_round, c, plan.recipe.k_pos.shape[-1]):
-            q, k, v = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
+            rows = plan.rows[row, :, start:end].reshape(-1)  # unique: a block lies inside one round
+            q, k, v = _block_inputs(plan, rows, row, start, end, q_rows, k_rows, v_rows)
             out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
                                           scale=plan.scale)  # (1, G, c, d) in (c, G) memory, (1, G, c)
             lse_sorted[row, :, start:end] = lse_block[0].t()
-            _merge(out, lse, plan.target[row, :, start:end].reshape(-1),
-                   out_block[0].transpose(0, 1).reshape(-1, d), lse_block[0].t().reshape(-1))
+            _merge(out, lse, rows, out_block[0].transpose(0, 1).reshape(-1, d), lse_block[0].t().reshape(-1))
         ctx.save_for_backward(q_rows, k_rows, v_rows, lse_sorted, out, lse)
         ctx.plan = plan
         return out
@@ -127,33 +126,33 @@ class ChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):  # (n_rows, d)
         q_rows, k_rows, v_rows, lse_sorted, out, lse = ctx.saved_tensors
         plan = ctx.plan
-        bh, c, g = plan.q_source.shape
+        bh, c, g = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
         dq_rows, dk_rows, dv_rows = torch.zeros_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
         grad_out = grad_out.contiguous()
         for row, start, end in blocks(bh, g, plan.per_round, c, w):
-            q, k, v = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
-            targets = plan.target[row, :, start:end].reshape(-1)  # (c * G,) in (c, G) order
+            rows = plan.rows[row, :, start:end].reshape(-1)  # (c * G,) in (c, G) order
+            q, k, v = _block_inputs(plan, rows, row, start, end, q_rows, k_rows, v_rows)
             lse_rows = lse_sorted[row, :, start:end].reshape(-1)
-            share = torch.exp(lse_rows.double() - lse.index_select(0, targets)).to(q.dtype)[:, None]  # w_r
+            share = torch.exp(lse_rows.double() - lse.index_select(0, rows)).to(q.dtype)[:, None]  # w_r
             layout = (1, c, end - start, d)
-            grad_block = (grad_out.index_select(0, targets) * share).view(layout).transpose(1, 2)
-            out_block = out.index_select(0, targets).view(layout).transpose(1, 2)  # the combined o
+            grad_block = (grad_out.index_select(0, rows) * share).view(layout).transpose(1, 2)
+            out_block = out.index_select(0, rows).view(layout).transpose(1, 2)  # the combined o
             lse_block = lse_sorted[row:row + 1, :, start:end].transpose(1, 2)  # (1, G, c)
             dq, dk, dv = _FLASH_BACKWARD(grad_block, q, k, v, out_block, lse_block, 0.0, False,
                                          attn_mask=plan.recipe.block(row, start, end), scale=plan.scale)
-            dq_rows.index_add_(0, plan.q_source[row, :, start:end].reshape(-1), dq[0].transpose(0, 1).reshape(-1, d))
+            dq_rows.index_add_(0, rows, dq[0].transpose(0, 1).reshape(-1, d))
             extended = plan.kv_source[row, start * c:(end - 1) * c + w]
             dk_rows.index_add_(0, extended, _fold_windows(dk[0], c))
             dv_rows.index_add_(0, extended, _fold_windows(dv[0], c))
         return dq_rows, dk_rows, dv_rows, None
 
 
-def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows):
+def _block_inputs(plan: Plan, rows: torch.Tensor, row: int, start: int, end: int, q_rows, k_rows, v_rows):
     """Queries (1, G, c, d) in the kernel's layout and window views (1, G, w, d) of chunks start..end."""
-    c, d, w = plan.q_source.shape[1], q_rows.shape[1], plan.recipe.k_pos.shape[-1]
+    c, d, w = plan.rows.shape[1], q_rows.shape[1], plan.recipe.k_pos.shape[-1]
     g = end - start
-    q = q_rows.index_select(0, plan.q_source[row, :, start:end].reshape(-1)).view(1, c, g, d).transpose(1, 2)
+    q = q_rows.index_select(0, rows).view(1, c, g, d).transpose(1, 2)
     extended = plan.kv_source[row, start * c:(end - 1) * c + w]
     k = windows(k_rows.index_select(0, extended)[None], g, c, w)
     v = windows(v_rows.index_select(0, extended)[None], g, c, w)
@@ -188,19 +187,22 @@ def projection_rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b * n * h, d)
 
 
-def chunk_plan(flat_order, mask, n, c, w, per_round, causal, wrap, window, dtype, *, scale, self_value,
-               self_on_diagonal) -> Plan:
-    """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n)."""
+def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal) -> Plan:
+    """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n).
+
+    Rounds are n positions long; a window is (before + 1 + after) chunks of c.
+    """
     b, h, rn = flat_order.shape
-    g = rn // c
+    g, per_round = rn // c, n // c
     before, after = window
+    w = (before + 1 + after) * c
     extended = flat_order[..., torch.arange(-before * c, rn + after * c, device=flat_order.device) % rn]  # (b, h, e)
     memory_order = flat_order.view(b, h, g, c).transpose(2, 3)  # (b, h, c, g): the kernel's order
     recipe = window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, window, dtype,
                            self_value=self_value, self_on_diagonal=self_on_diagonal)
-    rows = output_rows(memory_order.reshape(b, h, rn), n).view(b * h, c, g)  # a query's row is its output row
-    return Plan(q_source=rows, kv_source=output_rows(extended, n).view(b * h, -1), target=rows, recipe=recipe,
-                per_round=per_round, n_rows=b * n * h, scale=scale)
+    return Plan(rows=output_rows(memory_order.reshape(b, h, rn), n).view(b * h, c, g),
+                kv_source=output_rows(extended, n).view(b * h, -1), recipe=recipe, per_round=per_round,
+                n_rows=b * n * h, scale=scale)
 
 
 def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:

@@ -79,8 +79,8 @@ def local_attention(
     if not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
         positions = torch.arange(n_pad, device=q.device).expand(b, h, n_pad)  # chunk order = position order
         with torch.no_grad():
-            plan = chunk_plan(positions, mask, n_pad, c, (sum(window) + 1) * c, g, causal, wrap, window, q.dtype,
-                              scale=1 / math.sqrt(d), self_value=None, self_on_diagonal=True)
+            plan = chunk_plan(positions, mask, n_pad, c, causal, wrap, window, q.dtype, scale=1 / math.sqrt(d),
+                              self_value=None, self_on_diagonal=True)
         rows = [projection_rows(pad_length(x, n_pad, dim=2)) for x in (q, k, v)]  # (b*n_pad*h, d) each
         out = ChunkedAttention.apply(*rows, plan).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
         return zero_masked_queries(out[:, :, :n], attention_mask)

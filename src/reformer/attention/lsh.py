@@ -296,13 +296,12 @@ def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window):
     """
     b, h, r, n = buckets.shape
     d, c = qk.shape[-1], chunk_size
-    w = (sum(window) + 1) * c  # keys per window
     order, _ = sort_by_bucket(buckets)  # (b, h, r, n)
     flat_order = order.reshape(b, h, r * n)  # the position at each sorted slot
     with torch.no_grad():
         self_value, _ = mask_values(qk.dtype)
-        plan = chunk_plan(flat_order, mask, n, c, w, n // c, causal, wrap, window, qk.dtype, scale=1.0,
-                          self_value=self_value, self_on_diagonal=not wrap)
+        plan = chunk_plan(flat_order, mask, n, c, causal, wrap, window, qk.dtype, scale=1.0, self_value=self_value,
+                          self_on_diagonal=not wrap)
     out = ChunkedAttention.apply(projection_rows(qk), projection_rows(normalize_keys(qk)), projection_rows(v), plan)
     return out.view(b, n, h, d).permute(0, 2, 1, 3)  # (b, h, n, d) view
 
