@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--to-hf: write even where HF would compute something else (each difference is printed)")
     co.add_argument("--fold-bias", choices=["auto", "yes", "no"], default="auto",
                     help="--to-hf: fold the head bias into the final LayerNorm (auto: when the installed "
-                         "transformers ignores lm_head.bias, as 5.x does)")
+                         "transformers ignores lm_head.bias, as 5.0-5.23 do)")
     co.set_defaults(func=cmd_convert)
 
     data = sub.add_parser("data", help="datasets")

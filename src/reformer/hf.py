@@ -91,7 +91,9 @@ HEAD_WEIGHTS = [
 ]
 # Keys HF files may carry that hold no weights of the model, or duplicate one.
 IGNORED_HF_SUFFIXES = ("mask_value_float16", "mask_value_float32")  # persistent buffers in transformers 4.x
-HF_ALIASES = {"lm_head.decoder.bias": "lm_head.bias"}  # the same tensor, tied, in transformers 4.x
+# The head bias HF applies: the decoder's. transformers 4.x ties it to `lm_head.bias`; 5.0-5.23 build the
+# decoder without one (and apply none); 5.24 gives the decoder a bias of its own and ignores `lm_head.bias`.
+HF_ALIASES = {"lm_head.decoder.bias": "lm_head.bias"}
 
 
 class ConversionError(ValueError):
@@ -258,9 +260,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ReformerConfig
     """Rename HF weights to ours, checking that every expected weight is there with its shape."""
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith(IGNORED_HF_SUFFIXES)}
     for alias, canonical in HF_ALIASES.items():
-        if alias in hf_state:
-            value = hf_state.pop(alias)
-            hf_state.setdefault(canonical, value)
+        if alias in hf_state:  # the alias is what HF computes with, where both exist
+            hf_state[canonical] = hf_state.pop(alias)
     names = weight_names(config)
     missing = [theirs for _, theirs in names if theirs not in hf_state]
     unexpected = sorted(set(hf_state) - {theirs for _, theirs in names})
@@ -273,7 +274,11 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ReformerConfig
 
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], config: ReformerConfig) -> dict[str, torch.Tensor]:
-    return {theirs: state[ours].detach().contiguous().cpu() for ours, theirs in weight_names(config)}
+    """Our weights under HF's names, the head bias under both of its names (every transformers version reads one)."""
+    hf_state = {theirs: state[ours].detach().contiguous().cpu() for ours, theirs in weight_names(config)}
+    for alias, canonical in HF_ALIASES.items():
+        hf_state[alias] = hf_state[canonical].clone()
+    return hf_state
 
 
 def _load_into(model, state: dict[str, torch.Tensor]) -> None:
@@ -352,8 +357,9 @@ def from_hf(source, **overrides: Any):
 def hf_applies_head_bias() -> bool | None:
     """Does the installed transformers add `lm_head.bias` to the logits? None when it is not installed.
 
-    transformers 4.x ties it to the decoder's bias; 5.x (at least up to 5.23) builds the decoder without a
-    bias and never adds `lm_head.bias`, so a checkpoint's head bias is silently dropped there.
+    transformers 4.x ties it to the decoder's bias; 5.0 to 5.23 build the decoder without a bias and never
+    add `lm_head.bias`, so a checkpoint's head bias is silently dropped there; 5.24 gives the decoder a bias
+    of its own again (read from `lm_head.decoder.bias`).
     """
     try:
         from transformers import ReformerConfig as HFConfig
@@ -363,7 +369,7 @@ def hf_applies_head_bias() -> bool | None:
     tiny = HFConfig(vocab_size=4, hidden_size=4, num_attention_heads=1, attention_head_size=2, feed_forward_size=4,
                     attn_layers=["local"], axial_pos_embds=False, max_position_embeddings=4, is_decoder=True)
     head = ReformerModelWithLMHead(tiny).lm_head
-    return head.decoder.bias is not None and head.decoder.bias is head.bias
+    return head.decoder.bias is not None
 
 
 def fold_head_bias(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
