@@ -85,7 +85,7 @@ class ReformerLM(nn.Module):
         self.layers = nn.ModuleList(
             ReformerBlock(
                 AttentionBranch(build_attention(c, kind, i), c.d_model, inner, dropout=c.dropout,
-                                layer_norm_eps=c.layer_norm_eps),
+                                layer_norm_eps=c.layer_norm_eps, chunk_size=c.ff_chunk_size),
                 FeedForward(c.d_model, c.d_ff, chunk_size=c.ff_chunk_size, dropout=c.dropout,
                             activation=c.ff_activation, layer_norm_eps=c.layer_norm_eps),
             )
@@ -142,6 +142,8 @@ class ReformerLM(nn.Module):
         ignoring labels equal to -100 and padded positions.
         """
         attention_mask = self._check_inputs(input_ids, attention_mask, labels)
+        if labels is not None and not return_logits and self.config.reversible and torch.is_grad_enabled():
+            return self._reversible_loss(input_ids, attention_mask, labels)
         hidden = self.hidden_states(input_ids, attention_mask)  # (b, n, 2d)
         if labels is None:
             return ReformerOutput(logits=self.logits_from_hidden(hidden))
@@ -151,13 +153,29 @@ class ReformerLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """[Y1 ; Y2] of the last layer, (b, n, 2d), before the final norm."""
+        x, mask, calls = self._embed(input_ids, attention_mask)
+        run = run_reversible if self.config.reversible and torch.is_grad_enabled() else run_plain
+        return run(self.layers, x, mask, calls)[:, :input_ids.shape[1]]
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The layers' input (b, n_pad, d), its mask and the layer calls of this forward."""
         embed_seed, calls = self._layer_calls()
         n = input_ids.shape[1]
         x = self.token_embedding(input_ids) + self.position_embedding(n).to(self.token_embedding.weight.dtype)
         x = dropout(x, self.config.dropout, embed_seed, STREAM_EMBED)  # (b, n, d)
         x, attention_mask = self._pad_to_multiple(x, attention_mask)  # (b, n_pad, d)
-        run = run_reversible if self.config.reversible and torch.is_grad_enabled() else run_plain
-        return run(self.layers, x, attention_mask, calls)[:, :n]
+        return x, attention_mask, calls
+
+    def _reversible_loss(self, input_ids, attention_mask, labels) -> ReformerOutput:
+        """The loss with the final norm, head and loss closing the reversible stack (`_LossTail`).
+
+        The same value as `_chunked_loss(hidden_states(...))`; the stack then owns
+        its state, and the loss's gradient reaches it chunk by chunk.
+        """
+        targets, count = self._loss_targets(labels, attention_mask)
+        x, mask, calls = self._embed(input_ids, attention_mask)
+        total = run_reversible(self.layers, x, mask, calls, tail=_LossTail(self, targets))
+        return ReformerOutput(loss=total / max(count, 1), n_tokens=count)
 
     def _pad_to_multiple(self, x: torch.Tensor, attention_mask: torch.Tensor | None):
         """Right-pad x (b, n, d) with masked zeros to a multiple of `pad_to_multiple` (HF's padding)."""
@@ -177,12 +195,16 @@ class ReformerLM(nn.Module):
             logits = logits.float()  # the log-sum-exp of the loss runs in float32 at least
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
-    def _chunked_loss(self, hidden, labels, attention_mask) -> tuple[torch.Tensor, int]:
+    def _loss_targets(self, labels, attention_mask) -> tuple[torch.Tensor, int]:
+        """Targets (b, n - 1) for logits[:, :-1], padding set to -100, and how many count."""
         targets = labels[:, 1:]
         if attention_mask is not None:
             targets = targets.masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
+        return targets, int((targets != IGNORE_INDEX).sum().item())
+
+    def _chunked_loss(self, hidden, labels, attention_mask) -> tuple[torch.Tensor, int]:
+        targets, count = self._loss_targets(labels, attention_mask)
         hidden = hidden[:, :-1]
-        count = int((targets != IGNORE_INDEX).sum().item())
         use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         for start, end in chunk_bounds(hidden.shape[1], self.config.loss_chunk_size):
@@ -270,3 +292,24 @@ class ReformerLM(nn.Module):
         state = load_file(str(directory / "model.safetensors"))
         model.load_state_dict(state)
         return model.to(next(iter(state.values())).dtype) if state else model
+
+
+class _LossTail:
+    """The final norm, head and summed cross-entropy over chunks of positions: the reversible stack's tail.
+
+    Chunk i reads the state's positions start..end, which predict targets[:, start:end].
+    """
+
+    def __init__(self, model: ReformerLM, targets: torch.Tensor):
+        self.model, self.targets = model, targets
+        self._bounds = chunk_bounds(targets.shape[1], model.config.loss_chunk_size)
+
+    def parameters(self):
+        return [*self.model.final_norm.parameters(), *self.model.head.parameters()]
+
+    def bounds(self) -> list[tuple[int, int]]:
+        return self._bounds
+
+    def chunk(self, state: torch.Tensor, index: int) -> torch.Tensor:
+        start, end = self._bounds[index]
+        return self.model._chunk_loss_sum(state, self.targets[:, start:end])

@@ -95,3 +95,37 @@ def test_same_seed_same_result_and_global_rng_untouched():
     assert torch.equal(state, torch.get_rng_state()), "the global RNG was used"
     other = ReformerLM(tiny_config(dropout=0.1, attn_dropout=0.1, seed=1)).train()
     assert not torch.equal(other(ids, attention_mask=mask, labels=ids).loss.detach(), losses[0][0])
+
+
+def test_reversible_gradients_through_the_hidden_states_equal_plain_and_leave_them_intact():
+    """Without labels the stack hands out its output: the backward must not change it, and grads equal plain."""
+    config = tiny_config(dropout=0.1, attn_dropout=0.1)
+    ids, mask = random_batch(config, length=29, pad_from=23)
+    grads, hidden_values = [], []
+    for reversible in (True, False):
+        config.reversible = reversible
+        model = ReformerLM(config).double().train()
+        hidden = model.hidden_states(ids, mask)
+        before = hidden.detach().clone()
+        (model.logits_from_hidden(hidden) * torch.linspace(-1, 1, config.vocab_size, dtype=torch.float64)).sum().backward()
+        assert torch.equal(hidden.detach(), before), "the backward changed the returned hidden states"
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        hidden_values.append(before)
+    assert_close(hidden_values[0], hidden_values[1], 1e-10, "hidden states")
+    for name in grads[0]:
+        assert_close(grads[0][name], grads[1][name], 1e-8, name)
+
+
+def test_attention_branch_runs_position_wise_parts_in_chunks():
+    """LayerNorm, projections and output projection see at most ff_chunk_size positions in the reversible stack."""
+    config = tiny_config(ff_chunk_size=8, attn_layers=("lsh", "local"))
+    model = ReformerLM(config).train()
+    widths = {"projection": [], "output": []}
+    for layer in model.layers:
+        layer.attention.attention.v.register_forward_hook(lambda m, i, o: widths["projection"].append(o.shape[1]))
+        layer.attention.out.register_forward_hook(lambda m, i, o: widths["output"].append(o.shape[1]))
+    ids, mask = random_batch(config, length=29)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert max(widths["projection"]) == max(widths["output"]) == 8
+    assert len(widths["projection"]) == len(widths["output"]) == 2 * 2 * 4  # 2 layers, forward and backward recompute,
+    # 4 chunks of 29 positions each; the projections are not recomputed for their own gradients

@@ -1,12 +1,16 @@
-"""Helpers shared by the chunked attentions: padding, look-back windows, masks, checks.
+"""Helpers shared by the chunked attentions: padding, look-back windows, masks, unit-length keys, checks.
 
 Legend: b batch, h heads, n length, d head width, g chunks, c chunk length.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+KEY_EPS = 1e-6  # inside the rsqrt of `normalize_keys`
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -125,3 +129,29 @@ def zero_padded(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x
     return torch.where(mask[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
+    """Unit-length keys from the shared query-keys: x / rms(x) / sqrt(d) (Trax `length_normalized`)."""
+    d = qk.shape[-1]
+    return qk * torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + KEY_EPS) / math.sqrt(d)
+
+
+def normalize_keys_(rows: torch.Tensor) -> torch.Tensor:
+    """`normalize_keys` of rows (m, d) in place, with the same operations in the same order."""
+    return rows.mul_(torch.rsqrt(rows.pow(2).mean(dim=-1, keepdim=True) + KEY_EPS)).div_(math.sqrt(rows.shape[-1]))
+
+
+def add_normalize_keys_backward_(into: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
+                                 piece: int = 1 << 15) -> None:
+    """into += the gradient through `normalize_keys` at rows (m, d), given grad (m, d) of the keys.
+
+    With r = (mean(x^2) + eps)^-1/2, k = x r / sqrt(d):
+    dx = (g r - x r^3 (g . x) / d) / sqrt(d). Runs `piece` rows at a time.
+    """
+    d = rows.shape[-1]
+    for start in range(0, rows.shape[0], piece):
+        x, g = rows[start:start + piece], grad[start:start + piece]
+        r = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + KEY_EPS)  # (p, 1)
+        along = (g * x).sum(dim=-1, keepdim=True) * r.pow(3) / d  # (p, 1)
+        into[start:start + piece] += (g * r - x * along) / math.sqrt(d)

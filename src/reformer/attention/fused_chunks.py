@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._chunking import mask_values, neighbour_mask
+from ._chunking import add_normalize_keys_backward_, mask_values, neighbour_mask, normalize_keys_
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -99,6 +99,10 @@ class Plan:
 class ChunkedAttention(torch.autograd.Function):
     """Rows of q, k, v (N, d) -> out (n_rows, d): each query row attends to its chunk's window, one softmax per row.
 
+    k_rows None means shared query-keys (LSH): the keys are the query rows
+    scaled to unit length (`normalize_keys`), block by block as they are
+    gathered, and the gradient of both roles comes back as one.
+
     Everything of the size of (rows, d) or more is gathered, computed and
     scattered block by block; only the output, its log-sum-exps and the
     per-query log-sum-exps are kept for the backward.
@@ -108,8 +112,8 @@ class ChunkedAttention(torch.autograd.Function):
     def forward(ctx, q_rows, k_rows, v_rows, plan: Plan):
         bh, c, g = plan.rows.shape
         d = q_rows.shape[1]
-        out = q_rows.new_zeros(plan.n_rows, d)
-        lse = q_rows.new_full((plan.n_rows,), float("-inf"), dtype=torch.float64)  # float64: exact near -1e5
+        out = q_rows.new_empty(plan.n_rows, d)  # every row is written by the first round
+        lse = q_rows.new_empty((plan.n_rows,), dtype=torch.float64)  # float64: exact near -1e5
         lse_sorted = q_rows.new_empty(bh, c, g)  # per query row
         for row, start, end in blocks(bh, g, plan.per_round, c, plan.recipe.k_pos.shape[-1]):
             rows = plan.rows[row, :, start:end].reshape(-1)  # unique: a block lies inside one round
@@ -117,7 +121,12 @@ class ChunkedAttention(torch.autograd.Function):
             out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
                                           scale=plan.scale)  # (1, G, c, d) in (c, G) memory, (1, G, c)
             lse_sorted[row, :, start:end] = lse_block[0].t()
-            _merge(out, lse, rows, out_block[0].transpose(0, 1).reshape(-1, d), lse_block[0].t().reshape(-1))
+            out_rows, lse_rows = out_block[0].transpose(0, 1).reshape(-1, d), lse_block[0].t().reshape(-1)
+            if start < plan.per_round:  # the first round: nothing to merge with yet
+                out.index_copy_(0, rows, out_rows)
+                lse.index_copy_(0, rows, lse_rows.double())
+            else:
+                _merge(out, lse, rows, out_rows, lse_rows)
         ctx.save_for_backward(q_rows, k_rows, v_rows, lse_sorted, out, lse)
         ctx.plan = plan
         return out
@@ -128,23 +137,35 @@ class ChunkedAttention(torch.autograd.Function):
         plan = ctx.plan
         bh, c, g = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
-        dq_rows, dk_rows, dv_rows = torch.zeros_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+        one_round = g == plan.per_round  # then each round's share of the softmax is 1
+        dq_rows = torch.empty_like(q_rows) if one_round else torch.zeros_like(q_rows)
+        dk_rows = torch.zeros_like(q_rows if k_rows is None else k_rows)  # of the (unit-length) keys
+        dv_rows = torch.zeros_like(v_rows)
         grad_out = grad_out.contiguous()
         for row, start, end in blocks(bh, g, plan.per_round, c, w):
             rows = plan.rows[row, :, start:end].reshape(-1)  # (c * G,) in (c, G) order
             q, k, v = _block_inputs(plan, rows, row, start, end, q_rows, k_rows, v_rows)
-            lse_rows = lse_sorted[row, :, start:end].reshape(-1)
-            share = torch.exp(lse_rows.double() - lse.index_select(0, rows)).to(q.dtype)[:, None]  # w_r
             layout = (1, c, end - start, d)
-            grad_block = (grad_out.index_select(0, rows) * share).view(layout).transpose(1, 2)
+            grad_rows = grad_out.index_select(0, rows)
+            if not one_round:
+                lse_rows = lse_sorted[row, :, start:end].reshape(-1)
+                grad_rows *= torch.exp(lse_rows.double() - lse.index_select(0, rows)).to(q.dtype)[:, None]  # w_r
+            grad_block = grad_rows.view(layout).transpose(1, 2)
             out_block = out.index_select(0, rows).view(layout).transpose(1, 2)  # the combined o
             lse_block = lse_sorted[row:row + 1, :, start:end].transpose(1, 2)  # (1, G, c)
             dq, dk, dv = _FLASH_BACKWARD(grad_block, q, k, v, out_block, lse_block, 0.0, False,
                                          attn_mask=plan.recipe.block(row, start, end), scale=plan.scale)
-            dq_rows.index_add_(0, rows, dq[0].transpose(0, 1).reshape(-1, d))
+            dq_block = dq[0].transpose(0, 1).reshape(-1, d)
+            if one_round:
+                dq_rows.index_copy_(0, rows, dq_block)
+            else:
+                dq_rows.index_add_(0, rows, dq_block)
             extended = plan.kv_source[row, start * c:(end - 1) * c + w]
             dk_rows.index_add_(0, extended, _fold_windows(dk[0], c))
             dv_rows.index_add_(0, extended, _fold_windows(dv[0], c))
+        if k_rows is None:
+            add_normalize_keys_backward_(dq_rows, q_rows, dk_rows)
+            return dq_rows, None, dv_rows, None
         return dq_rows, dk_rows, dv_rows, None
 
 
@@ -154,7 +175,10 @@ def _block_inputs(plan: Plan, rows: torch.Tensor, row: int, start: int, end: int
     g = end - start
     q = q_rows.index_select(0, rows).view(1, c, g, d).transpose(1, 2)
     extended = plan.kv_source[row, start * c:(end - 1) * c + w]
-    k = windows(k_rows.index_select(0, extended)[None], g, c, w)
+    k_extended = (q_rows if k_rows is None else k_rows).index_select(0, extended)
+    if k_rows is None:
+        normalize_keys_(k_extended)
+    k = windows(k_extended[None], g, c, w)
     v = windows(v_rows.index_select(0, extended)[None], g, c, w)
     return q, k, v
 

@@ -38,6 +38,7 @@ from ._chunking import (
     look_adjacent,
     mask_values,
     neighbour_mask,
+    normalize_keys,
     pad_length,
     padded_length,
     padded_mask,
@@ -134,12 +135,6 @@ def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) ->
         offset += factor // 2
         stride *= factor
     return buckets
-
-
-def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
-    """Unit-length keys from the shared query-keys: x / rms(x) / sqrt(d) (Trax `length_normalized`)."""
-    d = qk.shape[-1]
-    return qk * torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6) / math.sqrt(d)
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +297,7 @@ def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window):
         self_value, _ = mask_values(qk.dtype)
         plan = chunk_plan(flat_order, mask, n, c, causal, wrap, window, qk.dtype, scale=1.0, self_value=self_value,
                           self_on_diagonal=not wrap)
-    out = ChunkedAttention.apply(projection_rows(qk), projection_rows(normalize_keys(qk)), projection_rows(v), plan)
+    out = ChunkedAttention.apply(projection_rows(qk), None, projection_rows(v), plan)  # keys: normalize_keys(qk)
     return out.view(b, n, h, d).permute(0, 2, 1, 3)  # (b, h, n, d) view
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..attention import full_attention, local_attention, lsh_attention
 from ..attention.full import shared_qk_attention
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
+from .feed_forward import chunk_bounds
 from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, derive_seed, dropout, generator_for
 
 
@@ -97,15 +98,23 @@ class LSHSelfAttention(nn.Module):
             self._eval_rotations[key] = random_rotations(self.n_heads, self.d_head, self.n_hashes, n_buckets, gen)
         return self._eval_rotations[key]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        qk = split_heads(self.qk(x), self.n_heads)  # (b, h, n, d)
-        v = split_heads(self.v(x), self.n_heads)  # (b, h, n, d)
+    def projection_layers(self) -> tuple[nn.Linear, ...]:
+        return self.qk, self.v  # shared query-keys and values
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The position-wise part: x (b, m, d_model) -> (b, m, h*d) per projection."""
+        return tuple(layer(x) for layer in self.projection_layers())
+
+    def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
+               call: LayerCall) -> torch.Tensor:
+        """The attention over all positions: projections (b, n, h*d) each -> (b, n, h*d)."""
+        qk, v = (split_heads(p, self.n_heads) for p in projections)  # (b, h, n, d)
         dropout_seed = None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS)
-        if self.use_full_attention or x.shape[1] <= self.chunk_size:
+        if self.use_full_attention or qk.shape[2] <= self.chunk_size:
             return merge_heads(shared_qk_attention(qk, v, causal=self.causal, attention_mask=mask,
                                                    dropout=self.attn_dropout, dropout_seed=dropout_seed))
-        n_buckets = self.resolve_n_buckets(x.shape[1], mask)
-        rotations = None if call.buckets is not None else self.rotations(n_buckets, call.seed, qk.dtype).to(x.device)
+        n_buckets = self.resolve_n_buckets(qk.shape[2], mask)
+        rotations = None if call.buckets is not None else self.rotations(n_buckets, call.seed, qk.dtype).to(qk.device)
         out, buckets = lsh_attention(
             qk, v, rotations, n_buckets=n_buckets, chunk_size=self.chunk_size, causal=self.causal,
             attention_mask=mask, dedup=self.dedup, same_bucket_only=self.same_bucket_only, wrap=self.wrap,
@@ -114,6 +123,9 @@ class LSHSelfAttention(nn.Module):
         )
         call.buckets = buckets
         return merge_heads(out)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        return self.attend(self.project(x), mask, call)
 
 
 class LocalSelfAttention(nn.Module):
@@ -128,14 +140,24 @@ class LocalSelfAttention(nn.Module):
         self.n_heads, self.chunk_size, self.causal, self.attn_dropout = n_heads, chunk_size, causal, attn_dropout
         self.wrap, self.window = wrap, window
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.q, self.k, self.v))  # (b, h, n, d)
+    def projection_layers(self) -> tuple[nn.Linear, ...]:
+        return self.q, self.k, self.v
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer(x) for layer in self.projection_layers())  # (b, m, h*d) each
+
+    def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
+               call: LayerCall) -> torch.Tensor:
+        q, k, v = (split_heads(p, self.n_heads) for p in projections)  # (b, h, n, d)
         out = local_attention(
             q, k, v, chunk_size=self.chunk_size, causal=self.causal, attention_mask=mask, wrap=self.wrap,
             chunks_before=self.window[0], chunks_after=self.window[1], dropout=self.attn_dropout,
             dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
         )
         return merge_heads(out)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        return self.attend(self.project(x), mask, call)
 
 
 class FullSelfAttention(nn.Module):
@@ -148,26 +170,57 @@ class FullSelfAttention(nn.Module):
         self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.n_heads, self.causal, self.attn_dropout = n_heads, causal, attn_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.q, self.k, self.v))  # (b, h, n, d)
+    def projection_layers(self) -> tuple[nn.Linear, ...]:
+        return self.q, self.k, self.v
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer(x) for layer in self.projection_layers())  # (b, m, h*d) each
+
+    def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
+               call: LayerCall) -> torch.Tensor:
+        q, k, v = (split_heads(p, self.n_heads) for p in projections)  # (b, h, n, d)
         out = full_attention(
             q, k, v, causal=self.causal, attention_mask=mask, dropout=self.attn_dropout,
             dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
         )
         return merge_heads(out)
 
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        return self.attend(self.project(x), mask, call)
+
 
 class AttentionBranch(nn.Module):
-    """F of the reversible block: LayerNorm -> self-attention -> output projection -> dropout."""
+    """F of the reversible block: LayerNorm -> projections -> attention -> output projection -> dropout.
+
+    Everything but the attention acts position by position: the reversible
+    stack runs it in chunks of `chunk_size` positions (`project_chunk`,
+    `output_chunk`; 0 = one chunk), and only `attention.attend` sees the whole
+    sequence. The output dropout is drawn per chunk, so the plain execution
+    (`forward`) draws the same masks.
+    """
 
     def __init__(self, attention: nn.Module, d_model: int, inner: int, *, dropout: float,
-                 layer_norm_eps: float = 1e-12):
+                 layer_norm_eps: float = 1e-12, chunk_size: int = 0):
         super().__init__()
+        projected = {p for layer in attention.projection_layers() for p in layer.parameters()}
+        if projected != set(attention.parameters()):
+            raise ValueError(f"{type(attention).__name__}: every parameter must belong to one of its "
+                             "projection_layers(); the reversible backward differentiates only those")
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.attention = attention
         self.out = nn.Linear(inner, d_model, bias=False)
         self.dropout = dropout
+        self.chunk_size = chunk_size
+
+    def project_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (b, m, d_model) -> the attention's projections, (b, m, h*d) each."""
+        return self.attention.project(self.norm(x))
+
+    def output_chunk(self, attended: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
+        """Attention output (b, m, h*d) of chunk `index` -> (b, m, d_model)."""
+        return dropout(self.out(attended), self.dropout, seed, STREAM_ATTN_OUT, index)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        y = self.out(self.attention(self.norm(x), mask, call))  # (b, n, d_model)
-        return dropout(y, self.dropout, call.seed, STREAM_ATTN_OUT)
+        attended = self.attention.attend(self.project_chunk(x), mask, call)  # (b, n, h*d)
+        return torch.cat([self.output_chunk(attended[:, start:end], call.seed, index)
+                          for index, (start, end) in enumerate(chunk_bounds(x.shape[1], self.chunk_size))], dim=1)

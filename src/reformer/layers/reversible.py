@@ -5,11 +5,23 @@ A block maps (X1, X2) to
     Y2 = X2 + G(Y1)      G = feed-forward
 and is inverted by X2 = Y2 - G(Y1), X1 = Y1 - F(X2).
 
-`run_reversible` keeps only the final (Y1, Y2): the backward walks the blocks in
-reverse, reconstructs each block's inputs and recomputes F and G with the same
-`LayerCall` (same seed, hence the same dropout masks; same LSH buckets), then
-backpropagates through the recompute. The feed-forward recompute and its
-backward run one position chunk at a time.
+`run_reversible` keeps one state [X1 ; X2] (b, n, 2d) and updates it in place:
+the forward adds F and G into it layer by layer; the backward walks the blocks
+in reverse, subtracts them again to rebuild each block's inputs, and turns a
+gradient state [dY1 ; dY2] of the same size into [dX1 ; dX2], in place too. A
+step holds these two tensors whatever the depth, plus one layer's work:
+- the feed-forward is recomputed and differentiated one chunk of positions at
+  a time;
+- the attention branch keeps its projections and the attention output for the
+  whole sequence; its LayerNorm, projections and output projection are
+  recomputed and differentiated chunk by chunk (`AttentionBranch.chunk_size`).
+The recompute uses the same `LayerCall` (same seed, hence the same dropout
+masks; same LSH buckets).
+
+A `tail` (the model's final norm, head and loss, chunk by chunk) may close the
+stack. The stack then returns the tail's sum and never hands out its state, so
+the backward rebuilds the inputs in it without a copy, and the gradient state
+starts from the tail's chunked gradients.
 
 The parameters enter the autograd Function as inputs and their gradients leave
 it as outputs, so autograd (and DDP's hooks) see each gradient exactly once; no
@@ -21,11 +33,23 @@ it as outputs, so autograd (and DDP's hooks) see each gradient exactly once; no
 
 from __future__ import annotations
 
+from typing import Iterable, Protocol
+
 import torch
 from torch import nn
 
 from .attention import AttentionBranch, LayerCall
 from .feed_forward import FeedForward, chunk_bounds
+
+
+class Tail(Protocol):
+    """What closes a reversible stack: a scalar sum over chunks of positions of its state."""
+
+    def parameters(self) -> Iterable[nn.Parameter]: ...
+
+    def bounds(self) -> list[tuple[int, int]]: ...  # the (start, end) position chunks it reads
+
+    def chunk(self, state: torch.Tensor, index: int) -> torch.Tensor: ...  # (b, m, 2d) -> scalar
 
 
 class ReformerBlock(nn.Module):
@@ -48,64 +72,194 @@ def run_plain(blocks, x: torch.Tensor, mask, calls: list[LayerCall]) -> torch.Te
     return torch.cat([x1, x2], dim=-1)
 
 
-def run_reversible(blocks, x: torch.Tensor, mask, calls: list[LayerCall]) -> torch.Tensor:
-    """Same result as `run_plain`, storing no per-layer activations."""
+def run_reversible(blocks, x: torch.Tensor, mask, calls: list[LayerCall], tail: Tail | None = None) -> torch.Tensor:
+    """Same result as `run_plain` (or, with a tail, the tail's sum over it), storing no per-layer activations."""
+    blocks = list(blocks)
     params = [p for block in blocks for p in block.parameters()]
-    return _ReversibleStack.apply(x, (list(blocks), mask, calls), *params)
+    tail_params = [] if tail is None else list(tail.parameters())
+    return _ReversibleStack.apply(x, (blocks, mask, calls, tail), *params, *tail_params)
+
+
+def halves(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[X1 ; X2] (b, n, 2d) -> X1, X2 (b, n, d), views."""
+    d = state.shape[-1] // 2
+    return state[..., :d], state[..., d:]
 
 
 class _ReversibleStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stack, *params):
-        blocks, mask, calls = stack
+        blocks, mask, calls, tail = stack
         with torch.no_grad():
-            x1 = x2 = x
+            state = torch.cat([x, x], dim=-1)  # (b, n, 2d): [X1 ; X2], updated in place from here on
             for block, call in zip(blocks, calls):
-                x1, x2 = block(x1, x2, mask, call)
+                _block_forward(block, call, mask, state)
+            result = state if tail is None else _tail_forward(tail, state)
         ctx.stack = stack
-        out = torch.cat([x1, x2], dim=-1)
-        del x1, x2
-        ctx.save_for_backward(out)  # the output itself: no second copy of the last activations
-        return out
+        if tail is None:
+            ctx.save_for_backward(state)  # the output itself
+        else:
+            ctx.state = state  # ours alone
+        return result
 
     @staticmethod
-    def backward(ctx, grad_out):
-        blocks, mask, calls = ctx.stack
-        (out,) = ctx.saved_tensors
-        y1, y2 = out.chunk(2, dim=-1)
-        dy1, dy2 = grad_out.chunk(2, dim=-1)
+    def backward(ctx, grad):
+        blocks, mask, calls, tail = ctx.stack
+        if tail is None:
+            (out,) = ctx.saved_tensors
+            state, grad_state = out.clone(), grad.clone()  # the caller may still hold the output
+            tail_grads = []
+        else:
+            state, ctx.state = ctx.state, None
+            grad_state = torch.zeros_like(state)
+            tail_grads = _tail_backward(tail, state, grad_state, grad)
         param_grads: list[torch.Tensor | None] = []
         for block, call in zip(reversed(blocks), reversed(calls)):
-            y1, y2, dy1, dy2, grads = _block_backward(block, call, mask, y1, y2, dy1, dy2)
-            param_grads = grads + param_grads
-        return (dy1 + dy2, None, *param_grads)
+            param_grads = _block_backward(block, call, mask, state, grad_state) + param_grads
+        del state
+        d_x1, d_x2 = halves(grad_state)
+        return (d_x1 + d_x2, None, *param_grads, *tail_grads)
 
 
-def _block_backward(block: ReformerBlock, call: LayerCall, mask, y1, y2, dy1, dy2):
-    """Invert one block and backpropagate through it. Returns x1, x2, dx1, dx2 and its parameter grads."""
-    ff = block.feed_forward
-    ff_params = list(ff.parameters())
-    ff_grads = [torch.zeros_like(p) for p in ff_params]
-    x2 = y2.clone()  # becomes y2 - G(y1), chunk by chunk
-    dy1 = dy1.clone()  # accumulates the feed-forward's gradient in place
+# --- one block, in place ----------------------------------------------------------------------------
+
+def _block_forward(block: ReformerBlock, call: LayerCall, mask, state: torch.Tensor) -> None:
+    """[X1 ; X2] -> [Y1 ; Y2] in place (no autograd)."""
+    x1, x2 = halves(state)
+    branch, ff = block.attention, block.feed_forward
+    attended = branch.attention.attend(_project(branch, x2), mask, call)  # (b, n, h*d)
+    for index, (start, end) in enumerate(chunk_bounds(state.shape[1], branch.chunk_size)):
+        x1[:, start:end] += branch.output_chunk(attended[:, start:end], call.seed, index)
+    del attended
+    for index, (start, end) in enumerate(chunk_bounds(state.shape[1], ff.chunk_size)):
+        x2[:, start:end] += ff.chunk(x1[:, start:end], call.seed, index)
+
+
+def _block_backward(block: ReformerBlock, call: LayerCall, mask, state: torch.Tensor,
+                    grad_state: torch.Tensor) -> list[torch.Tensor | None]:
+    """[Y1 ; Y2] -> [X1 ; X2] and [dY1 ; dY2] -> [dX1 ; dX2], both in place; the block's parameter grads."""
+    y1, y2 = halves(state)
+    dy1, dy2 = halves(grad_state)
+    grads = _feed_forward_backward(block.feed_forward, call.seed, y1, y2, dy1, dy2)  # y2 -> X2; dy1 -> dY1 total
+    grads.update(_attention_backward(block.attention, call, mask, y1, y2, dy1, dy2))  # y1 -> X1; dy2 -> dX2
+    return [grads.get(p) for p in block.parameters()]
+
+
+def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2) -> dict:
+    """X2 = Y2 - G(Y1) into y2 and dY1 += G'(Y1)^T dY2 into dy1, one chunk of positions at a time."""
+    params = list(ff.parameters())
+    totals = [torch.zeros_like(p) for p in params]
     for index, (start, end) in enumerate(chunk_bounds(y1.shape[1], ff.chunk_size)):
         with torch.enable_grad():
-            y1_part = y1[:, start:end].detach().requires_grad_()
-            g_part = ff.chunk(y1_part, call.seed, index)
-            grads = torch.autograd.grad(g_part, [y1_part, *ff_params], dy2[:, start:end], allow_unused=True)
+            part = y1[:, start:end].detach().requires_grad_()
+            g = ff.chunk(part, seed, index)
+            grads = torch.autograd.grad(g, [part, *params], dy2[:, start:end], allow_unused=True)
         dy1[:, start:end] += grads[0]
-        x2[:, start:end] -= g_part.detach()
-        for total, grad in zip(ff_grads, grads[1:]):
-            if grad is not None:
-                total += grad
-        del g_part, grads
+        y2[:, start:end] -= g.detach()
+        _accumulate(totals, grads[1:])
+        del g, grads
+    return dict(zip(params, totals))
 
-    attn_params = list(block.attention.parameters())
+
+def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, dy1, dx2) -> dict:
+    """X1 = Y1 - F(X2) into y1 and dX2 += F'(X2)^T dY1 into dx2 (dx2 holds dY2 on entry).
+
+    Only the projections, the attention output and their gradients exist for
+    the whole sequence; the position-wise parts run chunk by chunk.
+    """
+    bounds = chunk_bounds(x2.shape[1], branch.chunk_size)
+    with torch.no_grad():
+        leaves = [p.requires_grad_() for p in _project(branch, x2)]  # (b, n, h*d) each
     with torch.enable_grad():
-        x2_leaf = x2.detach().requires_grad_()
-        f = block.attention(x2_leaf, mask, call)
-        grads = torch.autograd.grad(f, [x2_leaf, *attn_params], dy1, allow_unused=True)
-    x1 = y1 - f.detach()
-    del f
-    dx2 = dy2 + grads[0]
-    return x1, x2, dy1, dx2, list(grads[1:]) + ff_grads
+        attended = branch.attention.attend(tuple(leaves), mask, call)  # (b, n, h*d)
+
+    out_params = list(branch.out.parameters())
+    out_totals = [torch.zeros_like(p) for p in out_params]
+    d_attended = torch.empty_like(attended)
+    for index, (start, end) in enumerate(bounds):
+        with torch.enable_grad():
+            part = attended[:, start:end].detach().requires_grad_()
+            f = branch.output_chunk(part, call.seed, index)
+            grads = torch.autograd.grad(f, [part, *out_params], dy1[:, start:end], allow_unused=True)
+        y1[:, start:end] -= f.detach()
+        d_attended[:, start:end] = grads[0]
+        _accumulate(out_totals, grads[1:])
+        del f, grads
+    d_projections = torch.autograd.grad(attended, leaves, d_attended, allow_unused=True)
+    d_projections = [torch.zeros_like(p) if d is None else d for p, d in zip(leaves, d_projections)]
+    del attended, d_attended, leaves
+
+    return {**dict(zip(out_params, out_totals)), **_projection_backward(branch, x2, dx2, d_projections, bounds)}
+
+
+def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds) -> dict:
+    """dX2 += the projections' and LayerNorm's gradient, chunk by chunk; their parameter grads.
+
+    The projections are linear: their gradients need the LayerNorm's output
+    (recomputed per chunk), not the projections themselves.
+    """
+    layers = branch.attention.projection_layers()
+    norm_params = list(branch.norm.parameters())
+    totals = {p: torch.zeros_like(p) for p in [*norm_params, *(q for layer in layers for q in layer.parameters())]}
+    for start, end in bounds:
+        with torch.enable_grad():
+            part = x2[:, start:end].detach().requires_grad_()
+            normed = branch.norm(part)  # (b, m, d_model)
+        h = normed.detach().flatten(0, 1)  # (b*m, d_model)
+        d_normed = torch.zeros_like(h)
+        for layer, d in zip(layers, d_projections):
+            d = d[:, start:end].flatten(0, 1)  # (b*m, h*d)
+            totals[layer.weight].addmm_(d.t(), h)
+            if layer.bias is not None:
+                totals[layer.bias] += d.sum(0)
+            d_normed.addmm_(d, layer.weight)
+        grads = torch.autograd.grad(normed, [part, *norm_params], d_normed.view_as(normed), allow_unused=True)
+        dx2[:, start:end] += grads[0]
+        _accumulate([totals[p] for p in norm_params], grads[1:])
+        del normed, grads
+    return totals
+
+
+def _project(branch: AttentionBranch, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The branch's projections of x (b, n, d_model), computed chunk by chunk (no autograd): (b, n, h*d) each."""
+    bounds = chunk_bounds(x.shape[1], branch.chunk_size)
+    if len(bounds) == 1:
+        return tuple(branch.project_chunk(x))
+    outputs: tuple[torch.Tensor, ...] = ()
+    for start, end in bounds:
+        parts = branch.project_chunk(x[:, start:end])
+        if not outputs:
+            outputs = tuple(p.new_empty(x.shape[0], x.shape[1], p.shape[-1]) for p in parts)
+        for out, part in zip(outputs, parts):
+            out[:, start:end] = part
+    return outputs
+
+
+def _accumulate(totals: list[torch.Tensor], grads) -> None:
+    for total, grad in zip(totals, grads):
+        if grad is not None:
+            total += grad
+
+
+# --- the tail ---------------------------------------------------------------------------------------
+
+def _tail_forward(tail: Tail, state: torch.Tensor) -> torch.Tensor:
+    total = state.new_zeros((), dtype=torch.promote_types(state.dtype, torch.float32))
+    for index, (start, end) in enumerate(tail.bounds()):
+        total = total + tail.chunk(state[:, start:end], index)
+    return total
+
+
+def _tail_backward(tail: Tail, state: torch.Tensor, grad_state: torch.Tensor, grad: torch.Tensor) -> list:
+    """Write the tail's gradient with respect to the state into grad_state; return its parameter grads."""
+    params = list(tail.parameters())
+    totals = [torch.zeros_like(p) for p in params]
+    for index, (start, end) in enumerate(tail.bounds()):
+        with torch.enable_grad():
+            part = state[:, start:end].detach().requires_grad_()
+            value = tail.chunk(part, index)
+            grads = torch.autograd.grad(value, [part, *params], grad, allow_unused=True)
+        if grads[0] is not None:
+            grad_state[:, start:end] += grads[0]
+        _accumulate(totals, grads[1:])
+    return totals
