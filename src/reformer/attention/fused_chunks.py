@@ -35,6 +35,8 @@ from ._chunking import add_normalize_keys_backward_, mask_values, neighbour_mask
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 BLOCK_ELEMENTS = 1 << 20  # mask elements per block: 4 MiB in float32, below the 8 MiB mmap threshold (memory.py)
+BLOCKED = float(1 << 30)  # the position of a key no query may see (exact in float32 and float64)
+EXACT_FLOAT32 = 1 << 24  # positions below this are exact integers in float32
 
 
 def fused_kernel_available(device: torch.device) -> bool:
@@ -51,23 +53,33 @@ def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
 
 @dataclass
 class MaskRecipe:
-    """What the additive mask of any block is built from (all small: per chunk, not per query-key pair)."""
+    """What the additive mask of any block is built from (all small: per chunk, not per query-key pair).
 
-    q_pos: torch.Tensor  # (bh, g, c) int32: the position of each query
-    k_pos: torch.Tensor  # (bh, g, w) int32: the position of each window key, -1 where it is not allowed
-    bias: torch.Tensor  # (bh, g, w): 0, or the masked value where the key is not allowed
+    Positions are floats (exact integers), so that a block's causal mask is
+    three vectorised float passes, clamp(k_pos - q_pos, 0, 1) * masked:
+    comparisons that produce bool tensors, and `where` on them, are several
+    times slower on the CPU. A key that is not allowed sits at BLOCKED, after
+    every query.
+    """
+
+    q_pos: torch.Tensor  # (bh, g, c): the position of each query
+    k_pos: torch.Tensor  # (bh, g, w): the position of each window key, BLOCKED where it is not allowed
+    bias: torch.Tensor  # (bh, g, w): 0, or the masked value where the key is not allowed (non-causal masks)
     causal: bool
     self_value: float | None  # the query itself (LSH); None: no self mask (local attention)
     self_on_diagonal: bool  # each position is in a window once: the query itself is its own chunk's diagonal
     diagonal: int  # window offset of the own chunk: before * c
     masked_value: float
+    dtype: torch.dtype  # of the mask: the queries' dtype
 
     def block(self, row: int, start: int, end: int) -> torch.Tensor:
         """(1, end - start, c, w) additive mask of chunks start..end of head row `row`."""
         q_pos = self.q_pos[row:row + 1, start:end, :, None]  # (1, G, c, 1)
-        k_pos, bias = self.k_pos[row:row + 1, start:end, None, :], self.bias[row:row + 1, start:end, None, :]
-        shape = (1, end - start, q_pos.shape[2], k_pos.shape[3])
-        additive = torch.where(k_pos > q_pos, self.masked_value, bias) if self.causal else bias.expand(shape).clone()
+        k_pos = self.k_pos[row:row + 1, start:end, None, :]  # (1, G, 1, w)
+        if self.causal:
+            additive = torch.sub(k_pos, q_pos).clamp_(0, 1).mul_(self.masked_value).to(self.dtype)  # (1, G, c, w)
+        else:
+            additive = self.bias[row:row + 1, start:end, None, :].expand(-1, -1, q_pos.shape[2], -1).clone()
         if self.self_value is not None:
             if self.self_on_diagonal:
                 additive.diagonal(offset=self.diagonal, dim1=2, dim2=3).fill_(self.self_value)
@@ -245,8 +257,10 @@ def window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, 
     key_real = mask[:, None, :].expand(b, h, mask.shape[1]).gather(-1, extended).view(b * h, -1)  # (bh, e)
     in_layout = neighbour_mask(g, per_round, *window, wrap, flat_order.device).repeat_interleave(c, dim=1)  # (g, w)
     key_ok = windows(key_real, g, c, w) & in_layout  # (bh, g, w)
-    k_pos = windows(extended.view(b * h, -1).to(torch.int32), g, c, w).masked_fill(~key_ok, -1)  # -1: never a query
+    exact = dtype == torch.float64 or flat_order.shape[-1] >= EXACT_FLOAT32  # positions < r * n
+    position_dtype = torch.float64 if exact else torch.float32
+    k_pos = windows(extended.view(b * h, -1).to(position_dtype), g, c, w).masked_fill(~key_ok, BLOCKED)
     bias = torch.zeros(key_ok.shape, dtype=dtype, device=key_ok.device).masked_fill_(~key_ok, masked_value)
-    return MaskRecipe(q_pos=flat_order.view(b * h, g, c).to(torch.int32), k_pos=k_pos, bias=bias, causal=causal,
+    return MaskRecipe(q_pos=flat_order.view(b * h, g, c).to(position_dtype), k_pos=k_pos, bias=bias, causal=causal,
                       self_value=self_value, self_on_diagonal=self_on_diagonal, diagonal=window[0] * c,
-                      masked_value=masked_value)
+                      masked_value=masked_value, dtype=dtype)

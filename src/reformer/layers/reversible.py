@@ -5,11 +5,13 @@ A block maps (X1, X2) to
     Y2 = X2 + G(Y1)      G = feed-forward
 and is inverted by X2 = Y2 - G(Y1), X1 = Y1 - F(X2).
 
-`run_reversible` keeps one state [X1 ; X2] (b, n, 2d) and updates it in place:
-the forward adds F and G into it layer by layer; the backward walks the blocks
-in reverse, subtracts them again to rebuild each block's inputs, and turns a
-gradient state [dY1 ; dY2] of the same size into [dX1 ; dX2], in place too. A
-step holds these two tensors whatever the depth, plus one layer's work:
+`run_reversible` keeps one state (X1, X2), a (2, b, n, d) tensor (contiguous
+halves run the position-wise layers faster than the halves of a (b, n, 2d)
+one), and updates it in place: the forward adds F and G into it layer by
+layer; the backward walks the blocks in reverse, subtracts them again to
+rebuild each block's inputs, and turns a gradient state (dY1, dY2) of the same
+size into (dX1, dX2), in place too. A step holds these two tensors whatever
+the depth, plus one layer's work:
 - the feed-forward is recomputed and differentiated one chunk of positions at
   a time;
 - the attention branch keeps its projections and the attention output for the
@@ -21,7 +23,9 @@ masks; same LSH buckets).
 A `tail` (the model's final norm, head and loss, chunk by chunk) may close the
 stack. The stack then returns the tail's sum and never hands out its state, so
 the backward rebuilds the inputs in it without a copy, and the gradient state
-starts from the tail's chunked gradients.
+starts from the tail's chunked gradients. Without a tail the stack returns
+[Y1 ; Y2] (b, n, 2d), a copy, and its backward starts from copies of that and
+of the incoming gradient.
 
 The parameters enter the autograd Function as inputs and their gradients leave
 it as outputs, so autograd (and DDP's hooks) see each gradient exactly once; no
@@ -81,9 +85,21 @@ def run_reversible(blocks, x: torch.Tensor, mask, calls: list[LayerCall], tail: 
 
 
 def halves(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[X1 ; X2] (b, n, 2d) -> X1, X2 (b, n, d), views."""
-    d = state.shape[-1] // 2
-    return state[..., :d], state[..., d:]
+    """(X1, X2) (2, b, n, d) -> X1, X2 (b, n, d), contiguous views."""
+    return state[0], state[1]
+
+
+def joined(state: torch.Tensor) -> torch.Tensor:
+    """(X1, X2) (2, b, m, d) -> [X1 ; X2] (b, m, 2d), a copy."""
+    return torch.cat([state[0], state[1]], dim=-1)
+
+
+def split_(state: torch.Tensor, joined_value: torch.Tensor) -> torch.Tensor:
+    """Write [X1 ; X2] (b, m, 2d) into state (2, b, m, d); returns state."""
+    d = state.shape[-1]
+    state[0].copy_(joined_value[..., :d])
+    state[1].copy_(joined_value[..., d:])
+    return state
 
 
 class _ReversibleStack(torch.autograd.Function):
@@ -91,23 +107,24 @@ class _ReversibleStack(torch.autograd.Function):
     def forward(ctx, x, stack, *params):
         blocks, mask, calls, tail = stack
         with torch.no_grad():
-            state = torch.cat([x, x], dim=-1)  # (b, n, 2d): [X1 ; X2], updated in place from here on
+            state = torch.stack([x, x])  # (2, b, n, d): (X1, X2), updated in place from here on
             for block, call in zip(blocks, calls):
                 _block_forward(block, call, mask, state)
-            result = state if tail is None else _tail_forward(tail, state)
-        ctx.stack = stack
-        if tail is None:
-            ctx.save_for_backward(state)  # the output itself
-        else:
+            ctx.stack = stack
+            if tail is None:
+                out = joined(state)  # (b, n, 2d)
+                ctx.save_for_backward(out)  # the output itself
+                return out
             ctx.state = state  # ours alone
-        return result
+            return _tail_forward(tail, state)
 
     @staticmethod
     def backward(ctx, grad):
         blocks, mask, calls, tail = ctx.stack
         if tail is None:
             (out,) = ctx.saved_tensors
-            state, grad_state = out.clone(), grad.clone()  # the caller may still hold the output
+            state = split_(out.new_empty(2, *out.shape[:-1], out.shape[-1] // 2), out)
+            grad_state = split_(torch.empty_like(state), grad)
             tail_grads = []
         else:
             state, ctx.state = ctx.state, None
@@ -124,20 +141,20 @@ class _ReversibleStack(torch.autograd.Function):
 # --- one block, in place ----------------------------------------------------------------------------
 
 def _block_forward(block: ReformerBlock, call: LayerCall, mask, state: torch.Tensor) -> None:
-    """[X1 ; X2] -> [Y1 ; Y2] in place (no autograd)."""
+    """(X1, X2) -> (Y1, Y2) in place (no autograd)."""
     x1, x2 = halves(state)
     branch, ff = block.attention, block.feed_forward
     attended = branch.attention.attend(_project(branch, x2), mask, call)  # (b, n, h*d)
-    for index, (start, end) in enumerate(chunk_bounds(state.shape[1], branch.chunk_size)):
+    for index, (start, end) in enumerate(chunk_bounds(x1.shape[1], branch.chunk_size)):
         x1[:, start:end] += branch.output_chunk(attended[:, start:end], call.seed, index)
     del attended
-    for index, (start, end) in enumerate(chunk_bounds(state.shape[1], ff.chunk_size)):
+    for index, (start, end) in enumerate(chunk_bounds(x1.shape[1], ff.chunk_size)):
         x2[:, start:end] += ff.chunk(x1[:, start:end], call.seed, index)
 
 
 def _block_backward(block: ReformerBlock, call: LayerCall, mask, state: torch.Tensor,
                     grad_state: torch.Tensor) -> list[torch.Tensor | None]:
-    """[Y1 ; Y2] -> [X1 ; X2] and [dY1 ; dY2] -> [dX1 ; dX2], both in place; the block's parameter grads."""
+    """(Y1, Y2) -> (X1, X2) and (dY1, dY2) -> (dX1, dX2), both in place; the block's parameter grads."""
     y1, y2 = halves(state)
     dy1, dy2 = halves(grad_state)
     grads = _feed_forward_backward(block.feed_forward, call.seed, y1, y2, dy1, dy2)  # y2 -> X2; dy1 -> dY1 total
@@ -246,20 +263,22 @@ def _accumulate(totals: list[torch.Tensor], grads) -> None:
 def _tail_forward(tail: Tail, state: torch.Tensor) -> torch.Tensor:
     total = state.new_zeros((), dtype=torch.promote_types(state.dtype, torch.float32))
     for index, (start, end) in enumerate(tail.bounds()):
-        total = total + tail.chunk(state[:, start:end], index)
+        total = total + tail.chunk(joined(state[:, :, start:end]), index)
     return total
 
 
 def _tail_backward(tail: Tail, state: torch.Tensor, grad_state: torch.Tensor, grad: torch.Tensor) -> list:
-    """Write the tail's gradient with respect to the state into grad_state; return its parameter grads."""
+    """Add the tail's gradient with respect to the state into grad_state; return its parameter grads."""
     params = list(tail.parameters())
     totals = [torch.zeros_like(p) for p in params]
+    d = state.shape[-1]
     for index, (start, end) in enumerate(tail.bounds()):
         with torch.enable_grad():
-            part = state[:, start:end].detach().requires_grad_()
+            part = joined(state[:, :, start:end]).requires_grad_()  # (b, m, 2d)
             value = tail.chunk(part, index)
             grads = torch.autograd.grad(value, [part, *params], grad, allow_unused=True)
         if grads[0] is not None:
-            grad_state[:, start:end] += grads[0]
+            grad_state[0, :, start:end] += grads[0][..., :d]
+            grad_state[1, :, start:end] += grads[0][..., d:]
         _accumulate(totals, grads[1:])
     return totals
