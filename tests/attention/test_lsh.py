@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reformer.attention import hash_vectors, lsh_attention, n_buckets_for_length, rotation_size, total_buckets
+from reformer.attention.lsh import first_signed_argmax
 from reformer.attention.reference import lsh_attention_reference
 from tests.conftest import assert_close, seeded
 
@@ -132,6 +133,18 @@ def test_bucket_is_argmax_of_rotated_and_negated():
     for r in range(2):
         rotated = x[0, 0] @ rotations[0, :, r]
         assert torch.equal(buckets[0, 0, r], torch.cat([rotated, -rotated], -1).argmax(-1))
+
+
+def test_signed_argmax_is_argmax_of_both_signs_first_on_ties():
+    gen = seeded(5)
+    y = torch.randn(3, 7, 40, generator=gen).round()  # many exact ties, also between y and -y
+    y[0, :, :5] = 0.0  # all equal: index 0
+    y[1, 2, 5] = y[1, 4, 5] = 10.0  # the first positive maximum
+    y[1, :, 6] = 1.0
+    y[1, 3, 6] = -2.0  # only a negated maximum: 7 + 3
+    expected = torch.cat([y, -y], dim=1).argmax(dim=1)
+    assert torch.equal(first_signed_argmax(y), expected)
+    assert torch.equal(first_signed_argmax(y.double()), expected)
 
 
 def test_factorised_buckets_first_factor_least_significant():

@@ -137,21 +137,27 @@ def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
     return qk * torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + KEY_EPS) / math.sqrt(d)
 
 
-def normalize_keys_(rows: torch.Tensor) -> torch.Tensor:
-    """`normalize_keys` of rows (m, d) in place, with the same operations in the same order."""
-    return rows.mul_(torch.rsqrt(rows.pow(2).mean(dim=-1, keepdim=True) + KEY_EPS)).div_(math.sqrt(rows.shape[-1]))
+def unit_length_keys(rows: torch.Tensor) -> torch.Tensor:
+    """`normalize_keys` of rows (m, d) in one pass over them (and one for the norms); equal up to rounding."""
+    return rows * _key_scale(rows)
+
+
+def _key_scale(rows: torch.Tensor) -> torch.Tensor:
+    """(m, 1): rsqrt(mean(x^2) + eps) / sqrt(d) per row."""
+    d = rows.shape[-1]
+    mean_square = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(d)
+    return mean_square.add_(KEY_EPS).rsqrt_().div_(math.sqrt(d))
 
 
 def add_normalize_keys_backward_(into: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
                                  piece: int = 1 << 15) -> None:
     """into += the gradient through `normalize_keys` at rows (m, d), given grad (m, d) of the keys.
 
-    With r = (mean(x^2) + eps)^-1/2, k = x r / sqrt(d):
-    dx = (g r - x r^3 (g . x) / d) / sqrt(d). Runs `piece` rows at a time.
+    With r = (mean(x^2) + eps)^-1/2, k = x r / sqrt(d) = x s:
+    dx = (g r - x r^3 (g . x) / d) / sqrt(d) = g s - x s^3 (g . x). Runs `piece` rows at a time.
     """
-    d = rows.shape[-1]
     for start in range(0, rows.shape[0], piece):
         x, g = rows[start:start + piece], grad[start:start + piece]
-        r = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + KEY_EPS)  # (p, 1)
-        along = (g * x).sum(dim=-1, keepdim=True) * r.pow(3) / d  # (p, 1)
-        into[start:start + piece] += (g * r - x * along) / math.sqrt(d)
+        scale = _key_scale(x)  # s, (p, 1)
+        along = torch.linalg.vecdot(g, x, dim=-1)[:, None].mul_(scale.pow(3))  # s^3 (g . x), (p, 1)
+        into[start:start + piece].addcmul_(g, scale).addcmul_(x, along, value=-1.0)

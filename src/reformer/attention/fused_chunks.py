@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._chunking import add_normalize_keys_backward_, mask_values, neighbour_mask, normalize_keys_
+from ._chunking import add_normalize_keys_backward_, mask_values, neighbour_mask, unit_length_keys
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -100,7 +100,7 @@ def blocks(bh: int, g: int, per_round: int, c: int, w: int) -> list[tuple[int, i
 class Plan:
     """Where every row of the work comes from and goes to (index tensors; small next to the activations)."""
 
-    rows: torch.Tensor  # (bh, c, g), in the kernel's (c, g) order: each query's row in q and in the output
+    rows: torch.Tensor  # (bh, g, c): each query's row in q and in the output
     kv_source: torch.Tensor  # (bh, e): source row of each extended key / value
     recipe: MaskRecipe
     per_round: int  # chunks per round
@@ -122,18 +122,18 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_rows, k_rows, v_rows, plan: Plan):
-        bh, c, g = plan.rows.shape
+        bh, g, c = plan.rows.shape
         d = q_rows.shape[1]
         out = q_rows.new_empty(plan.n_rows, d)  # every row is written by the first round
         lse = q_rows.new_empty((plan.n_rows,), dtype=torch.float64)  # float64: exact near -1e5
-        lse_sorted = q_rows.new_empty(bh, c, g)  # per query row
+        lse_sorted = q_rows.new_empty(bh, g, c)  # per query row
         for row, start, end in blocks(bh, g, plan.per_round, c, plan.recipe.k_pos.shape[-1]):
-            rows = plan.rows[row, :, start:end].reshape(-1)  # unique: a block lies inside one round
+            rows = plan.rows[row, start:end].reshape(-1)  # (G * c,), unique: a block lies inside one round
             q, k, v = _block_inputs(plan, rows, row, start, end, q_rows, k_rows, v_rows)
             out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
-                                          scale=plan.scale)  # (1, G, c, d) in (c, G) memory, (1, G, c)
-            lse_sorted[row, :, start:end] = lse_block[0].t()
-            out_rows, lse_rows = out_block[0].transpose(0, 1).reshape(-1, d), lse_block[0].t().reshape(-1)
+                                          scale=plan.scale)  # (1, G, c, d) in q's (contiguous) layout, (1, G, c)
+            lse_sorted[row, start:end] = lse_block[0]
+            out_rows, lse_rows = out_block[0].reshape(-1, d), lse_block[0].reshape(-1)
             if start < plan.per_round:  # the first round: nothing to merge with yet
                 out.index_copy_(0, rows, out_rows)
                 lse.index_copy_(0, rows, lse_rows.double())
@@ -147,7 +147,7 @@ class ChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):  # (n_rows, d)
         q_rows, k_rows, v_rows, lse_sorted, out, lse = ctx.saved_tensors
         plan = ctx.plan
-        bh, c, g = plan.rows.shape
+        bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
         one_round = g == plan.per_round  # then each round's share of the softmax is 1
         dq_rows = torch.empty_like(q_rows) if one_round else torch.zeros_like(q_rows)
@@ -155,23 +155,22 @@ class ChunkedAttention(torch.autograd.Function):
         dv_rows = torch.zeros_like(v_rows)
         grad_out = grad_out.contiguous()
         for row, start, end in blocks(bh, g, plan.per_round, c, w):
-            rows = plan.rows[row, :, start:end].reshape(-1)  # (c * G,) in (c, G) order
+            rows = plan.rows[row, start:end].reshape(-1)  # (G * c,)
             q, k, v = _block_inputs(plan, rows, row, start, end, q_rows, k_rows, v_rows)
-            layout = (1, c, end - start, d)
+            lse_block = lse_sorted[row:row + 1, start:end]  # (1, G, c)
             grad_rows = grad_out.index_select(0, rows)
             if not one_round:
-                lse_rows = lse_sorted[row, :, start:end].reshape(-1)
-                grad_rows *= torch.exp(lse_rows.double() - lse.index_select(0, rows)).to(q.dtype)[:, None]  # w_r
-            grad_block = grad_rows.view(layout).transpose(1, 2)
-            out_block = out.index_select(0, rows).view(layout).transpose(1, 2)  # the combined o
-            lse_block = lse_sorted[row:row + 1, :, start:end].transpose(1, 2)  # (1, G, c)
+                grad_rows *= torch.exp(lse_block.reshape(-1).double() - lse.index_select(0, rows)).to(q.dtype)[:, None]
+            grad_block = grad_rows.view(1, end - start, c, d)  # w_r * dO
+            out_block = out.index_select(0, rows).view(1, end - start, c, d)  # the combined o
             dq, dk, dv = _FLASH_BACKWARD(grad_block, q, k, v, out_block, lse_block, 0.0, False,
                                          attn_mask=plan.recipe.block(row, start, end), scale=plan.scale)
+            dq_rows_order = plan.rows[row, start:end].t().reshape(-1)  # dq comes in (c, G) memory
             dq_block = dq[0].transpose(0, 1).reshape(-1, d)
             if one_round:
-                dq_rows.index_copy_(0, rows, dq_block)
+                dq_rows.index_copy_(0, dq_rows_order, dq_block)
             else:
-                dq_rows.index_add_(0, rows, dq_block)
+                dq_rows.index_add_(0, dq_rows_order, dq_block)
             extended = plan.kv_source[row, start * c:(end - 1) * c + w]
             dk_rows.index_add_(0, extended, _fold_windows(dk[0], c))
             dv_rows.index_add_(0, extended, _fold_windows(dv[0], c))
@@ -182,14 +181,22 @@ class ChunkedAttention(torch.autograd.Function):
 
 
 def _block_inputs(plan: Plan, rows: torch.Tensor, row: int, start: int, end: int, q_rows, k_rows, v_rows):
-    """Queries (1, G, c, d) in the kernel's layout and window views (1, G, w, d) of chunks start..end."""
-    c, d, w = plan.rows.shape[1], q_rows.shape[1], plan.recipe.k_pos.shape[-1]
+    """Queries (1, G, c, d) and window views (1, G, w, d) of chunks start..end.
+
+    Shared query-keys (k_rows None): the queries are the middle of the
+    gathered extended rows, and the keys a unit-length copy of them.
+    """
+    c, d, w = plan.rows.shape[2], q_rows.shape[1], plan.recipe.k_pos.shape[-1]
     g = end - start
-    q = q_rows.index_select(0, rows).view(1, c, g, d).transpose(1, 2)
     extended = plan.kv_source[row, start * c:(end - 1) * c + w]
-    k_extended = (q_rows if k_rows is None else k_rows).index_select(0, extended)
     if k_rows is None:
-        normalize_keys_(k_extended)
+        raw = q_rows.index_select(0, extended)  # ((G - 1) * c + w, d)
+        own = plan.recipe.diagonal  # the block's own chunks start after the `before` chunks
+        q = raw[own:own + g * c].view(1, g, c, d)
+        k_extended = unit_length_keys(raw)
+    else:
+        q = q_rows.index_select(0, rows).view(1, g, c, d)
+        k_extended = k_rows.index_select(0, extended)
     k = windows(k_extended[None], g, c, w)
     v = windows(v_rows.index_select(0, extended)[None], g, c, w)
     return q, k, v
@@ -197,12 +204,14 @@ def _block_inputs(plan: Plan, rows: torch.Tensor, row: int, start: int, end: int
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, out_new: torch.Tensor,
            lse_new: torch.Tensor) -> None:
-    """Online softmax merge of one block into the per-position output and log-sum-exp, in place."""
+    """Online softmax merge of one block into the per-position output and log-sum-exp, in place.
+
+    With L = logaddexp(lse_old, lse_new): out = out_old + exp(lse_new - L) * (out_new - out_old).
+    """
     lse_old, lse_new = lse.index_select(0, rows), lse_new.double()
     lse_both = torch.logaddexp(lse_old, lse_new)
-    keep = torch.exp(lse_old - lse_both).to(out.dtype)[:, None]
     take = torch.exp(lse_new - lse_both).to(out.dtype)[:, None]
-    out.index_copy_(0, rows, out.index_select(0, rows) * keep + out_new * take)
+    out.index_copy_(0, rows, torch.lerp(out.index_select(0, rows), out_new, take))
     lse.index_copy_(0, rows, lse_both)
 
 
@@ -233,10 +242,9 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
     before, after = window
     w = (before + 1 + after) * c
     extended = flat_order[..., torch.arange(-before * c, rn + after * c, device=flat_order.device) % rn]  # (b, h, e)
-    memory_order = flat_order.view(b, h, g, c).transpose(2, 3)  # (b, h, c, g): the kernel's order
     recipe = window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, window, dtype,
                            self_value=self_value, self_on_diagonal=self_on_diagonal)
-    return Plan(rows=output_rows(memory_order.reshape(b, h, rn), n).view(b * h, c, g),
+    return Plan(rows=output_rows(flat_order, n).view(b * h, g, c),
                 kv_source=output_rows(extended, n).view(b * h, -1), recipe=recipe, per_round=per_round,
                 n_rows=b * n * h, scale=scale)
 

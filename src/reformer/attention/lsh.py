@@ -50,7 +50,7 @@ from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, 
 from ..rng import dropout as seeded_dropout
 
 Buckets = int | tuple[int, ...]
-HASH_PIECE = 1 << 16  # positions hashed at a time: the rotated vectors of a long sequence never all exist
+HASH_PIECE_ELEMENTS = 1 << 20  # rotated coordinates hashed at a time (4 MiB in float32: heap-sized temporaries)
 
 
 # ---------------------------------------------------------------------------
@@ -113,8 +113,10 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets,
     factor is the least significant digit. Masked positions get bucket
     `total_buckets(n_buckets)`. Returns (b, h, r, n) int64.
     """
-    buckets = torch.cat([_hash_piece(x[:, :, start:start + HASH_PIECE], rotations, n_buckets)
-                         for start in range(0, x.shape[2], HASH_PIECE)], dim=-1)  # (b, h, r, n)
+    b, h, n, _ = x.shape
+    piece = max(1, HASH_PIECE_ELEMENTS // (b * h * rotations.shape[2] * rotations.shape[3]))  # positions
+    buckets = torch.cat([_hash_piece(x[:, :, start:start + piece], rotations, n_buckets)
+                         for start in range(0, n, piece)], dim=-1)  # (b, h, r, n)
     stride = total_buckets(n_buckets)
     if mask is not None:
         buckets = torch.where(mask[:, None, None, :], buckets, torch.full_like(buckets, stride))
@@ -122,19 +124,36 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets,
 
 
 def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) -> torch.Tensor:
-    """Buckets (b, h, r, m) of positions x (b, h, m, d); argmax([y ; -y]) without building [y ; -y]."""
-    rotated = torch.einsum("bhnd,hdrk->bhrnk", x, rotations.to(x.dtype))  # (b, h, r, m, rot)
-    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.int64, device=x.device)  # (b, h, r, m)
+    """Buckets (b, h, r, m) of positions x (b, h, m, d); argmax([y ; -y]) without building [y ; -y].
+
+    The rotated coordinates are laid out (..., rot, m), so every reduction runs
+    over whole rows of positions: a max with indices over a short last
+    dimension is ten times slower on the CPU.
+    """
+    rotated = torch.einsum("bhnd,hdrk->bhrkn", x, rotations.to(x.dtype))  # (b, h, r, rot, m)
+    buckets = torch.zeros(rotated.shape[:3] + rotated.shape[4:], dtype=torch.int64, device=x.device)  # (b, h, r, m)
     offset, stride = 0, 1
     for factor in bucket_factors(n_buckets):
-        part = rotated[..., offset:offset + factor // 2]
-        top, top_index = part.max(dim=-1)
-        bottom, bottom_index = part.min(dim=-1)
-        digit = torch.where(top >= -bottom, top_index, bottom_index + factor // 2)  # ties: the first, as argmax
-        buckets += digit * stride
+        buckets += first_signed_argmax(rotated[..., offset:offset + factor // 2, :]) * stride
         offset += factor // 2
         stride *= factor
     return buckets
+
+
+def first_signed_argmax(y: torch.Tensor) -> torch.Tensor:
+    """argmax of [y ; -y] along dim -2, the first index on ties (as torch.argmax): y (..., k, m) -> (..., m) int64.
+
+    Float passes only: the maxima are where y - top (or y + top, for -y) is 0;
+    weighting them k, k-1, ..., 1 and taking the largest weight picks the first.
+    """
+    k = y.shape[-2]
+    top = torch.maximum(y.amax(dim=-2, keepdim=True), y.amin(dim=-2, keepdim=True).neg_())  # (..., 1, m)
+    first_weight = torch.arange(k, 0, -1, dtype=y.dtype, device=y.device).view(k, 1)  # k .. 1
+    positive = torch.sub(y, top).sign_().add_(1).mul_(first_weight).amax(dim=-2)  # k - first i: y_i = top; or 0
+    negative = torch.add(y, top).sign_().neg_().add_(1).mul_(first_weight).amax(dim=-2)  # the same for -y_i
+    has_positive = positive.sign()  # 1 or 0
+    digit = has_positive * (k - positive) + (1 - has_positive) * (2 * k - negative)
+    return digit.to(torch.int64)
 
 
 # ---------------------------------------------------------------------------
