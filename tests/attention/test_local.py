@@ -65,6 +65,17 @@ def test_local_windows_match_reference(before, after, n, causal, wrap):
           chunks_before=before, chunks_after=after)
 
 
+@pytest.mark.parametrize("chunks_per_block", [1, 2])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_local_blocks_of_any_size_match_reference(monkeypatch, chunks_per_block, wrap):
+    """The fused kernel's blocks (here 1 or 2 chunks of 3) write their outputs and window gradients in place."""
+    from reformer.attention import fused_chunks
+
+    monkeypatch.setattr(fused_chunks, "BLOCK_ELEMENTS", chunks_per_block * 3 * 9)  # chunk 3, window 9
+    check(local_attention, local_attention_reference, 16, True, chunk_size=3, causal=False, wrap=wrap,
+          chunks_before=1, chunks_after=1)
+
+
 def test_bad_windows_are_explained():
     q, k, v, _ = make_qkv(1, 1, 8, 4, masked=False)
     for field in ("chunks_before", "chunks_after"):

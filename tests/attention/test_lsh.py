@@ -279,11 +279,12 @@ def test_shared_qk_full_attention_is_lsh_with_one_chunk(causal, masked):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("wrap", [False, True])
-def test_fused_blocks_smaller_than_a_round_match_reference(monkeypatch, causal, wrap):
-    """One chunk per kernel call: the online merge combines blocks inside a round and across rounds."""
+@pytest.mark.parametrize("chunks_per_block", [1, 4])
+def test_fused_blocks_of_any_size_match_reference(monkeypatch, causal, wrap, chunks_per_block):
+    """Blocks of one chunk, and of 4 chunks of 3 that straddle the 7-chunk rounds, give the reference's output."""
     from reformer.attention import fused_chunks
 
-    monkeypatch.setattr(fused_chunks, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(fused_chunks, "BLOCK_ELEMENTS", chunks_per_block * 3 * 6)  # chunk 3, window 6
     compare_with_reference(21, 3, (2, 4), 3, causal=causal, masked=True, wrap=wrap)
 
 

@@ -1,27 +1,33 @@
 """Fast chunked attention over a permutation: LSH's sorted chunks, or local attention's plain ones.
 
-Legend: per head row (one of b * h): g chunks of c queries (over all rounds),
+Legend: per head row (one of b * h): g chunks of c query slots (over all rounds),
 w window keys per chunk ((before + 1 + after) * c), e = (before + g + after) * c
-rows of the extended keys; "rows" are (head row, sorted slot) pairs.
+extended slots: the slots in chunk order with the `before` chunks that wrap
+around in front and the `after` chunks behind.
 
 The inputs are the rows of the projections, untouched; a `Plan` says which
-rows each block gathers: its queries, and its keys and values in chunk order,
-extended with the `before` chunks that wrap around in front and the `after`
-chunks behind. Each chunk's window is an overlapping strided view of those.
+rows each block of chunks gathers: its queries, and its keys and values over
+its extended slots. Each chunk's window is an overlapping strided view of those.
 
-The work runs in blocks of chunks, each inside one round of one head row.
-Forward, per block: PyTorch's CPU flash-attention kernel attends each chunk's
-queries to its window under an additive mask built for that block only (0
-allowed, `self_value` for the query itself, -1e9 not allowed) and returns
-outputs and log-sum-exps; blocks merge into the output position by position
-with an online log-sum-exp (kept in float64: near the -1e5 self logit float32
-is 0.0078 coarse), so the rounds combine exactly as one softmax.
+Everything is written in slot order, never scattered by position. The work
+runs in blocks of chunks of one head row (across rounds). Forward, per block:
+PyTorch's CPU flash-attention kernel attends each chunk's queries to its window
+under an additive mask built for that block only (0 allowed, `self_value` for
+the query itself, -1e9 not allowed) and returns outputs and log-sum-exps, which
+are copied into the head row's slots. After its last block, a head row's rounds
+are combined position by position: each round's slots are gathered by rank and
+weighted by exp(lse_r - lse), with lse their log-sum-exp, kept in float64 (near
+the -1e5 self logit float32 is 0.0078 coarse), so the rounds combine exactly as
+one softmax. A plan in position order (local attention) writes its blocks
+straight into the output.
 
 Backward, per block, with the same kernel: the gradient of a round's logits
 under the joint softmax is P_r * w_r * (dO . v - dO . o), with w_r the round's
 share exp(lse_r - lse) and o the combined output; that is what the flash
-backward computes given dout = w_r * dO and out = o. Window gradients fold back
-onto the extended rows. Nothing of size (chunks, c, w) outlives a block.
+backward computes given dout = w_r * dO and out = o. Query gradients are added
+onto the head row's slots, window gradients onto its extended slots; the slots
+are gathered back into position order once per head row. Nothing of size
+(chunks, c, w) outlives a block.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from ._chunking import add_normalize_keys_backward_, mask_values, neighbour_mask
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-BLOCK_ELEMENTS = 1 << 20  # mask elements per block: 4 MiB in float32, below the 8 MiB mmap threshold (memory.py)
+BLOCK_ELEMENTS = 1 << 19  # mask elements per block (2 MiB in float32): 64 chunks of 64 with a 128-key window
 BLOCKED = float(1 << 30)  # the position of a key no query may see (exact in float32 and float64)
 EXACT_FLOAT32 = 1 << 24  # positions below this are exact integers in float32
 
@@ -88,24 +94,33 @@ class MaskRecipe:
         return additive
 
 
-def blocks(bh: int, g: int, per_round: int, c: int, w: int) -> list[tuple[int, int, int]]:
-    """(head row, first chunk, end chunk) blocks of at most BLOCK_ELEMENTS mask elements, never across rounds."""
-    size = max(1, min(per_round, BLOCK_ELEMENTS // (c * w)))
-    return [(row, start, min(start + size, round_start + per_round))
-            for row in range(bh) for round_start in range(0, g, per_round)
-            for start in range(round_start, round_start + per_round, size)]
+def blocks(g: int, c: int, w: int) -> list[tuple[int, int]]:
+    """(first chunk, end chunk) blocks of one head row, of at most BLOCK_ELEMENTS mask elements."""
+    size = max(1, min(g, BLOCK_ELEMENTS // (c * w)))
+    return [(start, min(start + size, g)) for start in range(0, g, size)]
 
 
 @dataclass
 class Plan:
     """Where every row of the work comes from and goes to (index tensors; small next to the activations)."""
 
-    rows: torch.Tensor  # (bh, g, c): each query's row in q and in the output
-    kv_source: torch.Tensor  # (bh, e): source row of each extended key / value
+    rows: torch.Tensor  # (bh, g, c): the row of each query slot in q and in the output
+    kv_source: torch.Tensor  # (bh, e): the row of each extended slot's key and value
+    rank: torch.Tensor | None  # (bh, r, n): the slot of each position in each round; None: slots are positions
     recipe: MaskRecipe
-    per_round: int  # chunks per round
-    n_rows: int  # output rows
+    shape: tuple[int, int, int]  # (b, n, h) of the (b, n, h, d) rows
+    window: tuple[int, int]  # chunks before and after
     scale: float  # logit scale
+
+    @property
+    def n_rows(self) -> int:
+        b, n, h = self.shape
+        return b * n * h
+
+    def head_row(self, rows: torch.Tensor, index: int) -> torch.Tensor:
+        """Head row `index`'s (n, ...) strided view of rows in the (b, n, h, ...) layout."""
+        b, n, h = self.shape
+        return rows.view(b, n, h, *rows.shape[1:])[index // h, :, index % h]
 
 
 class ChunkedAttention(torch.autograd.Function):
@@ -116,72 +131,86 @@ class ChunkedAttention(torch.autograd.Function):
     gathered, and the gradient of both roles comes back as one.
 
     Everything of the size of (rows, d) or more is gathered, computed and
-    scattered block by block; only the output, its log-sum-exps and the
-    per-query log-sum-exps are kept for the backward.
+    written block by block; only the output, its log-sum-exps and the
+    per-slot log-sum-exps are kept for the backward.
     """
 
     @staticmethod
     def forward(ctx, q_rows, k_rows, v_rows, plan: Plan):
         bh, g, c = plan.rows.shape
-        d = q_rows.shape[1]
-        out = q_rows.new_empty(plan.n_rows, d)  # every row is written by the first round
+        d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
+        out = q_rows.new_empty(plan.n_rows, d)
         lse = q_rows.new_empty((plan.n_rows,), dtype=torch.float64)  # float64: exact near -1e5
-        lse_sorted = q_rows.new_empty(bh, g, c)  # per query row
-        for row, start, end in blocks(bh, g, plan.per_round, c, plan.recipe.k_pos.shape[-1]):
-            rows = plan.rows[row, start:end].reshape(-1)  # (G * c,), unique: a block lies inside one round
-            q, k, v = _block_inputs(plan, rows, row, start, end, q_rows, k_rows, v_rows)
-            out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
-                                          scale=plan.scale)  # (1, G, c, d) in q's (contiguous) layout, (1, G, c)
-            lse_sorted[row, start:end] = lse_block[0]
-            out_rows, lse_rows = out_block[0].reshape(-1, d), lse_block[0].reshape(-1)
-            if start < plan.per_round:  # the first round: nothing to merge with yet
-                out.index_copy_(0, rows, out_rows)
-                lse.index_copy_(0, rows, lse_rows.double())
+        lse_slots = q_rows.new_empty(bh, g, c)
+        out_slots = None if plan.rank is None else q_rows.new_empty(g * c, d)  # one head row's, reused
+        for row in range(bh):
+            target = plan.head_row(out, row) if plan.rank is None else out_slots  # (g * c, d) in slot order
+            for start, end in blocks(g, c, w):
+                q, k, v, _ = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
+                out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
+                                              scale=plan.scale)  # (1, G, c, d) in q's (contiguous) layout, (1, G, c)
+                target[start * c:end * c] = out_block[0].view(-1, d)
+                lse_slots[row, start:end] = lse_block[0]
+            if plan.rank is None:
+                plan.head_row(lse, row).copy_(lse_slots[row].view(-1))
             else:
-                _merge(out, lse, rows, out_rows, lse_rows)
-        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_sorted, out, lse)
+                _combine_rounds(plan.head_row(out, row), plan.head_row(lse, row), out_slots,
+                                lse_slots[row].view(-1), plan.rank[row])
+        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse)
         ctx.plan = plan
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # (n_rows, d)
-        q_rows, k_rows, v_rows, lse_sorted, out, lse = ctx.saved_tensors
+        q_rows, k_rows, v_rows, lse_slots, out, lse = ctx.saved_tensors
         plan = ctx.plan
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
-        one_round = g == plan.per_round  # then each round's share of the softmax is 1
-        dq_rows = torch.empty_like(q_rows) if one_round else torch.zeros_like(q_rows)
-        dk_rows = torch.zeros_like(q_rows if k_rows is None else k_rows)  # of the (unit-length) keys
-        dv_rows = torch.zeros_like(v_rows)
+        before = plan.window[0] * c
+        shared = k_rows is None
+        one_round = plan.rank is None or plan.rank.shape[1] == 1  # then each round's share of the softmax is 1
+        dq_rows, dv_rows = torch.empty_like(q_rows), torch.empty_like(v_rows)
+        dk_rows = None if shared else torch.empty_like(k_rows)
+        e = plan.kv_source.shape[1]
+        dq_slots = q_rows.new_empty(e if shared else g * c, d)  # shared: the keys' gradients land here too
+        dk_slots = None if shared else q_rows.new_empty(e, d)
+        dv_slots = q_rows.new_empty(e, d)
+        offset = before if shared else 0  # where the query slots start in dq_slots
         grad_out = grad_out.contiguous()
-        for row, start, end in blocks(bh, g, plan.per_round, c, w):
-            rows = plan.rows[row, start:end].reshape(-1)  # (G * c,)
-            q, k, v = _block_inputs(plan, rows, row, start, end, q_rows, k_rows, v_rows)
-            lse_block = lse_sorted[row:row + 1, start:end]  # (1, G, c)
-            grad_rows = grad_out.index_select(0, rows)
-            if not one_round:
-                grad_rows *= torch.exp(lse_block.reshape(-1).double() - lse.index_select(0, rows)).to(q.dtype)[:, None]
-            grad_block = grad_rows.view(1, end - start, c, d)  # w_r * dO
-            out_block = out.index_select(0, rows).view(1, end - start, c, d)  # the combined o
-            dq, dk, dv = _FLASH_BACKWARD(grad_block, q, k, v, out_block, lse_block, 0.0, False,
-                                         attn_mask=plan.recipe.block(row, start, end), scale=plan.scale)
-            dq_rows_order = plan.rows[row, start:end].t().reshape(-1)  # dq comes in (c, G) memory
-            dq_block = dq[0].transpose(0, 1).reshape(-1, d)
-            if one_round:
-                dq_rows.index_copy_(0, dq_rows_order, dq_block)
-            else:
-                dq_rows.index_add_(0, dq_rows_order, dq_block)
-            extended = plan.kv_source[row, start * c:(end - 1) * c + w]
-            dk_rows.index_add_(0, extended, _fold_windows(dk[0], c))
-            dv_rows.index_add_(0, extended, _fold_windows(dv[0], c))
-        if k_rows is None:
-            add_normalize_keys_backward_(dq_rows, q_rows, dk_rows)
-            return dq_rows, None, dv_rows, None
+        for row in range(bh):
+            for slots in (dq_slots, dk_slots, dv_slots):
+                if slots is not None:
+                    slots.zero_()
+            for start, end in blocks(g, c, w):
+                q, k, v, raw = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
+                rows = plan.rows[row, start:end].reshape(-1)  # (G * c,)
+                lse_block = lse_slots[row:row + 1, start:end]  # (1, G, c)
+                grad_rows = grad_out.index_select(0, rows)
+                if not one_round:
+                    share = torch.exp(lse_block.reshape(-1).double() - lse.index_select(0, rows))  # w_r
+                    grad_rows *= share.to(q.dtype)[:, None]
+                dq, dk, dv = _FLASH_BACKWARD(grad_rows.view(1, end - start, c, d), q, k, v,
+                                             out.index_select(0, rows).view(1, end - start, c, d), lse_block,
+                                             0.0, False, attn_mask=plan.recipe.block(row, start, end),
+                                             scale=plan.scale)  # dq (1, G, c, d); dk, dv (1, G, w, d)
+                dq_slots[offset + start * c:offset + end * c].view(end - start, c, d).add_(dq[0])
+                extended = slice(start * c, (end - 1) * c + w)
+                if shared:  # through the unit-length keys, onto the query-key slots
+                    dk_extended = dq_slots.new_zeros((end - start - 1) * c + w, d)
+                    _fold_windows_into(dk_extended, dk[0], c)
+                    add_normalize_keys_backward_(dq_slots[extended], raw, dk_extended)
+                else:
+                    _fold_windows_into(dk_slots[extended], dk[0], c)
+                _fold_windows_into(dv_slots[extended], dv[0], c)
+            _slots_to_positions(plan, row, dq_rows, dq_slots, extended=shared)
+            if not shared:
+                _slots_to_positions(plan, row, dk_rows, dk_slots, extended=True)
+            _slots_to_positions(plan, row, dv_rows, dv_slots, extended=True)
         return dq_rows, dk_rows, dv_rows, None
 
 
-def _block_inputs(plan: Plan, rows: torch.Tensor, row: int, start: int, end: int, q_rows, k_rows, v_rows):
-    """Queries (1, G, c, d) and window views (1, G, w, d) of chunks start..end.
+def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows):
+    """Queries (1, G, c, d), window views (1, G, w, d) of chunks start..end, and (shared) the raw extended rows.
 
     Shared query-keys (k_rows None): the queries are the middle of the
     gathered extended rows, and the keys a unit-length copy of them.
@@ -189,39 +218,64 @@ def _block_inputs(plan: Plan, rows: torch.Tensor, row: int, start: int, end: int
     c, d, w = plan.rows.shape[2], q_rows.shape[1], plan.recipe.k_pos.shape[-1]
     g = end - start
     extended = plan.kv_source[row, start * c:(end - 1) * c + w]
+    raw = None
     if k_rows is None:
         raw = q_rows.index_select(0, extended)  # ((G - 1) * c + w, d)
-        own = plan.recipe.diagonal  # the block's own chunks start after the `before` chunks
+        own = plan.window[0] * c  # the block's own chunks start after the `before` chunks
         q = raw[own:own + g * c].view(1, g, c, d)
         k_extended = unit_length_keys(raw)
     else:
-        q = q_rows.index_select(0, rows).view(1, g, c, d)
+        q = q_rows.index_select(0, plan.rows[row, start:end].reshape(-1)).view(1, g, c, d)
         k_extended = k_rows.index_select(0, extended)
     k = windows(k_extended[None], g, c, w)
     v = windows(v_rows.index_select(0, extended)[None], g, c, w)
-    return q, k, v
+    return q, k, v, raw
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, out_new: torch.Tensor,
-           lse_new: torch.Tensor) -> None:
-    """Online softmax merge of one block into the per-position output and log-sum-exp, in place.
+def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tensor, lse_slots: torch.Tensor,
+                    rank: torch.Tensor) -> None:
+    """One head row's rounds -> its positions: out (n, d) = sum_r exp(lse_r - lse) o_r, lse (n,) = logsumexp_r."""
+    per_round = [lse_slots.index_select(0, slots).double() for slots in rank]  # r x (n,)
+    total = torch.logsumexp(torch.stack(per_round), dim=0) if len(per_round) > 1 else per_round[0]
+    lse.copy_(total)
+    for r, slots in enumerate(rank):
+        part = out_slots.index_select(0, slots)  # (n, d): round r's output, in position order
+        if len(per_round) > 1:
+            part *= torch.exp(per_round[r] - total).to(out.dtype)[:, None]
+        if r == 0:
+            out.copy_(part)
+        else:
+            out += part
 
-    With L = logaddexp(lse_old, lse_new): out = out_old + exp(lse_new - L) * (out_new - out_old).
-    """
-    lse_old, lse_new = lse.index_select(0, rows), lse_new.double()
-    lse_both = torch.logaddexp(lse_old, lse_new)
-    take = torch.exp(lse_new - lse_both).to(out.dtype)[:, None]
-    out.index_copy_(0, rows, torch.lerp(out.index_select(0, rows), out_new, take))
-    lse.index_copy_(0, rows, lse_both)
 
-
-def _fold_windows(grad_windows: torch.Tensor, c: int) -> torch.Tensor:
-    """Sum the gradients of overlapping windows (G, w, d) onto their extended rows ((G - 1) * c + w, d)."""
+def _fold_windows_into(extended: torch.Tensor, grad_windows: torch.Tensor, c: int) -> None:
+    """Add the gradients of overlapping windows (G, w, d) onto their extended slots ((G - 1) * c + w, d)."""
     g, w, d = grad_windows.shape
-    folded = grad_windows.new_zeros(g + w // c - 1, c, d)  # window part p of chunk i is extended chunk i + p
+    folded = extended.view(g + w // c - 1, c, d)  # window part p of chunk i is extended chunk i + p
     for part in range(w // c):
         folded[part:part + g] += grad_windows[:, part * c:(part + 1) * c]
-    return folded.view(-1, d)
+
+
+def _slots_to_positions(plan: Plan, row: int, rows: torch.Tensor, slots: torch.Tensor, *, extended: bool) -> None:
+    """Write head row `row`'s gradients from slot order (g * c, d), or extended slots (e, d), into rows by position."""
+    if extended:  # fold the chunks that wrap around onto the slots they stand for
+        c = plan.rows.shape[2]
+        before, after = plan.window[0] * c, plan.window[1] * c
+        main = slots[before:slots.shape[0] - after]
+        if before:
+            main[main.shape[0] - before:] += slots[:before]
+        if after:
+            main[:after] += slots[slots.shape[0] - after:]
+        slots = main
+    target = plan.head_row(rows, row)  # (n, d)
+    if plan.rank is None:
+        target.copy_(slots)
+        return
+    for r, round_slots in enumerate(plan.rank[row]):
+        if r == 0:
+            target.copy_(slots.index_select(0, round_slots))
+        else:
+            target += slots.index_select(0, round_slots)
 
 
 # --- plans: index tensors and mask recipes ---------------------------------------------------------
@@ -232,10 +286,12 @@ def projection_rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b * n * h, d)
 
 
-def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal) -> Plan:
+def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal,
+               in_position_order: bool = False) -> Plan:
     """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n).
 
     Rounds are n positions long; a window is (before + 1 + after) chunks of c.
+    in_position_order: flat_order is 0..n-1 in every head row (local attention).
     """
     b, h, rn = flat_order.shape
     g, per_round = rn // c, n // c
@@ -244,9 +300,13 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
     extended = flat_order[..., torch.arange(-before * c, rn + after * c, device=flat_order.device) % rn]  # (b, h, e)
     recipe = window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, window, dtype,
                            self_value=self_value, self_on_diagonal=self_on_diagonal)
-    return Plan(rows=output_rows(flat_order, n).view(b * h, g, c),
-                kv_source=output_rows(extended, n).view(b * h, -1), recipe=recipe, per_round=per_round,
-                n_rows=b * n * h, scale=scale)
+    rank = None
+    if not in_position_order:
+        r = rn // n
+        slots = torch.arange(rn, device=flat_order.device).view(r, n).expand(b, h, r, n)
+        rank = torch.empty_like(slots).scatter_(-1, flat_order.view(b, h, r, n), slots).view(b * h, r, n)
+    return Plan(rows=output_rows(flat_order, n).view(b * h, g, c), kv_source=output_rows(extended, n).view(b * h, -1),
+                rank=rank, recipe=recipe, shape=(b, n, h), window=window, scale=scale)
 
 
 def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:

@@ -80,7 +80,8 @@ def local_attention(
         positions = torch.arange(n_pad, device=q.device).expand(b, h, n_pad)  # chunk order = position order
         with torch.no_grad():
             plan = chunk_plan(positions, mask, n_pad, c, causal, wrap, window, q.dtype, scale=1 / math.sqrt(d),
-                              self_value=None, self_on_diagonal=True)
+                              self_value=None, self_on_diagonal=True,
+                              in_position_order=True)
         rows = [projection_rows(pad_length(x, n_pad, dim=2)) for x in (q, k, v)]  # (b*n_pad*h, d) each
         out = ChunkedAttention.apply(*rows, plan).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
         return zero_masked_queries(out[:, :, :n], attention_mask)
