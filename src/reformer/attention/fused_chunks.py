@@ -172,7 +172,8 @@ class ChunkedAttention(torch.autograd.Function):
         dq_rows, dv_rows = torch.empty_like(q_rows), torch.empty_like(v_rows)
         dk_rows = None if shared else torch.empty_like(k_rows)
         e = plan.kv_source.shape[1]
-        dq_slots = q_rows.new_empty(e if shared else g * c, d)  # shared: the keys' gradients land here too
+        in_place = plan.rank is None and not shared  # query gradients go straight to their positions
+        dq_slots = None if in_place else q_rows.new_empty(e if shared else g * c, d)  # shared: keys' grads too
         dk_slots = None if shared else q_rows.new_empty(e, d)
         dv_slots = q_rows.new_empty(e, d)
         offset = before if shared else 0  # where the query slots start in dq_slots
@@ -181,6 +182,7 @@ class ChunkedAttention(torch.autograd.Function):
             for slots in (dq_slots, dk_slots, dv_slots):
                 if slots is not None:
                     slots.zero_()
+            dq_target = plan.head_row(dq_rows, row) if in_place else dq_slots  # in place: slots are positions
             for start, end in blocks(g, c, w):
                 q, k, v, raw = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
                 rows = plan.rows[row, start:end].reshape(-1)  # (G * c,)
@@ -193,7 +195,8 @@ class ChunkedAttention(torch.autograd.Function):
                                              out.index_select(0, rows).view(1, end - start, c, d), lse_block,
                                              0.0, False, attn_mask=plan.recipe.block(row, start, end),
                                              scale=plan.scale)  # dq (1, G, c, d); dk, dv (1, G, w, d)
-                dq_slots[offset + start * c:offset + end * c].view(end - start, c, d).add_(dq[0])
+                own = dq_target[offset + start * c:offset + end * c].view(end - start, c, d)
+                own.copy_(dq[0]) if in_place else own.add_(dq[0])
                 extended = slice(start * c, (end - 1) * c + w)
                 if shared:  # through the unit-length keys, onto the query-key slots
                     dk_extended = dq_slots.new_zeros((end - start - 1) * c + w, d)
@@ -202,7 +205,8 @@ class ChunkedAttention(torch.autograd.Function):
                 else:
                     _fold_windows_into(dk_slots[extended], dk[0], c)
                 _fold_windows_into(dv_slots[extended], dv[0], c)
-            _slots_to_positions(plan, row, dq_rows, dq_slots, extended=shared)
+            if not in_place:
+                _slots_to_positions(plan, row, dq_rows, dq_slots, extended=shared)
             if not shared:
                 _slots_to_positions(plan, row, dk_rows, dk_slots, extended=True)
             _slots_to_positions(plan, row, dv_rows, dv_slots, extended=True)
