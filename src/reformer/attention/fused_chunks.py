@@ -42,6 +42,7 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 BLOCK_ELEMENTS = 1 << 19  # mask elements per block (2 MiB in float32): 64 chunks of 64 with a 128-key window
 BLOCKED = float(1 << 30)  # the position of a key no query may see (exact in float32 and float64)
+POSITION_SCALE = float(1 << 30)  # the mask recipe's positions are scaled by this (exact), see MaskRecipe
 EXACT_FLOAT32 = 1 << 24  # positions below this are exact integers in float32
 
 
@@ -61,15 +62,16 @@ def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
 class MaskRecipe:
     """What the additive mask of any block is built from (all small: per chunk, not per query-key pair).
 
-    Positions are floats (exact integers), so that a block's causal mask is
-    three vectorised float passes, clamp(k_pos - q_pos, 0, 1) * masked:
-    comparisons that produce bool tensors, and `where` on them, are several
-    times slower on the CPU. A key that is not allowed sits at BLOCKED, after
-    every query.
+    Positions are floats scaled by 2^30 (exact: powers of two), so that a
+    block's causal mask is two vectorised float passes,
+    clamp((q - k) * 2^30, masked, 0): 0 where k <= q, and exactly `masked` where
+    k > q, as (q - k) * 2^30 <= -2^30 < -1e9. Comparisons that produce bool
+    tensors, and `where` on them, are several times slower on the CPU. A key
+    that is not allowed sits at BLOCKED, after every query.
     """
 
-    q_pos: torch.Tensor  # (bh, g, c): the position of each query
-    k_pos: torch.Tensor  # (bh, g, w): the position of each window key, BLOCKED where it is not allowed
+    q_pos: torch.Tensor  # (bh, g, c): the position of each query, times POSITION_SCALE
+    k_pos: torch.Tensor  # (bh, g, w): each window key's, BLOCKED * POSITION_SCALE where it is not allowed
     bias: torch.Tensor  # (bh, g, w): 0, or the masked value where the key is not allowed (non-causal masks)
     causal: bool
     self_value: float | None  # the query itself (LSH); None: no self mask (local attention)
@@ -83,7 +85,7 @@ class MaskRecipe:
         q_pos = self.q_pos[row:row + 1, start:end, :, None]  # (1, G, c, 1)
         k_pos = self.k_pos[row:row + 1, start:end, None, :]  # (1, G, 1, w)
         if self.causal:
-            additive = torch.sub(k_pos, q_pos).clamp_(0, 1).mul_(self.masked_value).to(self.dtype)  # (1, G, c, w)
+            additive = torch.sub(q_pos, k_pos).clamp_(self.masked_value, 0.0).to(self.dtype)  # (1, G, c, w)
         else:
             additive = self.bias[row:row + 1, start:end, None, :].expand(-1, -1, q_pos.shape[2], -1).clone()
         if self.self_value is not None:
@@ -239,17 +241,18 @@ def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_
 def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tensor, lse_slots: torch.Tensor,
                     rank: torch.Tensor) -> None:
     """One head row's rounds -> its positions: out (n, d) = sum_r exp(lse_r - lse) o_r, lse (n,) = logsumexp_r."""
-    per_round = [lse_slots.index_select(0, slots).double() for slots in rank]  # r x (n,)
-    total = torch.logsumexp(torch.stack(per_round), dim=0) if len(per_round) > 1 else per_round[0]
+    r, n = rank.shape
+    per_round = lse_slots.index_select(0, rank.view(-1)).view(r, n).double()  # (r, n)
+    total = torch.logsumexp(per_round, dim=0)  # (n,)
     lse.copy_(total)
-    for r, slots in enumerate(rank):
-        part = out_slots.index_select(0, slots)  # (n, d): round r's output, in position order
-        if len(per_round) > 1:
-            part *= torch.exp(per_round[r] - total).to(out.dtype)[:, None]
-        if r == 0:
-            out.copy_(part)
-        else:
-            out += part
+    parts = out_slots.index_select(0, rank.view(-1)).view(r, n, -1)  # (r, n, d): each round in position order
+    if r == 1:
+        out.copy_(parts[0])
+        return
+    weights = torch.exp(per_round - total).to(out.dtype)  # (r, n)
+    torch.mul(parts[0], weights[0, :, None], out=out)
+    for part, weight in zip(parts[1:], weights[1:]):
+        out.addcmul_(part, weight[:, None])
 
 
 def _fold_windows_into(extended: torch.Tensor, grad_windows: torch.Tensor, c: int) -> None:
@@ -275,11 +278,8 @@ def _slots_to_positions(plan: Plan, row: int, rows: torch.Tensor, slots: torch.T
     if plan.rank is None:
         target.copy_(slots)
         return
-    for r, round_slots in enumerate(plan.rank[row]):
-        if r == 0:
-            target.copy_(slots.index_select(0, round_slots))
-        else:
-            target += slots.index_select(0, round_slots)
+    r, n = plan.rank.shape[1:]
+    torch.sum(slots.index_select(0, plan.rank[row].view(-1)).view(r, n, -1), dim=0, out=target)
 
 
 # --- plans: index tensors and mask recipes ---------------------------------------------------------
@@ -332,7 +332,8 @@ def window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, 
     exact = dtype == torch.float64 or flat_order.shape[-1] >= EXACT_FLOAT32  # positions < r * n
     position_dtype = torch.float64 if exact else torch.float32
     k_pos = windows(extended.view(b * h, -1).to(position_dtype), g, c, w).masked_fill(~key_ok, BLOCKED)
+    k_pos *= POSITION_SCALE
     bias = torch.zeros(key_ok.shape, dtype=dtype, device=key_ok.device).masked_fill_(~key_ok, masked_value)
-    return MaskRecipe(q_pos=flat_order.view(b * h, g, c).to(position_dtype), k_pos=k_pos, bias=bias, causal=causal,
+    return MaskRecipe(q_pos=flat_order.view(b * h, g, c).to(position_dtype) * POSITION_SCALE, k_pos=k_pos, bias=bias, causal=causal,
                       self_value=self_value, self_on_diagonal=self_on_diagonal, diagonal=window[0] * c,
                       masked_value=masked_value, dtype=dtype)
