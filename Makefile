@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo demo-text bench-memory bench-generate clean
+.PHONY: test test-fast demo demo-text bench-compare bench-million bench-memory bench-generate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ demo: $(STAMP)  ## the paper's duplication task: train a small Reformer, print T
 
 demo-text: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a built-in text) and sample
 	$(PY) examples/demo.py
+
+bench-compare: $(STAMP)  ## a training step beside HF, reformer_pytorch and SDPA (about an hour; writes benchmarks/results/compare.md)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/compare.py --rounds 3
+
+bench-million: $(STAMP)  ## one training step at 1,048,576 tokens (about 6 minutes, 10 GB; writes benchmarks/results/million.md)
+	$(PY) benchmarks/million.py
 
 bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (writes benchmarks/results/memory.md)
 	$(PY) benchmarks/memory.py

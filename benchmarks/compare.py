@@ -9,9 +9,11 @@ PyTorch's `scaled_dot_product_attention(is_causal=True)`.
 Each (contender, length) runs in a fresh process: one warm-up step, then up to
 --repeats timed steps (forward, backward, AdamW) while they fit in --budget
 seconds; the table shows the median step time, tokens/s and the process's peak
-memory (RSS from getrusage; on CUDA, torch.cuda.max_memory_allocated). Every
-worker first calls `reformer.memory.release_freed_memory_eagerly()` (glibc's
-mmap and trim thresholds), whichever contender it runs. Cells
+memory (RSS from getrusage; on CUDA, torch.cuda.max_memory_allocated). Ours
+calls `reformer.memory.release_freed_memory_eagerly()` first (glibc's mmap and
+trim thresholds), as the README recommends; the peers keep glibc's defaults,
+which suit them better (with our setting their large temporaries are mapped
+and faulted in afresh every time). Cells
 run in alternation (every contender at one length before the next length). A
 contender is skipped, with the reason in the table, when its previous length
 failed or when extrapolating its last two lengths predicts more than
@@ -62,6 +64,9 @@ def model_flops_per_step(length: int) -> float:
 def build_ours(length: int, device):
     from reformer import ReformerConfig, ReformerLM
     from reformer.config import default_axial_shape
+    from reformer.memory import release_freed_memory_eagerly
+
+    release_freed_memory_eagerly()  # as our README recommends; the peers run with glibc's defaults
     config = ReformerConfig(vocab_size=VOCAB, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
@@ -145,9 +150,7 @@ BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reform
 def worker(contender: str, length: int, repeats: int, budget_s: float, device_name: str) -> dict:
     import torch
 
-    from reformer.memory import peak_rss_mib, release_freed_memory_eagerly
-
-    release_freed_memory_eagerly()  # the same allocator settings for every contender
+    from reformer.memory import peak_rss_mib
 
     device = torch.device(device_name)
     torch.manual_seed(0)  # the peers initialise from the global RNG; this process is theirs

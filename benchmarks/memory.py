@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "memory.md"
 QUICK_OUT = ROOT / "benchmarks" / "results" / "memory-quick.md"
+DEFAULT_MALLOC_OUT = ROOT / "benchmarks" / "results" / "memory-default-malloc.md"
 DEPTH_TARGET = 1.25
 LENGTH_TARGET = 4.5
 MODEL = dict(vocab_size=256, d_model=256, n_heads=4, d_head=64, d_ff=1024, causal=True,
@@ -221,8 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="positions per feed-forward chunk, config.ff_chunk_size; 0 = unchunked (default: 1024)")
     p.add_argument("--n-hashes", type=int, default=4, help="LSH hash rounds (default: 4)")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"markdown file to write (default: {DEFAULT_OUT.relative_to(ROOT)}, "
-                        f"or {QUICK_OUT.relative_to(ROOT)} with --quick)")
+                   help=f"markdown file to write (default: {DEFAULT_OUT.relative_to(ROOT)}; "
+                        f"{QUICK_OUT.relative_to(ROOT)} with --quick, {DEFAULT_MALLOC_OUT.relative_to(ROOT)} "
+                        "with --default-malloc)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc as it is; by default the workers call "
                         "reformer.memory.release_freed_memory_eagerly() first, so freed memory leaves the process")
@@ -232,7 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.layers, args.repeats = [1024], [1, 2], 1
-    args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_MALLOC_OUT if args.default_malloc else DEFAULT_OUT)
     return args
 
 

@@ -129,3 +129,42 @@ def test_attention_branch_runs_position_wise_parts_in_chunks():
     assert max(widths["projection"]) == max(widths["output"]) == 8
     assert len(widths["projection"]) == len(widths["output"]) == 2 * 2 * 4  # 2 layers, forward and backward recompute,
     # 4 chunks of 29 positions each; the projections are not recomputed for their own gradients
+
+
+_STEP_PEAK = """
+import json, sys, torch
+from reformer.memory import current_rss_mib, peak_rss_mib, release_freed_memory_eagerly
+release_freed_memory_eagerly()
+from reformer import ReformerConfig, ReformerLM
+n, layers = int(sys.argv[1]), tuple(sys.argv[2].split(","))
+config = ReformerConfig(vocab_size=256, d_model=256, n_heads=2, d_head=64, d_ff=512, attn_layers=layers,
+                        lsh_chunk_size=64, local_chunk_size=64, n_hashes=1, axial_shape=(256, 256),
+                        max_seq_len=n, ff_chunk_size=8192, loss_chunk_size=8192)
+model = ReformerLM(config).train()
+ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0))
+baseline = current_rss_mib()
+model(ids, labels=ids).loss.backward()
+print(json.dumps({"step_mib": peak_rss_mib() - baseline}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers", ["local,lsh", "lsh,local,lsh,local,lsh,local"])
+def test_a_training_step_holds_about_nine_activations_whatever_the_depth(layers):
+    """Forward and backward of the million-token architecture at 65,536 tokens, in a fresh process.
+
+    One activation is n * d_model float32 (64 MiB here). The in-place reversible
+    state and gradient state are four; one layer's attention work adds about
+    five (measured 9.1-9.4 per token in benchmarks/million.py's model). Before
+    the in-place stack it was about fifteen.
+    """
+    import json
+    import subprocess
+    import sys
+
+    n = 65536
+    done = subprocess.run([sys.executable, "-c", _STEP_PEAK, str(n), layers], check=True, capture_output=True,
+                          text=True, timeout=600)
+    step_mib = json.loads(done.stdout.strip().splitlines()[-1])["step_mib"]
+    activations = step_mib / (n * 256 * 4 / 2**20)
+    assert activations < 11.5, f"the step held {activations:.1f} activations of (n, d_model)"

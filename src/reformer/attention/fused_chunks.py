@@ -168,23 +168,11 @@ class ChunkedAttention(torch.autograd.Function):
         plan = ctx.plan
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
-        before = plan.window[0] * c
-        shared = k_rows is None
         one_round = plan.rank is None or plan.rank.shape[1] == 1  # then each round's share of the softmax is 1
-        dq_rows, dv_rows = torch.empty_like(q_rows), torch.empty_like(v_rows)
-        dk_rows = None if shared else torch.empty_like(k_rows)
-        e = plan.kv_source.shape[1]
-        in_place = plan.rank is None and not shared  # query gradients go straight to their positions
-        dq_slots = None if in_place else q_rows.new_empty(e if shared else g * c, d)  # shared: keys' grads too
-        dk_slots = None if shared else q_rows.new_empty(e, d)
-        dv_slots = q_rows.new_empty(e, d)
-        offset = before if shared else 0  # where the query slots start in dq_slots
+        grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
         grad_out = grad_out.contiguous()
         for row in range(bh):
-            for slots in (dq_slots, dk_slots, dv_slots):
-                if slots is not None:
-                    slots.zero_()
-            dq_target = plan.head_row(dq_rows, row) if in_place else dq_slots  # in place: slots are positions
+            grads.begin(row)
             for start, end in blocks(g, c, w):
                 q, k, v, raw = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
                 rows = plan.rows[row, start:end].reshape(-1)  # (G * c,)
@@ -197,22 +185,61 @@ class ChunkedAttention(torch.autograd.Function):
                                              out.index_select(0, rows).view(1, end - start, c, d), lse_block,
                                              0.0, False, attn_mask=plan.recipe.block(row, start, end),
                                              scale=plan.scale)  # dq (1, G, c, d); dk, dv (1, G, w, d)
-                own = dq_target[offset + start * c:offset + end * c].view(end - start, c, d)
-                own.copy_(dq[0]) if in_place else own.add_(dq[0])
-                extended = slice(start * c, (end - 1) * c + w)
-                if shared:  # through the unit-length keys, onto the query-key slots
-                    dk_extended = dq_slots.new_zeros((end - start - 1) * c + w, d)
-                    _fold_windows_into(dk_extended, dk[0], c)
-                    add_normalize_keys_backward_(dq_slots[extended], raw, dk_extended)
-                else:
-                    _fold_windows_into(dk_slots[extended], dk[0], c)
-                _fold_windows_into(dv_slots[extended], dv[0], c)
-            if not in_place:
-                _slots_to_positions(plan, row, dq_rows, dq_slots, extended=shared)
-            if not shared:
-                _slots_to_positions(plan, row, dk_rows, dk_slots, extended=True)
-            _slots_to_positions(plan, row, dv_rows, dv_slots, extended=True)
-        return dq_rows, dk_rows, dv_rows, None
+                grads.add(start, end, dq[0], dk[0], dv[0], raw)
+            grads.end(row)
+        return grads.q, grads.k, grads.v, None
+
+
+class _SlotGradients:
+    """The gradients of q, k, v rows, gathered per head row in slot order, then written by position.
+
+    Query gradients land on the head row's slots (g * c), key and value
+    gradients on its extended slots (e), whose wrapped-around chunks fold back
+    at the end. Shared query-keys: the keys' gradients go through the
+    unit-length normalisation and land on the query-key slots (then extended
+    too). A plan in position order takes the query gradients in place.
+    """
+
+    def __init__(self, plan: Plan, q_rows, k_rows, v_rows):
+        bh, g, c = plan.rows.shape
+        d, e = q_rows.shape[1], plan.kv_source.shape[1]
+        self.plan, self.shared = plan, k_rows is None
+        self.in_place = plan.rank is None and not self.shared
+        self.q, self.v = torch.empty_like(q_rows), torch.empty_like(v_rows)
+        self.k = None if self.shared else torch.empty_like(k_rows)
+        self.q_slots = None if self.in_place else q_rows.new_empty(e if self.shared else g * c, d)
+        self.k_slots = None if self.shared else q_rows.new_empty(e, d)
+        self.v_slots = q_rows.new_empty(e, d)
+        self.q_offset = plan.window[0] * c if self.shared else 0  # where the query slots start in q_slots
+        self.q_target = self.q_slots
+
+    def begin(self, row: int) -> None:
+        for slots in (self.q_slots, self.k_slots, self.v_slots):
+            if slots is not None:
+                slots.zero_()
+        if self.in_place:
+            self.q_target = self.plan.head_row(self.q, row)  # (n, d): its slots are its positions
+
+    def add(self, start: int, end: int, dq, dk, dv, raw) -> None:
+        """Block start..end's dq (G, c, d) and window gradients dk, dv (G, w, d); raw: its extended query-keys."""
+        c, w = dq.shape[1], dk.shape[1]
+        own = self.q_target[self.q_offset + start * c:self.q_offset + end * c].view(end - start, c, -1)
+        own.copy_(dq) if self.in_place else own.add_(dq)
+        extended = slice(start * c, (end - 1) * c + w)
+        if self.shared:  # through the unit-length keys, onto the query-key slots
+            dk_extended = dq.new_zeros((end - start - 1) * c + w, dq.shape[-1])
+            _fold_windows_into(dk_extended, dk, c)
+            add_normalize_keys_backward_(self.q_slots[extended], raw, dk_extended)
+        else:
+            _fold_windows_into(self.k_slots[extended], dk, c)
+        _fold_windows_into(self.v_slots[extended], dv, c)
+
+    def end(self, row: int) -> None:
+        if not self.in_place:
+            _slots_to_positions(self.plan, row, self.q, self.q_slots, extended=self.shared)
+        if not self.shared:
+            _slots_to_positions(self.plan, row, self.k, self.k_slots, extended=True)
+        _slots_to_positions(self.plan, row, self.v, self.v_slots, extended=True)
 
 
 def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows):
