@@ -367,7 +367,8 @@ def main(argv=None) -> None:
                "alternation); the table gives the median over all timed steps" if args.rounds > 1 else
                "; the table gives their median") + ". Memory: peak "
             f"{'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'RSS of the process'}.\n",
-            f"Machine matmul rate (float32, 4096^3, median of 5{' in each round, then over the rounds' if args.rounds > 1 else ''}): "
+            "Machine matmul rate (float32, 4096^3, median of 5"
+            f"{' in each round, then over the rounds' if args.rounds > 1 else ''}): "
             f"**{rate:.1f} GFLOP/s**. Model FLOPs: see the "
             "docstring of benchmarks/compare.py.\n",
             *table(results, args.lengths, args.contenders, rate),

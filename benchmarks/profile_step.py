@@ -1,66 +1,191 @@
-"""Where the time of one training step goes: torch.profiler's table of the operators that dominate.
+"""Where the time of one training step goes: by operator (torch.profiler) and by part of the model.
 
 The model is the one of benchmarks/compare.py (6 causal reversible LSH layers,
 d_model 256, 4 heads x 64, d_ff 1024, chunks of 64, 4 hashes, batch 1). One
-warm-up step, then one profiled step; the table lists operators by their own
-CPU time and is written as markdown.
+warm-up step, then:
+
+- by operator: one step under torch.profiler, operators listed by their own CPU time;
+- by part: --steps unprofiled steps with wall-clock timers around the library's
+  parts (the feed-forward, the flash kernels, the gathers, the masks, hashing, ...),
+  each part's own time without the parts it calls; the FLOP rate of the
+  feed-forward and of the flash kernels is counted from their shapes.
 
     python benchmarks/profile_step.py                  # 16,384 tokens; writes benchmarks/results/profile.md
-    python benchmarks/profile_step.py --length 4096 --rows 15
+    python benchmarks/profile_step.py --length 4096 --rows 15 --out /tmp/profile-4k.md
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import functools
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import reformer.attention.fused_chunks as fused_chunks
+import reformer.attention.lsh as lsh
+import reformer.layers.attention as attention_layers
+import reformer.layers.feed_forward as feed_forward
+import reformer.layers.reversible as reversible
 from reformer import ReformerConfig, ReformerLM
 from reformer.config import default_axial_shape
 from reformer.memory import release_freed_memory_eagerly
 
 ROOT = Path(__file__).resolve().parent.parent
+D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES = 256, 4, 64, 1024, 6, 64, 4
+
+# (module or class, attribute, part name): timed around every call
+PARTS = [
+    (feed_forward.FeedForward, "chunk", "feed-forward (forward and its recompute)"),
+    (reversible, "_feed_forward_backward", "feed-forward backward"),
+    (fused_chunks, "_FLASH", "flash kernel, forward"),
+    (fused_chunks, "_FLASH_BACKWARD", "flash kernel, backward"),
+    (fused_chunks, "_block_inputs", "gathers of q, k, v per block"),
+    (fused_chunks.MaskRecipe, "block", "block masks"),
+    (fused_chunks, "_combine_rounds", "combining the rounds"),
+    (fused_chunks._SlotGradients, "add", "window gradients onto slots"),
+    (fused_chunks._SlotGradients, "end", "gradients back to positions"),
+    (fused_chunks.ChunkedAttention, "forward", "fused attention, rest of forward"),
+    (fused_chunks.ChunkedAttention, "backward", "fused attention, rest of backward"),
+    (lsh, "hash_vectors", "hashing"),
+    (lsh, "sort_by_bucket", "sorting"),
+    (lsh, "chunk_plan", "plans (index tensors, mask recipes)"),
+    (attention_layers.AttentionBranch, "project_chunk", "LayerNorm and projections"),
+    (attention_layers.AttentionBranch, "output_chunk", "output projection"),
+    (reversible, "_projection_backward", "projections backward"),
+    (reversible, "_attention_backward", "attention branch backward, rest"),
+    (reversible, "_block_forward", "block forward, rest"),
+    (reversible, "_tail_forward", "head and loss"),
+    (reversible, "_tail_backward", "head and loss backward"),
+]
+FLOP_PARTS = {  # part -> FLOPs per layer call of the whole sequence, given the length
+    "feed-forward (forward and its recompute)": lambda n: 2 * 2 * n * D_MODEL * D_FF,
+    "feed-forward backward": lambda n: 2 * 2 * 2 * n * D_MODEL * D_FF,
+    "flash kernel, forward": lambda n: 4 * n * HASHES * HEADS * 2 * CHUNK * D_HEAD,
+    "flash kernel, backward": lambda n: 2 * 4 * n * HASHES * HEADS * 2 * CHUNK * D_HEAD,
+}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--length", type=int, default=16384)
-    p.add_argument("--rows", type=int, default=20, help="operators listed")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.md")
-    args = p.parse_args(argv)
-
-    release_freed_memory_eagerly()
-    config = ReformerConfig(vocab_size=256, d_model=256, n_heads=4, d_head=64, d_ff=1024, attn_layers=("lsh",) * 6,
-                            lsh_chunk_size=64, n_hashes=4, axial_shape=default_axial_shape(args.length),
-                            axial_dims=(64, 192), max_seq_len=args.length, ff_chunk_size=4096, loss_chunk_size=4096)
+def build(length: int):
+    config = ReformerConfig(vocab_size=256, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
+                            attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
+                            axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
+                            ff_chunk_size=4096, loss_chunk_size=4096)
     model = ReformerLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 256, (1, args.length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
 
     def step():
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    step()
+
+def by_operator(step, rows: int) -> tuple[list[str], float]:
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     wall = time.perf_counter() - start
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
-    rows = ["| operator | own time (s) | share | calls |", "|---|---:|---:|---:|"]
-    for e in events[:args.rows]:
-        rows.append(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.0%} | "
-                    f"{e.count} |")
-    text = (f"# One training step at {args.length:,} tokens, by operator\n\n"
-            f"Command: `python benchmarks/profile_step.py{'' if args.length == 16384 else f' --length {args.length}'}`."
-            f" {datetime.date.today()}, {torch.get_num_threads()} threads, torch {torch.__version__}. The profiled "
-            f"step took {wall:.1f} s (the profiler adds a little).\n\n" + "\n".join(rows) + "\n")
+    table = ["| operator | own time (s) | share | calls |", "|---|---:|---:|---:|"]
+    for e in events[:rows]:
+        table.append(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.0%} | "
+                     f"{e.count} |")
+    return table, wall
+
+
+def by_part(step, steps: int, length: int, rate: float) -> tuple[list[str], float]:
+    """Own wall time of each part per step (timers nest: a part's time excludes the parts it calls)."""
+    own: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    stack: list[float] = []
+    originals = []
+
+    def timed(function, name):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                inner = stack.pop()
+                own[name] += elapsed - inner
+                calls[name] += 1
+                if stack:
+                    stack[-1] += elapsed
+        return wrapper
+
+    for owner, attribute, name in PARTS:
+        original = getattr(owner, attribute)
+        originals.append((owner, attribute, original))
+        setattr(owner, attribute, timed(original, name))
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+    finally:
+        for owner, attribute, original in originals:
+            setattr(owner, attribute, original)
+    table = ["| part | own time per step (s) | share | GFLOP/s (share of the matmul rate) |", "|---|---:|---:|---:|"]
+    for name, seconds in own.most_common():
+        seconds /= steps
+        flops = ""
+        if name in FLOP_PARTS:
+            passes = 2 if name.startswith("feed-forward (") or name == "flash kernel, forward" else 1
+            achieved = FLOP_PARTS[name](length) * LAYERS * passes / seconds / 1e9
+            flops = f"{achieved:.0f} ({achieved / rate:.0%})"
+        table.append(f"| {name} | {seconds:.3f} | {seconds / wall:.0%} | {flops} |")
+    rest = wall - sum(own.values()) / steps
+    table.append(f"| everything else (embedding, optimizer, Python) | {rest:.3f} | {rest / wall:.0%} | |")
+    return table, wall
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * 4096**3 / sorted(times)[2] / 1e9
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", type=int, default=16384)
+    p.add_argument("--rows", type=int, default=20, help="operators listed")
+    p.add_argument("--steps", type=int, default=3, help="timed steps for the table by part")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.md")
+    args = p.parse_args(argv)
+
+    release_freed_memory_eagerly()
+    step = build(args.length)
+    step()
+    rate = matmul_gflops()
+    parts, wall = by_part(step, args.steps, args.length, rate)
+    operators, profiled = by_operator(step, args.rows)
+    flags = "" if args.length == 16384 else f" --length {args.length}"
+    text = (f"# One training step at {args.length:,} tokens: where the time goes\n\n"
+            f"Command: `python benchmarks/profile_step.py{flags}`. {datetime.date.today()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}; matmul rate (float32, 4096^3, median "
+            f"of 5) {rate:.0f} GFLOP/s.\n\n"
+            f"## By part ({args.steps} steps, {wall:.2f} s per step)\n\n"
+            "FLOP rates count the feed-forward's two matrix products per position (forward, and its recompute in "
+            "the reversible backward; the backward counts both gradients) and the flash kernel's q.k and p.v over "
+            "windows of 2 x 64 keys, 4 rounds, 4 heads.\n\n"
+            + "\n".join(parts)
+            + f"\n\n## By operator (one profiled step, {profiled:.1f} s: the profiler adds a little)\n\n"
+            + "\n".join(operators) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

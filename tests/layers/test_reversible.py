@@ -107,7 +107,8 @@ def test_reversible_gradients_through_the_hidden_states_equal_plain_and_leave_th
         model = ReformerLM(config).double().train()
         hidden = model.hidden_states(ids, mask)
         before = hidden.detach().clone()
-        (model.logits_from_hidden(hidden) * torch.linspace(-1, 1, config.vocab_size, dtype=torch.float64)).sum().backward()
+        weights = torch.linspace(-1, 1, config.vocab_size, dtype=torch.float64)
+        (model.logits_from_hidden(hidden) * weights).sum().backward()
         assert torch.equal(hidden.detach(), before), "the backward changed the returned hidden states"
         grads.append({name: p.grad for name, p in model.named_parameters()})
         hidden_values.append(before)
@@ -168,3 +169,13 @@ def test_a_training_step_holds_about_nine_activations_whatever_the_depth(layers)
     step_mib = json.loads(done.stdout.strip().splitlines()[-1])["step_mib"]
     activations = step_mib / (n * 256 * 4 / 2**20)
     assert activations < 11.5, f"the step held {activations:.1f} activations of (n, d_model)"
+
+
+def test_a_second_backward_through_the_reversible_loss_is_explained():
+    config = tiny_config()
+    model = ReformerLM(config).train()
+    ids, mask = random_batch(config)
+    loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        loss.backward()

@@ -361,6 +361,7 @@ def window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, 
     k_pos = windows(extended.view(b * h, -1).to(position_dtype), g, c, w).masked_fill(~key_ok, BLOCKED)
     k_pos *= POSITION_SCALE
     bias = torch.zeros(key_ok.shape, dtype=dtype, device=key_ok.device).masked_fill_(~key_ok, masked_value)
-    return MaskRecipe(q_pos=flat_order.view(b * h, g, c).to(position_dtype) * POSITION_SCALE, k_pos=k_pos, bias=bias, causal=causal,
+    q_pos = flat_order.view(b * h, g, c).to(position_dtype) * POSITION_SCALE
+    return MaskRecipe(q_pos=q_pos, k_pos=k_pos, bias=bias, causal=causal,
                       self_value=self_value, self_on_diagonal=self_on_diagonal, diagonal=window[0] * c,
                       masked_value=masked_value, dtype=dtype)

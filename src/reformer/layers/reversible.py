@@ -127,6 +127,9 @@ class _ReversibleStack(torch.autograd.Function):
             grad_state = split_(torch.empty_like(state), grad)
             tail_grads = []
         else:
+            if ctx.state is None:
+                raise RuntimeError("the reversible stack's backward already ran: it rebuilds its inputs in place "
+                                   "and cannot run twice (retain_graph); use reversible=False for that")
             state, ctx.state = ctx.state, None
             grad_state = torch.zeros_like(state)
             tail_grads = _tail_backward(tail, state, grad_state, grad)
