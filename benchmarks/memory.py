@@ -174,8 +174,8 @@ def cpu_model() -> str:
 def allocator_note(results) -> str:
     eager = [run["eager"] for runs in results.values() for run in runs]
     if eager and all(eager):
-        return ("`reformer.memory.release_freed_memory_eagerly()` (fixed 8 MiB mmap threshold: freed blocks "
-                "go back to the OS at once), as `make demo` does")
+        return ("`reformer.memory.release_freed_memory_eagerly()` (mmap threshold fixed at 8 MiB: freed "
+                "large blocks go back to the OS at once; heap trimmed above 64 MiB free), as `make demo` does")
     return "glibc defaults (dynamic mmap threshold, up to 32 MiB: the heap keeps freed blocks)"
 
 
