@@ -3,16 +3,17 @@
 Why: glibc's malloc raises its mmap threshold every time a large block is freed
 (up to 32 MiB). After that, tensors of a few MiB come from the heap, and the
 heap keeps what they leave behind. A reversible model allocates and frees one
-layer's worth of such tensors per layer, so the process RSS creeps up with
-depth even though the live tensors do not (`benchmarks/memory.py`, 16,384 tokens:
-12 layers peak 1.33x the 2-layer model with `--default-malloc`, 1.06x with this fix).
+layer's worth of such tensors per layer, so the process RSS can creep above
+the live tensors (`benchmarks/memory.py` and its `--default-malloc` variant
+compare the two; since the reversible stack works in place, the difference is
+a few percent).
 `release_freed_memory_eagerly()` fixes the threshold, which turns the dynamic
 adjustment off: blocks above it are mapped and unmapped directly. A lower
 threshold saves a little more memory but costs page faults, which slow
 training; 8 MiB is the compromise. Fixing it also freezes glibc's trim
 threshold at 128 KiB, so the heap would give its top back to the OS after
-nearly every free and fault it in again on the next allocation (a million
-page faults per 16,384-token training step, a tenth of its CPU time); the
+nearly every free and fault it in again on the next allocation (a large share
+of a training step's CPU time went to page faults); the
 trim threshold is set to 64 MiB instead, which keeps that much free memory at
 the top of the heap at most. It changes
 the whole process, so the library never calls it on import; the demo and the
