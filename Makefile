@@ -35,7 +35,7 @@ bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (wr
 	$(PY) benchmarks/memory.py
 
 bench-generate: $(STAMP)  ## generation tokens/s with and without the cache (writes benchmarks/results/generate.md)
-	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/generate.py --new-tokens 32
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

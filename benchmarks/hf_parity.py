@@ -133,12 +133,23 @@ class BucketRecorder:
             attention = layer.attention.self_attention
             if type(attention).__name__ == "LSHSelfAttention":
                 attention.register_forward_hook(lambda m, a, out: self.hf.append(out.buckets))
-        for block in ours.layers:
+        for block in ours.layers:  # the attention branch calls project() and attend(), not forward()
             if isinstance(block.attention.attention, LSHSelfAttention):
-                block.attention.attention.register_forward_hook(lambda m, args, out: self.ours.append(args[2].buckets))
+                self._record_attend(block.attention.attention)
+
+    def _record_attend(self, module) -> None:
+        attend = module.attend
+
+        def recorded(projections, mask, call):
+            out = attend(projections, mask, call)
+            self.ours.append(call.buckets)
+            return out
+        module.attend = recorded
 
     def differing(self, n_buckets: int) -> tuple[int, int]:
         """(buckets that differ, buckets in all) over the recorded passes, HF's round offsets removed."""
+        if len(self.hf) != len(self.ours):
+            raise RuntimeError(f"recorded {len(self.hf)} HF and {len(self.ours)} of our LSH calls; they should pair")
         diff = total = 0
         for theirs, mine in zip(self.hf, self.ours):
             theirs = theirs.reshape(mine.shape) % n_buckets
