@@ -39,7 +39,35 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)  # (b, n, h*d)
 
 
-class LSHSelfAttention(nn.Module):
+class ProjectedAttention(nn.Module):
+    """A self-attention in two parts: position-wise projections, then the attention over all positions.
+
+    Subclasses name their projections (`projection_layers`) and implement
+    `attend`; the attention branch calls the two parts separately, so that it
+    can run the projections chunk by chunk.
+    """
+
+    def projection_layers(self) -> tuple[nn.Linear, ...]:
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The position-wise part: x (b, m, d_model) -> (b, m, h*d) per projection."""
+        return tuple(layer(x) for layer in self.projection_layers())
+
+    def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
+               call: LayerCall) -> torch.Tensor:
+        """The attention over all positions: projections (b, n, h*d) each -> (b, n, h*d)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
+        return self.attend(self.project(x), mask, call)
+
+
+def qkv_projections(d_model: int, inner: int) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    return tuple(nn.Linear(d_model, inner, bias=False) for _ in range(3))
+
+
+class LSHSelfAttention(ProjectedAttention):
     """Shared-QK LSH attention. Rotations: fresh per training call, fixed per layer in eval.
 
     A sequence that fits in one chunk gets full shared-QK attention (HF's rule):
@@ -101,13 +129,8 @@ class LSHSelfAttention(nn.Module):
     def projection_layers(self) -> tuple[nn.Linear, ...]:
         return self.qk, self.v  # shared query-keys and values
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The position-wise part: x (b, m, d_model) -> (b, m, h*d) per projection."""
-        return tuple(layer(x) for layer in self.projection_layers())
-
     def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
                call: LayerCall) -> torch.Tensor:
-        """The attention over all positions: projections (b, n, h*d) each -> (b, n, h*d)."""
         qk, v = (split_heads(p, self.n_heads) for p in projections)  # (b, h, n, d)
         dropout_seed = None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS)
         if self.use_full_attention or qk.shape[2] <= self.chunk_size:
@@ -124,27 +147,19 @@ class LSHSelfAttention(nn.Module):
         call.buckets = buckets
         return merge_heads(out)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        return self.attend(self.project(x), mask, call)
 
-
-class LocalSelfAttention(nn.Module):
+class LocalSelfAttention(ProjectedAttention):
     """Chunked local attention with separate q, k, v projections (HF `LocalSelfAttention`)."""
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, causal: bool,
                  attn_dropout: float, wrap: bool = False, window: tuple[int, int] = (1, 0)):
         super().__init__()
-        self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.q, self.k, self.v = qkv_projections(d_model, n_heads * d_head)
         self.n_heads, self.chunk_size, self.causal, self.attn_dropout = n_heads, chunk_size, causal, attn_dropout
         self.wrap, self.window = wrap, window
 
     def projection_layers(self) -> tuple[nn.Linear, ...]:
         return self.q, self.k, self.v
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(layer(x) for layer in self.projection_layers())  # (b, m, h*d) each
 
     def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
                call: LayerCall) -> torch.Tensor:
@@ -156,25 +171,17 @@ class LocalSelfAttention(nn.Module):
         )
         return merge_heads(out)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        return self.attend(self.project(x), mask, call)
 
-
-class FullSelfAttention(nn.Module):
+class FullSelfAttention(ProjectedAttention):
     """Dense attention with separate q, k, v projections: the Transformer baseline."""
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, causal: bool, attn_dropout: float):
         super().__init__()
-        self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
-        self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.q, self.k, self.v = qkv_projections(d_model, n_heads * d_head)
         self.n_heads, self.causal, self.attn_dropout = n_heads, causal, attn_dropout
 
     def projection_layers(self) -> tuple[nn.Linear, ...]:
         return self.q, self.k, self.v
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(layer(x) for layer in self.projection_layers())  # (b, m, h*d) each
 
     def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
                call: LayerCall) -> torch.Tensor:
@@ -184,9 +191,6 @@ class FullSelfAttention(nn.Module):
             dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
         )
         return merge_heads(out)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        return self.attend(self.project(x), mask, call)
 
 
 class AttentionBranch(nn.Module):
