@@ -208,17 +208,24 @@ class _SlotGradients:
         self.q, self.v = torch.empty_like(q_rows), torch.empty_like(v_rows)
         self.k = None if self.shared else torch.empty_like(k_rows)
         self.q_slots = None if self.in_place else q_rows.new_empty(e if self.shared else g * c, d)
-        self.k_slots = None if self.shared else q_rows.new_empty(e, d)
-        self.v_slots = q_rows.new_empty(e, d)
+        if self.in_place:  # slots are positions: key and value gradients go straight to their rows
+            self.k_slots = _ExtendedRows(plan, q_rows)
+            self.v_slots = _ExtendedRows(plan, q_rows)
+        else:
+            self.k_slots = None if self.shared else q_rows.new_empty(e, d)
+            self.v_slots = q_rows.new_empty(e, d)
         self.q_offset = plan.window[0] * c if self.shared else 0  # where the query slots start in q_slots
         self.q_target = self.q_slots
 
     def begin(self, row: int) -> None:
+        if self.in_place:
+            self.q_target = self.plan.head_row(self.q, row)  # (n, d): its slots are its positions
+            self.k_slots.begin(self.plan.head_row(self.k, row))
+            self.v_slots.begin(self.plan.head_row(self.v, row))
+            return
         for slots in (self.q_slots, self.k_slots, self.v_slots):
             if slots is not None:
                 slots.zero_()
-        if self.in_place:
-            self.q_target = self.plan.head_row(self.q, row)  # (n, d): its slots are its positions
 
     def add(self, start: int, end: int, dq, dk, dv, raw) -> None:
         """Block start..end's dq (G, c, d) and window gradients dk, dv (G, w, d); raw: its extended query-keys."""
@@ -230,16 +237,67 @@ class _SlotGradients:
             dk_extended = dq.new_zeros((end - start - 1) * c + w, dq.shape[-1])
             _fold_windows_into(dk_extended, dk, c)
             add_normalize_keys_backward_(self.q_slots[extended], raw, dk_extended)
+        elif self.in_place:
+            self.k_slots.fold(start, dk)
         else:
             _fold_windows_into(self.k_slots[extended], dk, c)
-        _fold_windows_into(self.v_slots[extended], dv, c)
+        if self.in_place:
+            self.v_slots.fold(start, dv)
+        else:
+            _fold_windows_into(self.v_slots[extended], dv, c)
 
     def end(self, row: int) -> None:
-        if not self.in_place:
-            _slots_to_positions(self.plan, row, self.q, self.q_slots, extended=self.shared)
+        if self.in_place:
+            self.k_slots.end()
+            self.v_slots.end()
+            return
+        _slots_to_positions(self.plan, row, self.q, self.q_slots, extended=self.shared)
         if not self.shared:
             _slots_to_positions(self.plan, row, self.k, self.k_slots, extended=True)
         _slots_to_positions(self.plan, row, self.v, self.v_slots, extended=True)
+
+
+class _ExtendedRows:
+    """A position-ordered head row's extended slots without a copy: the row itself, and the wrapped chunks apart.
+
+    Extended chunk j is one of the `before` chunks in front (j < before), the
+    row's chunk j - before, or one of the `after` chunks behind. The chunks in
+    front stand for the row's last chunks and those behind for its first, so
+    `end` adds them there.
+    """
+
+    def __init__(self, plan: Plan, like: torch.Tensor):
+        self.c = plan.rows.shape[2]
+        self.before, self.after = plan.window
+        self.edges = like.new_empty(self.before + self.after, self.c, like.shape[1])  # (before + after, c, d)
+        self.main = None
+
+    def begin(self, row: torch.Tensor) -> None:
+        """row (n, d), a strided view: the gradients land there."""
+        self.main = row.zero_().view(-1, self.c, row.shape[-1])  # (g, c, d)
+        self.edges.zero_()
+
+    def add(self, first: int, values: torch.Tensor) -> None:
+        """Add values (m, c, d) onto extended chunks first .. first + m."""
+        g, last = self.main.shape[0], first + values.shape[0]
+        segments = ((0, self.before, self.edges[:self.before]), (self.before, self.before + g, self.main),
+                    (self.before + g, self.before + g + self.after, self.edges[self.before:]))
+        for low, high, target in segments:
+            a, b = max(first, low), min(last, high)
+            if a < b:
+                target[a - low:b - low] += values[a - first:b - first]
+
+    def fold(self, start: int, grad_windows: torch.Tensor) -> None:
+        """Add the gradients of overlapping windows (G, w, d) of chunks start.. onto their extended chunks."""
+        c = self.c
+        for part in range(grad_windows.shape[1] // c):  # window part p of chunk i is extended chunk i + p
+            self.add(start + part, grad_windows[:, part * c:(part + 1) * c])
+
+    def end(self) -> None:
+        if self.before:
+            self.main[self.main.shape[0] - self.before:] += self.edges[:self.before]
+        if self.after:
+            self.main[:self.after] += self.edges[self.before:]
 
 
 def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows):
