@@ -140,3 +140,15 @@ def test_local_dropout_is_seeded():
     b = local_attention(q, k, v, chunk_size=4, dropout=0.5, dropout_seed=1)
     c = local_attention(q, k, v, chunk_size=4, dropout=0.5, dropout_seed=2)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_shared_query_keys_with_a_position_order_plan_are_refused():
+    from reformer.attention.fused_chunks import ChunkedAttention, chunk_plan, projection_rows
+
+    positions = torch.arange(16).expand(1, 2, 16)
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    plan = chunk_plan(positions, mask, 16, 4, True, False, (1, 0), torch.float64, scale=0.5, self_value=None,
+                      self_on_diagonal=True, in_position_order=True)
+    rows = projection_rows(torch.randn(1, 2, 16, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shared query-keys"):
+        ChunkedAttention.apply(rows, None, rows, plan)

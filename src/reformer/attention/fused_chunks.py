@@ -139,6 +139,9 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_rows, k_rows, v_rows, plan: Plan):
+        if k_rows is None and plan.rank is None:
+            raise ValueError("shared query-keys (k_rows None) need a sorted plan: build it without "
+                             "in_position_order, as lsh_attention does")
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
         out = q_rows.new_empty(plan.n_rows, d)
@@ -186,78 +189,81 @@ class ChunkedAttention(torch.autograd.Function):
                                              0.0, False, attn_mask=plan.recipe.block(row, start, end),
                                              scale=plan.scale)  # dq (1, G, c, d); dk, dv (1, G, w, d)
                 grads.add(start, end, dq[0], dk[0], dv[0], raw)
-            grads.end(row)
+            grads.end()
         return grads.q, grads.k, grads.v, None
 
 
 class _SlotGradients:
-    """The gradients of q, k, v rows, gathered per head row in slot order, then written by position.
+    """The gradients of q, k, v rows of one head row at a time, accumulated on its extended slots.
 
-    Query gradients land on the head row's slots (g * c), key and value
-    gradients on its extended slots (e), whose wrapped-around chunks fold back
-    at the end. Shared query-keys: the keys' gradients go through the
-    unit-length normalisation and land on the query-key slots (then extended
-    too). A plan in position order takes the query gradients in place.
+    A sorted plan (LSH) adds them onto buffers in slot order (`_SortedSlots`)
+    and writes them by position at the end of the head row; a plan in position
+    order (local attention) adds them straight onto the rows (`_PositionSlots`)
+    and writes query gradients in place. Shared query-keys (sorted plans only):
+    the keys' gradients go through the unit-length normalisation onto the
+    query-key slots.
     """
 
     def __init__(self, plan: Plan, q_rows, k_rows, v_rows):
-        bh, g, c = plan.rows.shape
-        d, e = q_rows.shape[1], plan.kv_source.shape[1]
         self.plan, self.shared = plan, k_rows is None
-        self.in_place = plan.rank is None and not self.shared
         self.q, self.v = torch.empty_like(q_rows), torch.empty_like(v_rows)
         self.k = None if self.shared else torch.empty_like(k_rows)
-        self.q_slots = None if self.in_place else q_rows.new_empty(e if self.shared else g * c, d)
-        if self.in_place:  # slots are positions: key and value gradients go straight to their rows
-            self.k_slots = _ExtendedRows(plan, q_rows)
-            self.v_slots = _ExtendedRows(plan, q_rows)
-        else:
-            self.k_slots = None if self.shared else q_rows.new_empty(e, d)
-            self.v_slots = q_rows.new_empty(e, d)
-        self.q_offset = plan.window[0] * c if self.shared else 0  # where the query slots start in q_slots
-        self.q_target = self.q_slots
+        slots = _PositionSlots if plan.rank is None else _SortedSlots
+        self.q_slots = None if plan.rank is None else _SortedSlots(plan, self.q)  # None: dq goes in place
+        self.k_slots = None if self.shared else slots(plan, self.k)
+        self.v_slots = slots(plan, self.v)
+        self.row = 0
 
     def begin(self, row: int) -> None:
-        if self.in_place:
-            self.q_target = self.plan.head_row(self.q, row)  # (n, d): its slots are its positions
-            self.k_slots.begin(self.plan.head_row(self.k, row))
-            self.v_slots.begin(self.plan.head_row(self.v, row))
-            return
+        self.row = row
         for slots in (self.q_slots, self.k_slots, self.v_slots):
             if slots is not None:
-                slots.zero_()
+                slots.begin(row)
 
     def add(self, start: int, end: int, dq, dk, dv, raw) -> None:
         """Block start..end's dq (G, c, d) and window gradients dk, dv (G, w, d); raw: its extended query-keys."""
         c, w = dq.shape[1], dk.shape[1]
-        own = self.q_target[self.q_offset + start * c:self.q_offset + end * c].view(end - start, c, -1)
-        own.copy_(dq) if self.in_place else own.add_(dq)
-        extended = slice(start * c, (end - 1) * c + w)
+        if self.q_slots is None:  # position order: a query's slot is its position
+            self.plan.head_row(self.q, self.row)[start * c:end * c].view(end - start, c, -1).copy_(dq)
+        else:  # the queries' own slots follow the `before` chunks of the extended slots
+            own = self.plan.window[0] * c
+            self.q_slots.buffer[own + start * c:own + end * c].view(end - start, c, -1).add_(dq)
         if self.shared:  # through the unit-length keys, onto the query-key slots
             dk_extended = dq.new_zeros((end - start - 1) * c + w, dq.shape[-1])
             _fold_windows_into(dk_extended, dk, c)
-            add_normalize_keys_backward_(self.q_slots[extended], raw, dk_extended)
-        elif self.in_place:
+            add_normalize_keys_backward_(self.q_slots.buffer[start * c:(end - 1) * c + w], raw, dk_extended)
+        else:
             self.k_slots.fold(start, dk)
-        else:
-            _fold_windows_into(self.k_slots[extended], dk, c)
-        if self.in_place:
-            self.v_slots.fold(start, dv)
-        else:
-            _fold_windows_into(self.v_slots[extended], dv, c)
+        self.v_slots.fold(start, dv)
 
-    def end(self, row: int) -> None:
-        if self.in_place:
-            self.k_slots.end()
-            self.v_slots.end()
-            return
-        _slots_to_positions(self.plan, row, self.q, self.q_slots, extended=self.shared)
-        if not self.shared:
-            _slots_to_positions(self.plan, row, self.k, self.k_slots, extended=True)
-        _slots_to_positions(self.plan, row, self.v, self.v_slots, extended=True)
+    def end(self) -> None:
+        for slots in (self.q_slots, self.k_slots, self.v_slots):
+            if slots is not None:
+                slots.end()
 
 
-class _ExtendedRows:
+class _SortedSlots:
+    """A head row's gradients on its extended slots in sorted order, a buffer, written by position at the end."""
+
+    def __init__(self, plan: Plan, rows: torch.Tensor):
+        self.plan, self.rows, self.row = plan, rows, 0
+        self.c = plan.rows.shape[2]
+        self.buffer = rows.new_empty(plan.kv_source.shape[1], rows.shape[1])  # (e, d), reused by every head row
+
+    def begin(self, row: int) -> None:
+        self.row = row
+        self.buffer.zero_()
+
+    def fold(self, start: int, grad_windows: torch.Tensor) -> None:
+        """Add the gradients of overlapping windows (G, w, d) of chunks start.. onto their extended slots."""
+        g, w = grad_windows.shape[:2]
+        _fold_windows_into(self.buffer[start * self.c:(start + g - 1) * self.c + w], grad_windows, self.c)
+
+    def end(self) -> None:
+        _slots_to_positions(self.plan, self.row, self.rows, self.buffer)
+
+
+class _PositionSlots:
     """A position-ordered head row's extended slots without a copy: the row itself, and the wrapped chunks apart.
 
     Extended chunk j is one of the `before` chunks in front (j < before), the
@@ -266,15 +272,16 @@ class _ExtendedRows:
     `end` adds them there.
     """
 
-    def __init__(self, plan: Plan, like: torch.Tensor):
+    def __init__(self, plan: Plan, rows: torch.Tensor):
+        self.plan, self.rows = plan, rows
         self.c = plan.rows.shape[2]
         self.before, self.after = plan.window
-        self.edges = like.new_empty(self.before + self.after, self.c, like.shape[1])  # (before + after, c, d)
+        self.edges = rows.new_empty(self.before + self.after, self.c, rows.shape[1])  # (before + after, c, d)
         self.main = None
 
-    def begin(self, row: torch.Tensor) -> None:
-        """row (n, d), a strided view: the gradients land there."""
-        self.main = row.zero_().view(-1, self.c, row.shape[-1])  # (g, c, d)
+    def begin(self, row: int) -> None:
+        head_row = self.plan.head_row(self.rows, row)  # (n, d), a strided view: the gradients land there
+        self.main = head_row.zero_().view(-1, self.c, head_row.shape[-1])  # (g, c, d)
         self.edges.zero_()
 
     def add(self, first: int, values: torch.Tensor) -> None:
@@ -348,23 +355,17 @@ def _fold_windows_into(extended: torch.Tensor, grad_windows: torch.Tensor, c: in
         folded[part:part + g] += grad_windows[:, part * c:(part + 1) * c]
 
 
-def _slots_to_positions(plan: Plan, row: int, rows: torch.Tensor, slots: torch.Tensor, *, extended: bool) -> None:
-    """Write head row `row`'s gradients from slot order (g * c, d), or extended slots (e, d), into rows by position."""
-    if extended:  # fold the chunks that wrap around onto the slots they stand for
-        c = plan.rows.shape[2]
-        before, after = plan.window[0] * c, plan.window[1] * c
-        main = slots[before:slots.shape[0] - after]
-        if before:
-            main[main.shape[0] - before:] += slots[:before]
-        if after:
-            main[:after] += slots[slots.shape[0] - after:]
-        slots = main
-    target = plan.head_row(rows, row)  # (n, d)
-    if plan.rank is None:
-        target.copy_(slots)
-        return
+def _slots_to_positions(plan: Plan, row: int, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write head row `row`'s gradients from its extended slots (e, d), in sorted order, into rows by position."""
+    c = plan.rows.shape[2]
+    before, after = plan.window[0] * c, plan.window[1] * c
+    main = slots[before:slots.shape[0] - after]  # fold the chunks that wrap around onto the slots they stand for
+    if before:
+        main[main.shape[0] - before:] += slots[:before]
+    if after:
+        main[:after] += slots[slots.shape[0] - after:]
     r, n = plan.rank.shape[1:]
-    torch.sum(slots.index_select(0, plan.rank[row].view(-1)).view(r, n, -1), dim=0, out=target)
+    torch.sum(main.index_select(0, plan.rank[row].view(-1)).view(r, n, -1), dim=0, out=plan.head_row(rows, row))
 
 
 # --- plans: index tensors and mask recipes ---------------------------------------------------------
