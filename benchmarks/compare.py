@@ -317,6 +317,8 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        p.error(f"--rounds and --repeats must be at least 1 (got {args.rounds} and {args.repeats})")
     if args.worker:
         print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.budget, args.device)))
         return

@@ -167,6 +167,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps for the table by part")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.md")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.length < 1:
+        p.error(f"--steps and --length must be at least 1 (got {args.steps} and {args.length})")
 
     release_freed_memory_eagerly()
     step = build(args.length)

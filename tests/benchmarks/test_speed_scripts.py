@@ -27,3 +27,25 @@ def test_million_quick_run_writes_a_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "million.py"), "--tokens", "4096", "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     assert "| 4,096 |" in out.read_text()
+
+
+def test_compare_refuses_zero_rounds():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--rounds", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--rounds and --repeats must be at least 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_profile_quick_run_writes_both_tables(tmp_path):
+    out = tmp_path / "profile.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--length", "512", "--steps", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    text = out.read_text()
+    assert "| feed-forward backward |" in text and "| flash kernel, forward |" in text
+    assert "`aten::" in text and "--length 512" in text
+
+
+def test_profile_refuses_zero_steps():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--steps", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--steps and --length must be at least 1" in done.stderr
