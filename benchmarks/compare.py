@@ -25,10 +25,16 @@ projections and the output projection 3 * 2 * d * (h * dh), the feed-forward
 window of w = 2 * chunk keys); the head 2 * 2d * vocab. A training step counts
 3x the forward (forward + backward). The reversible recomputation (one more
 forward) is not counted: it is work the model does, not model FLOPs. The
-machine's rate is the median of 5 float32 4096^3 matrix products in the same run.
+machine's rate is the median of 5 4096^3 matrix products in the same run, in
+the precision of the run.
+
+--precision bf16 runs every contender's step under `torch.autocast` with
+bfloat16 (on CPUs with AMX or AVX512-BF16, matrix products run 4x faster), and
+writes compare_bf16.md and its plots; the matmul rate is then bfloat16's.
 
     python benchmarks/compare.py                    # writes benchmarks/results/compare.md and two plots
     python benchmarks/compare.py --lengths 1024 4096 --contenders ours sdpa --repeats 1
+    python benchmarks/compare.py --precision bf16 --lengths 4096 16384 --rounds 3
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("ours", "hf", "reformer_pytorch", "sdpa")
 LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
           "sdpa": "Transformer + SDPA"}
+PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
+              "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
 
 
@@ -147,7 +155,8 @@ def build_sdpa(length: int, device):
 BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reformer_pytorch, "sdpa": build_sdpa}
 
 
-def worker(contender: str, length: int, repeats: int, budget_s: float, device_name: str) -> dict:
+def worker(contender: str, length: int, repeats: int, budget_s: float, device_name: str,
+           precision: str = "fp32") -> dict:
     import torch
 
     from reformer.memory import peak_rss_mib
@@ -161,7 +170,8 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
 
     def step() -> float:
         start = time.perf_counter()
-        loss = loss_fn(ids)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -180,11 +190,12 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
 
 # --- the driver ------------------------------------------------------------------------------------
 
-def matmul_gflops(device_name: str) -> float:
+def matmul_gflops(device_name: str, precision: str = "fp32") -> float:
     import torch
 
     device = torch.device(device_name)
-    a, b = torch.randn(4096, 4096, device=device), torch.randn(4096, 4096, device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
     times = []
@@ -225,7 +236,7 @@ def predicted_skip(history: list[dict], length: int, args) -> str | None:
 
 def run_cell(contender: str, length: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", contender, "--lengths", str(length), "--repeats",
-               str(args.repeats), "--budget", str(args.budget), "--device", args.device]
+               str(args.repeats), "--budget", str(args.budget), "--device", args.device, "--precision", args.precision]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.max_step_s * 3 + 120)
     except subprocess.TimeoutExpired:
@@ -269,7 +280,7 @@ def table(results: dict, lengths, contenders, rate_gflops: float) -> list[str]:
     return rows
 
 
-def plots(results: dict, lengths, contenders, out_dir: Path) -> list[Path]:
+def plots(results: dict, lengths, contenders, out_dir: Path, suffix: str = "") -> list[Path]:
     try:
         import matplotlib
 
@@ -293,7 +304,7 @@ def plots(results: dict, lengths, contenders, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3, which="both")
         ax.legend()
         fig.tight_layout()
-        path = out_dir / name
+        path = out_dir / name.replace(".png", f"{suffix}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
@@ -314,13 +325,16 @@ def main(argv=None) -> None:
     p.add_argument("--max-step-s", type=float, default=600.0, help="skip a cell predicted to be slower than this")
     p.add_argument("--max-memory-gib", type=float, default=20.0, help="skip a cell predicted to need more memory")
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: every contender under torch.autocast(bfloat16); the matmul rate in bfloat16 too")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
         p.error(f"--rounds and --repeats must be at least 1 (got {args.rounds} and {args.repeats})")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.budget, args.device)))
+        print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.budget, args.device,
+                                args.precision)))
         return
 
     import torch
@@ -330,7 +344,7 @@ def main(argv=None) -> None:
     history = {c: [] for c in args.contenders}
     started = time.perf_counter()
     for round_index in range(args.rounds):
-        rates.append(matmul_gflops(args.device))
+        rates.append(matmul_gflops(args.device, args.precision))
         print(f"round {round_index + 1}: matmul rate {rates[-1]:.1f} GFLOP/s", flush=True)
         for length in args.lengths:
             if round_index > 0 and length > args.rounds_up_to:
@@ -354,7 +368,8 @@ def main(argv=None) -> None:
     rate = statistics.median(rates)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    written = plots(results, args.lengths, args.contenders, args.out_dir)
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    written = plots(results, args.lengths, args.contenders, args.out_dir, suffix)
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     text = ["# Training step: ours beside the peers\n",
@@ -363,20 +378,20 @@ def main(argv=None) -> None:
             "in all.\n",
             f"Model: {LAYERS} layers, causal, d_model {D_MODEL}, {HEADS} heads x {D_HEAD}, d_ff {D_FF}, byte "
             f"vocabulary, batch 1; the Reformers: LSH attention in every layer, chunks of {CHUNK}, {HASHES} hashes, "
-            "reversible. Each cell: a fresh process, one warm-up step, then up to "
-            f"{args.repeats} timed steps (forward, backward, AdamW)"
+            f"reversible. Precision: {PRECISIONS[args.precision]}. Each cell: a fresh process, one warm-up step, "
+            f"then up to {args.repeats} timed steps (forward, backward, AdamW)"
             + (f", in each of {args.rounds} rounds for lengths up to {args.rounds_up_to:,} (contenders in "
                "alternation); the table gives the median over all timed steps" if args.rounds > 1 else
                "; the table gives their median") + ". Memory: peak "
             f"{'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'RSS of the process'}.\n",
-            "Machine matmul rate (float32, 4096^3, median of 5"
+            f"Machine matmul rate ({'bfloat16' if args.precision == 'bf16' else 'float32'}, 4096^3, median of 5"
             f"{' in each round, then over the rounds' if args.rounds > 1 else ''}): "
             f"**{rate:.1f} GFLOP/s**. Model FLOPs: see the "
             "docstring of benchmarks/compare.py.\n",
             *table(results, args.lengths, args.contenders, rate),
             "", *(f"![{path.stem}]({path.name})" for path in written)]
-    (args.out_dir / "compare.md").write_text("\n".join(text) + "\n")
-    (args.out_dir / "compare.json").write_text(json.dumps(
+    (args.out_dir / f"compare{suffix}.md").write_text("\n".join(text) + "\n")
+    (args.out_dir / f"compare{suffix}.json").write_text(json.dumps(
         {"matmul_gflops": rate, "matmul_gflops_per_round": rates, "results": [r for r in results.values()]},
         indent=1) + "\n")
     print("\n".join(text))

@@ -13,6 +13,24 @@ import torch.nn.functional as F
 KEY_EPS = 1e-6  # inside the rsqrt of `normalize_keys`
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bfloat16 and float16, else the dtype itself: what logits, softmaxes and sums run in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def explicit_precision(device: torch.device) -> torch.autocast:
+    """Autocast off, for the explicit-softmax paths, which upcast their rows to `accumulation_dtype` themselves.
+
+    Under autocast their matmuls would round the logits to bfloat16 (2^-8
+    relative: a 1% error in probabilities at logits of 3).
+    """
+    return torch.autocast(device.type, enabled=False)
+
+
+def upcast(*rows: torch.Tensor) -> list[torch.Tensor]:
+    return [x.to(accumulation_dtype(x.dtype)) for x in rows]
+
+
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
     """(self logit, masked logit) that are safe in `dtype`.
 

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import check_attention_mask, check_qkv, mask_values, zero_masked_queries, zero_padded
+from ._chunking import (check_attention_mask, check_qkv, explicit_precision, mask_values, upcast, zero_masked_queries,
+                        zero_padded)
 from ..rng import dropout as seeded_dropout
 
 
@@ -34,12 +35,14 @@ def full_attention(
     if dropout == 0.0 or dropout_seed is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     else:
-        dots = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (b, h, n, n)
-        if allowed is None:
-            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
-        dots = dots.masked_fill(~allowed, float("-inf"))
-        probs = seeded_dropout(torch.softmax(dots, dim=-1), dropout, dropout_seed)
-        out = probs @ v
+        with explicit_precision(q.device):
+            q_up, k_up, v_up = upcast(q, k, v)
+            dots = (q_up @ k_up.transpose(-1, -2)) / math.sqrt(d)  # (b, h, n, n)
+            if allowed is None:
+                allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
+            dots = dots.masked_fill(~allowed, float("-inf"))
+            probs = seeded_dropout(torch.softmax(dots, dim=-1), dropout, dropout_seed)
+            out = (probs @ v_up).to(q.dtype)
     return zero_masked_queries(out, attention_mask)
 
 
@@ -73,12 +76,15 @@ def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = Fal
 
     b, h, n, d = check_qkv({"qk": qk, "v": v})
     attention_mask = check_attention_mask(attention_mask, b, n)
-    qk, v = zero_padded(qk, attention_mask), zero_padded(v, attention_mask)
-    self_value, masked_value = mask_values(qk.dtype)
-    dots = qk @ normalize_keys(qk).transpose(-1, -2)  # (b, h, n, n)
-    dots = dots.masked_fill(torch.eye(n, dtype=torch.bool, device=qk.device), self_value)
-    allowed = _allowed(attention_mask, b, n, causal, qk.device)
-    if allowed is not None:
-        dots = dots.masked_fill(~allowed, masked_value)
-    probs = seeded_dropout(torch.softmax(dots, dim=-1), dropout, dropout_seed)
-    return zero_masked_queries(probs @ v, attention_mask)
+    dtype = qk.dtype
+    with explicit_precision(qk.device):
+        qk, v = upcast(zero_padded(qk, attention_mask), zero_padded(v, attention_mask))
+        self_value, masked_value = mask_values(dtype)
+        dots = qk @ normalize_keys(qk).transpose(-1, -2)  # (b, h, n, n)
+        dots = dots.masked_fill(torch.eye(n, dtype=torch.bool, device=qk.device), self_value)
+        allowed = _allowed(attention_mask, b, n, causal, qk.device)
+        if allowed is not None:
+            dots = dots.masked_fill(~allowed, masked_value)
+        probs = seeded_dropout(torch.softmax(dots, dim=-1), dropout, dropout_seed)
+        out = (probs @ v).to(dtype)
+    return zero_masked_queries(out, attention_mask)

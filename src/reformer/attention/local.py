@@ -23,6 +23,7 @@ from ._chunking import (
     check_chunk_size,
     check_qkv,
     check_window,
+    explicit_precision,
     look_adjacent,
     mask_values,
     neighbour_mask,
@@ -30,6 +31,7 @@ from ._chunking import (
     padded_length,
     padded_mask,
     zero_masked_queries,
+    upcast,
     zero_padded,
 )
 from ..rng import dropout as seeded_dropout
@@ -85,17 +87,19 @@ def local_attention(
         rows = [projection_rows(pad_length(x, n_pad, dim=2)) for x in (q, k, v)]  # (b*n_pad*h, d) each
         out = ChunkedAttention.apply(*rows, plan).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
         return zero_masked_queries(out[:, :, :n], attention_mask)
-    q_c = pad_length(q, n_pad, dim=2).view(b, h, g, c, d)  # (b, h, g, c, d)
-    k_w = look_adjacent(pad_length(k, n_pad, dim=2).view(b, h, g, c, d), *window)  # (b, h, g, w, d)
-    v_w = look_adjacent(pad_length(v, n_pad, dim=2).view(b, h, g, c, d), *window)  # (b, h, g, w, d)
-    dots = (q_c @ k_w.transpose(-1, -2)) / math.sqrt(d)  # (b, h, g, c, w)
+    with explicit_precision(q.device):
+        q_p, k_p, v_p = upcast(*(pad_length(x, n_pad, dim=2) for x in (q, k, v)))
+        q_c = q_p.view(b, h, g, c, d)  # (b, h, g, c, d)
+        k_w = look_adjacent(k_p.view(b, h, g, c, d), *window)  # (b, h, g, w, d)
+        v_w = look_adjacent(v_p.view(b, h, g, c, d), *window)  # (b, h, g, w, d)
+        dots = (q_c @ k_w.transpose(-1, -2)) / math.sqrt(d)  # (b, h, g, c, w)
 
-    valid = _local_window_mask(mask, g, c, causal, wrap, window)  # (b, 1, g, c, w)
-    _, masked_value = mask_values(dots.dtype)
-    logits = dots.masked_fill(~valid, masked_value)
-    probs = torch.softmax(logits, dim=-1)
-    probs = seeded_dropout(probs, dropout, dropout_seed)
-    out = (probs @ v_w).view(b, h, n_pad, d)[:, :, :n]  # (b, h, n, d)
+        valid = _local_window_mask(mask, g, c, causal, wrap, window)  # (b, 1, g, c, w)
+        _, masked_value = mask_values(dots.dtype)
+        logits = dots.masked_fill(~valid, masked_value)
+        probs = torch.softmax(logits, dim=-1)
+        probs = seeded_dropout(probs, dropout, dropout_seed)
+        out = (probs @ v_w).view(b, h, n_pad, d)[:, :, :n].to(q.dtype)  # (b, h, n, d)
     return zero_masked_queries(out, attention_mask)
 
 

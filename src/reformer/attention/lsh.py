@@ -35,6 +35,7 @@ from ._chunking import (
     check_chunk_size,
     check_qkv,
     check_window,
+    explicit_precision,
     look_adjacent,
     mask_values,
     neighbour_mask,
@@ -43,6 +44,7 @@ from ._chunking import (
     padded_length,
     padded_mask,
     zero_masked_queries,
+    upcast,
     zero_padded,
 )
 from ..config import validate_n_buckets
@@ -130,7 +132,9 @@ def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) ->
     over whole rows of positions: a max with indices over a short last
     dimension is ten times slower on the CPU.
     """
-    rotated = torch.einsum("bhnd,hdrk->bhrkn", x, rotations.to(x.dtype))  # (b, h, r, rot, m)
+    with explicit_precision(x.device):  # bfloat16 rows: rotated in float32, or near-ties round together
+        x, = upcast(x)
+        rotated = torch.einsum("bhnd,hdrk->bhrkn", x, rotations.to(x.dtype))  # (b, h, r, rot, m)
     buckets = torch.zeros(rotated.shape[:3] + rotated.shape[4:], dtype=torch.int64, device=x.device)  # (b, h, r, m)
     offset, stride = 0, 1
     for factor in bucket_factors(n_buckets):
@@ -259,14 +263,15 @@ def lsh_attention(
         out = _attend_fused(qk_p, v_p, buckets, mask, chunk_size=chunk_size, causal=causal, wrap=wrap,
                             window=window)  # (b, h, n_pad, d)
     else:
-        out, lse = _attend_sorted(
-            qk_p, v_p, buckets, mask,
-            n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
-            same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
-            normalized=normalized, window=window,
-        )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
-        weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
-        out = (out * weights[..., None]).sum(dim=2)  # (b, h, n_pad, d)
+        with explicit_precision(qk.device):
+            out, lse = _attend_sorted(
+                *upcast(qk_p, v_p), buckets, mask,
+                n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
+                same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
+                normalized=normalized, window=window,
+            )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
+            weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
+            out = (out * weights[..., None]).sum(dim=2).to(qk.dtype)  # (b, h, n_pad, d)
     out = zero_masked_queries(out[:, :, :n], attention_mask)
     return out, buckets[..., :n]
 

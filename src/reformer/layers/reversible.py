@@ -37,6 +37,7 @@ it as outputs, so autograd (and DDP's hooks) see each gradient exactly once; no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 import torch
@@ -111,6 +112,7 @@ class _ReversibleStack(torch.autograd.Function):
             for block, call in zip(blocks, calls):
                 _block_forward(block, call, mask, state)
             ctx.stack = stack
+            ctx.autocast = AutocastState.current(x.device.type)
             if tail is None:
                 out = joined(state)  # (b, n, 2d)
                 ctx.save_for_backward(out)  # the output itself
@@ -120,6 +122,11 @@ class _ReversibleStack(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with ctx.autocast.restored():  # the recompute must round as the forward did, or the inverse is off
+            return _ReversibleStack._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         blocks, mask, calls, tail = ctx.stack
         if tail is None:
             (out,) = ctx.saved_tensors
@@ -139,6 +146,22 @@ class _ReversibleStack(torch.autograd.Function):
         del state
         d_x1, d_x2 = halves(grad_state)
         return (d_x1 + d_x2, None, *param_grads, *tail_grads)
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """Whether autocast was on for a device type, and its dtype: the backward reruns the forward under it."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def current(cls, device_type: str) -> "AutocastState":
+        return cls(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+    def restored(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 # --- one block, in place ----------------------------------------------------------------------------
@@ -229,10 +252,10 @@ def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds
         d_normed = torch.zeros_like(h)
         for layer, d in zip(layers, d_projections):
             d = d[:, start:end].flatten(0, 1)  # (b*m, h*d)
-            totals[layer.weight].addmm_(d.t(), h)
+            totals[layer.weight] += torch.mm(d.t(), h)  # out of place: under autocast, in its dtype
             if layer.bias is not None:
                 totals[layer.bias] += d.sum(0)
-            d_normed.addmm_(d, layer.weight)
+            d_normed += torch.mm(d, layer.weight)
         grads = torch.autograd.grad(normed, [part, *norm_params], d_normed.view_as(normed), allow_unused=True)
         dx2[:, start:end] += grads[0]
         _accumulate([totals[p] for p in norm_params], grads[1:])
