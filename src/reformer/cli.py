@@ -1,6 +1,7 @@
 """The `reformer` command line: it parses arguments and calls library functions, nothing else.
 
     reformer train --data FILE | --task duplication --out RUN_DIR [options] [model flags]
+    torchrun --nproc_per_node N -m reformer train ...     (data-parallel: one process per rank)
     reformer eval --checkpoint RUN_DIR --data FILE | --task duplication
     reformer generate --checkpoint RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --seed S]
     reformer data fetch enwik8|crime-and-punishment [--dir DIR]
@@ -130,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         precision=args.precision, seed=args.seed, resume=args.resume, progress=not args.no_progress,
-        init_from=args.init_from,
+        init_from=args.init_from, device=args.device, static_graph=args.ddp_static_graph,
     )
     history = train(cfg, model_config)
     last_eval = [r for r in history if r["split"] == "eval"][-1:]
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--out", required=True, help="run directory: config, metrics.jsonl, checkpoints, curves.png")
     opt = tr.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
-    opt.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
+    opt.add_argument("--batch-size", type=int, default=8,
+                     help="sequences per micro-batch, over all processes together (default 8)")
     opt.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
@@ -262,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
     opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast matmuls")
     opt.add_argument("--seed", type=int, default=0, help="seed of the data order (the model has --model-seed)")
+    par = tr.add_argument_group("devices (under `torchrun --nproc_per_node N`, one process per rank)")
+    par.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="auto: CUDA when there is one (each rank on cuda:LOCAL_RANK), else the CPU")
+    par.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
     run = tr.add_argument_group("evaluation and checkpoints")
     run.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (0: at the end)")
     run.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")

@@ -45,6 +45,11 @@ class ReformerOutput:
     n_tokens: int | None = None  # positions the loss was averaged over
 
 
+# A pytree node, so that code that walks a module's outputs finds the tensors inside: DDP with static_graph
+# routes them through its sink, or it never reduces the gradients; torch.compile and export flatten it.
+torch.export.register_dataclass(ReformerOutput, serialized_type_name="reformer.ReformerOutput")
+
+
 def build_attention(config: ReformerConfig, kind: str, layer: int) -> nn.Module:
     common = dict(d_model=config.d_model, n_heads=config.n_heads, d_head=config.d_head)
     if kind == "lsh":

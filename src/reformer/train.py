@@ -8,6 +8,13 @@ options), `metrics.jsonl` (one JSON object per train or eval record),
 Resuming restores the weights, AdamW and scheduler states, the step, the model's
 generator and the data sampler, so an interrupted-and-resumed run reproduces the
 uninterrupted one, loss for loss, on the CPU.
+
+Under torchrun (see `reformer.distributed`) every process trains a DDP replica
+on its shard of each global batch: `batch_size` sequences per micro-batch in
+all, split evenly over the processes, so a run resumed on a different number
+of processes sees the same batches. Only rank 0 writes files; losses and
+evaluations are reduced over all ranks first. Gradient accumulation skips the
+all-reduce until the last micro-step.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import check_compatible, latest_checkpoint, load_state, resolve_checkpoint, save_checkpoint
 from .config import ReformerConfig
 from .memory import release_freed_memory_eagerly
@@ -39,7 +47,7 @@ class TrainConfig:
     valid_data: str | None = None  # a separate validation file (else the last valid_fraction of data)
     valid_fraction: float = 0.05
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch, over all processes together
     seq_len: int = 1024  # tokens per sequence
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate of AdamW
@@ -51,6 +59,8 @@ class TrainConfig:
     eval_batches: int = 4  # batches per evaluation
     save_every: int = 500  # steps between checkpoints (0 = only at the end)
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"; under torchrun, cuda:LOCAL_RANK
+    static_graph: bool = False  # DDP's static_graph (several processes only)
     seed: int = 0  # data order; the model's seed is in its config
     resume: bool = False  # continue from the latest checkpoint in `out`
     init_from: str | None = None  # start a new run from these weights (a model, checkpoint or run directory)
@@ -76,21 +86,29 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_samplers(cfg: TrainConfig, model_config: ReformerConfig):
-    """(train sampler, fixed list of eval batches); every batch is (ids, labels)."""
+def make_samplers(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.Process | None = None):
+    """(train sampler, fixed list of eval batches) of this process; every batch is (ids, labels).
+
+    Each of the world_size processes gets its batch_size / world_size rows of every global batch.
+    """
+    process = process or distributed.Process()
+    if cfg.batch_size % process.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is split over {process.world_size} processes; give a "
+                         f"multiple of {process.world_size}")
+    rows, shard = cfg.batch_size // process.world_size, dict(rank=process.rank, world_size=process.world_size)
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
     if cfg.task == "duplication":
         from .duplication import DuplicationSampler
 
-        train = DuplicationSampler(cfg.batch_size, cfg.seq_len, model_config.vocab_size, gen)
-        valid = DuplicationSampler(cfg.batch_size, cfg.seq_len, model_config.vocab_size, eval_gen)
+        train = DuplicationSampler(rows, cfg.seq_len, model_config.vocab_size, gen, **shard)
+        valid = DuplicationSampler(rows, cfg.seq_len, model_config.vocab_size, eval_gen, **shard)
     else:
         from .data import WindowSampler, load_splits
 
         train_data, valid_data = load_splits(cfg.data, cfg.valid_data, cfg.valid_fraction)
-        train = WindowSampler(train_data, cfg.seq_len, cfg.batch_size, gen)
-        valid = WindowSampler(valid_data, cfg.seq_len, cfg.batch_size, eval_gen)
+        train = WindowSampler(train_data, cfg.seq_len, rows, gen, **shard)
+        valid = WindowSampler(valid_data, cfg.seq_len, rows, eval_gen, **shard)
     return train, [valid.next_batch() for _ in range(cfg.eval_batches)]
 
 
@@ -99,8 +117,10 @@ def _autocast(precision: str, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: ReformerLM, batches, precision: str = "fp32") -> dict[str, float]:
-    """Token-weighted mean loss (and bits per token) over `batches`, in eval mode."""
+def evaluate(model: ReformerLM, batches, precision: str = "fp32",
+             process: distributed.Process | None = None) -> dict[str, float]:
+    """Token-weighted mean loss (and bits per token) over `batches`, in eval mode; over every rank's shard."""
+    model = distributed.unwrapped(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -111,58 +131,84 @@ def evaluate(model: ReformerLM, batches, precision: str = "fp32") -> dict[str, f
         total += out.loss.item() * out.n_tokens
         count += out.n_tokens
     model.train(was_training)
+    total, count = distributed.sum_over_ranks([total, count], process or distributed.Process())
     loss = total / max(count, 1)
     return {"loss": loss, "bpc": loss / LN2}
 
 
 class _Run:
-    """The files of a run directory."""
+    """The files of a run directory; a process that is not the writer (rank > 0) reads them only."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, process: distributed.Process):
         self.dir = Path(out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process = process
+        self.writer = process.is_main
+        if self.writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.dir / "metrics.jsonl"
 
     def write_configs(self, cfg: TrainConfig, model_config: ReformerConfig) -> None:
+        if not self.writer:
+            return
         model_config.to_json(self.dir / "config.json")
         (self.dir / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     def truncate_metrics(self, step: int) -> list[dict]:
         """Keep the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
-        if not self.metrics.exists():
-            return []
-        kept = [r for r in map(json.loads, self.metrics.read_text().splitlines()) if r["step"] <= step]
-        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        exists = self.metrics.exists()
+        kept = [r for r in map(json.loads, self.metrics.read_text().splitlines()) if r["step"] <= step] \
+            if exists else []
+        distributed.barrier(self.process)  # every rank has read the file before rank 0 rewrites it
+        if self.writer and exists:
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def log(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
-    """Train (or resume) a ReformerLM; returns the metrics records of the whole run."""
+    """Train (or resume) a ReformerLM; returns the metrics records of the whole run.
+
+    Under torchrun, every process calls this; each returns the same history.
+    """
     cfg.validate()
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}; "
                          f"lower --seq-len or raise --max-seq-len")
+    process = distributed.start(cfg.device)
+    try:
+        history = _train(cfg, model_config, process)
+    except BaseException:
+        distributed.stop(process, wait=False)
+        raise
+    distributed.stop(process)
+    return history
+
+
+def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.Process) -> list[dict]:
     release_freed_memory_eagerly()
-    run = _Run(cfg.out)
-    model = ReformerLM(model_config).train()
+    run = _Run(cfg.out, process)
+    model = ReformerLM(model_config).to(process.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
-    sampler, eval_batches = make_samplers(cfg, model_config)
+    sampler, eval_batches = make_samplers(cfg, model_config, process)
     step, history = _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config)
     if step == 0 and cfg.init_from:
         _load_initial_weights(model, cfg.init_from, model_config)
     run.write_configs(cfg, model_config)
+    replica = distributed.wrap(model, process, cfg.static_graph)
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and process.is_main), unit="step",
+               dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     start, start_step = time.perf_counter(), step
     while step < cfg.steps:
-        loss = _train_step(cfg, model, optimizer, scheduler, sampler)
+        loss = _train_step(cfg, replica, optimizer, scheduler, sampler, process)
         step += 1
         rate = (step - start_step) * tokens_per_step / (time.perf_counter() - start)
         record = {"step": step, "split": "train", "loss": loss, "bpc": loss / LN2,
@@ -172,32 +218,39 @@ def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            record = {"step": step, "split": "eval", **evaluate(model, eval_batches, cfg.precision)}
+            record = {"step": step, "split": "eval", **evaluate(model, eval_batches, cfg.precision, process)}
             run.log(record)
             history.append(record)
             bar.write(f"step {step}: eval loss {record['loss']:.4f}, {record['bpc']:.4f} bits per token")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            _save(run, model, optimizer, scheduler, sampler, step)
+            if process.is_main:
+                _save(run, model, optimizer, scheduler, sampler, step)
+            distributed.barrier(process)  # no rank runs ahead of a checkpoint that may be resumed from
     bar.close()
-    plot_curves(history, run.dir / "curves.png")
+    if process.is_main:
+        plot_curves(history, run.dir / "curves.png")
     return history
 
 
-def _train_step(cfg, model, optimizer, scheduler, sampler) -> float:
+def _train_step(cfg, model, optimizer, scheduler, sampler, process: distributed.Process | None = None) -> float:
+    """One optimizer step over grad_accum micro-batches; the loss averaged over them and over all ranks."""
+    process = process or distributed.Process()
     device = next(model.parameters()).device
     total = 0.0
-    for _ in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         ids, labels = sampler.next_batch()
-        with _autocast(cfg.precision, device):
-            loss = model(ids.to(device), labels=labels.to(device)).loss
-        (loss / cfg.grad_accum).backward()
+        with distributed.no_sync(model, last=micro == cfg.grad_accum - 1):
+            with _autocast(cfg.precision, device):
+                loss = model(ids.to(device), labels=labels.to(device)).loss
+            (loss / cfg.grad_accum).backward()
         total += loss.item() / cfg.grad_accum
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    (total,) = distributed.sum_over_ranks([total], process)
+    return total / process.world_size
 
 
 def _save(run: _Run, model, optimizer, scheduler, sampler, step: int) -> None:
