@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         precision=args.precision, seed=args.seed, resume=args.resume, progress=not args.no_progress,
-        init_from=args.init_from, device=args.device, static_graph=args.ddp_static_graph,
+        init_from=args.init_from, device=args.device, static_graph=args.ddp_static_graph, compile=args.compile,
     )
     history = train(cfg, model_config)
     last_eval = [r for r in history if r["split"] == "eval"][-1:]
@@ -262,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
-    opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast matmuls")
+    opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                     help="bf16: torch.autocast(bfloat16); softmax statistics, loss, weights and AdamW stay float32")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile the position-wise parts (feed-forward, projections, loss); see README")
     opt.add_argument("--seed", type=int, default=0, help="seed of the data order (the model has --model-seed)")
     par = tr.add_argument_group("devices (under `torchrun --nproc_per_node N`, one process per rank)")
     par.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -98,6 +98,7 @@ class ReformerLM(nn.Module):
         )
         self.final_norm = nn.LayerNorm(2 * c.d_model, eps=c.layer_norm_eps)
         self.head = nn.Linear(2 * c.d_model, c.vocab_size)
+        self.compiled_loss = None  # a torch.compile of pure_loss_sum (`reformer.compile`), or None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -195,6 +196,10 @@ class ReformerLM(nn.Module):
         return self.head(self.final_norm(hidden))  # (b, n, vocab)
 
     def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (self.compiled_loss or self.pure_loss_sum)(hidden, targets)
+
+    def pure_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of one chunk of positions: hidden (b, m, 2d), targets (b, m)."""
         logits = self.logits_from_hidden(hidden)  # (b, m, vocab)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the log-sum-exp of the loss runs in float32 at least

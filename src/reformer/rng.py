@@ -48,8 +48,24 @@ def dropout(x: torch.Tensor, p: float, seed: int | None, *stream: int) -> torch.
     `seed=None` or `p == 0` means no dropout (eval). The same seed and stream
     give the same mask, bit for bit.
     """
+    return apply_keep(x, keep_mask(x.shape, x.device, p, seed, *stream), p)
+
+
+def keep_mask(shape, device: torch.device, p: float, seed: int | None, *stream: int) -> torch.Tensor | None:
+    """The bool mask of the elements that `dropout` keeps, or None for no dropout.
+
+    Drawn outside any compiled code (a generator is an opaque object to
+    torch.compile, and a seed that changes every call would recompile it);
+    `apply_keep` is the pure part.
+    """
     if seed is None or p == 0.0:
+        return None
+    gen = generator_for(derive_seed(seed, *stream), device)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def apply_keep(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x with the dropped elements zeroed and the kept ones scaled by 1 / (1 - p)."""
+    if keep is None:
         return x
-    gen = generator_for(derive_seed(seed, *stream), x.device)
-    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
     return x * keep.to(x.dtype) / (1.0 - p)

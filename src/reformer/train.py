@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"; under torchrun, cuda:LOCAL_RANK
     static_graph: bool = False  # DDP's static_graph (several processes only)
+    compile: bool = False  # torch.compile the position-wise parts (`reformer.compile`)
     seed: int = 0  # data order; the model's seed is in its config
     resume: bool = False  # continue from the latest checkpoint in `out`
     init_from: str | None = None  # start a new run from these weights (a model, checkpoint or run directory)
@@ -201,6 +202,10 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
     if step == 0 and cfg.init_from:
         _load_initial_weights(model, cfg.init_from, model_config)
     run.write_configs(cfg, model_config)
+    if cfg.compile:
+        from .compile import compile_model
+
+        compile_model(model)
     replica = distributed.wrap(model, process, cfg.static_graph)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and process.is_main), unit="step",

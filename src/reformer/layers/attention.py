@@ -18,7 +18,7 @@ from ..attention import full_attention, local_attention, lsh_attention
 from ..attention.full import shared_qk_attention
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
 from .feed_forward import chunk_bounds
-from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, derive_seed, dropout, generator_for
+from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_keep, derive_seed, generator_for, keep_mask
 
 
 @dataclass
@@ -215,14 +215,24 @@ class AttentionBranch(nn.Module):
         self.out = nn.Linear(inner, d_model, bias=False)
         self.dropout = dropout
         self.chunk_size = chunk_size
+        self.compiled_project = self.compiled_output = None  # torch.compile twins (`reformer.compile`), or None
 
     def project_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (b, m, d_model) -> the attention's projections, (b, m, h*d) each."""
+        return (self.compiled_project or self.pure_project)(x)
+
+    def pure_project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.attention.project(self.norm(x))
 
     def output_chunk(self, attended: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
         """Attention output (b, m, h*d) of chunk `index` -> (b, m, d_model)."""
-        return dropout(self.out(attended), self.dropout, seed, STREAM_ATTN_OUT, index)
+        keep = keep_mask((*attended.shape[:-1], self.out.out_features), attended.device, self.dropout, seed,
+                         STREAM_ATTN_OUT, index)
+        return (self.compiled_output or self.pure_output)(attended, keep)
+
+    def pure_output(self, attended: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """`output_chunk` given its dropout mask."""
+        return apply_keep(self.out(attended), keep, self.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
         attended = self.attention.attend(self.project_chunk(x), mask, call)  # (b, n, h*d)

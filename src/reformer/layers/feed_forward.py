@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..rng import STREAM_FF_HIDDEN, STREAM_FF_OUT, dropout
+from ..rng import STREAM_FF_HIDDEN, STREAM_FF_OUT, apply_keep, keep_mask
 
 ACTIVATIONS = {  # HF names: "gelu_new" is the tanh approximation
     "relu": F.relu,
@@ -42,11 +42,20 @@ class FeedForward(nn.Module):
         self.chunk_size = chunk_size
         self.dropout = dropout
         self.activation = ACTIVATIONS[activation]
+        self.compiled_chunk = None  # a torch.compile of pure_chunk (`reformer.compile.compile_model`), or None
 
     def chunk(self, x: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
         """The feed-forward of one chunk of positions. x (b, m, d_model) -> (b, m, d_model)."""
-        hidden = dropout(self.w_in(self.norm(x)), self.dropout, seed, STREAM_FF_HIDDEN, index)  # (b, m, d_ff)
-        return dropout(self.w_out(self.activation(hidden)), self.dropout, seed, STREAM_FF_OUT, index)
+        keep_hidden = keep_mask((*x.shape[:-1], self.w_in.out_features), x.device, self.dropout, seed,
+                                STREAM_FF_HIDDEN, index)  # (b, m, d_ff) or None
+        keep_out = keep_mask(x.shape, x.device, self.dropout, seed, STREAM_FF_OUT, index)
+        return (self.compiled_chunk or self.pure_chunk)(x, keep_hidden, keep_out)
+
+    def pure_chunk(self, x: torch.Tensor, keep_hidden: torch.Tensor | None,
+                   keep_out: torch.Tensor | None) -> torch.Tensor:
+        """`chunk` given its dropout masks: no randomness, no Python scalars that change per call."""
+        hidden = apply_keep(self.w_in(self.norm(x)), keep_hidden, self.dropout)  # (b, m, d_ff)
+        return apply_keep(self.w_out(self.activation(hidden)), keep_out, self.dropout)
 
     def forward(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         bounds = chunk_bounds(x.shape[1], self.chunk_size)
