@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo demo-text bench-compare bench-million bench-memory bench-generate clean
+.PHONY: test test-fast demo demo-text bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
+	bench-bf16 bench-compile clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,15 @@ demo-text: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a bui
 bench-compare: $(STAMP)  ## a training step beside HF, reformer_pytorch and SDPA (about an hour; writes benchmarks/results/compare.md)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/compare.py --rounds 3
+
+bench-compare-bf16: $(STAMP)  ## ours beside the SDPA Transformer, both under autocast(bfloat16) (writes benchmarks/results/compare_bf16.md)
+	$(PY) benchmarks/compare.py --precision bf16 --lengths 1024 4096 16384 --contenders ours sdpa --rounds 3
+
+bench-bf16: $(STAMP)  ## 200 training steps in float32 and in bfloat16, loss curves side by side (writes benchmarks/results/bf16.md)
+	$(PY) benchmarks/bf16.py
+
+bench-compile: $(STAMP)  ## --compile against eager: step time, compile time, graph breaks (writes benchmarks/results/compile.md)
+	$(PY) benchmarks/compile.py
 
 bench-million: $(STAMP)  ## one training step at 1,048,576 tokens (about 6 minutes, 10 GB; writes benchmarks/results/million.md)
 	$(PY) benchmarks/million.py

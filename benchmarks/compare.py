@@ -34,7 +34,7 @@ writes compare_bf16.md and its plots; the matmul rate is then bfloat16's.
 
     python benchmarks/compare.py                    # writes benchmarks/results/compare.md and two plots
     python benchmarks/compare.py --lengths 1024 4096 --contenders ours sdpa --repeats 1
-    python benchmarks/compare.py --precision bf16 --lengths 4096 16384 --rounds 3
+    python benchmarks/compare.py --precision bf16 --lengths 1024 4096 16384 --contenders ours sdpa --rounds 3
 """
 
 from __future__ import annotations

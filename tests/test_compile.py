@@ -57,3 +57,18 @@ def test_inductor_training_step_matches_eager():
     for name, grad in grads.items():
         scale = grad.abs().max().clamp_min(1e-12)
         assert (grads_c[name] - grad).abs().max() <= 1e-4 * scale, name  # inductor reorders float32 sums
+
+
+def test_train_with_compile_compiles_the_model(tmp_path, monkeypatch):
+    """TrainConfig(compile=True) (`reformer train --compile`) hands the model to compile_model before training."""
+    import reformer.compile
+    from reformer.train import TrainConfig, train
+
+    seen = []
+    monkeypatch.setattr(reformer.compile, "compile_model", lambda model, **options: seen.append(model) or model)
+    data = tmp_path / "text.txt"
+    data.write_bytes(b"The house was quiet, and the stairs were dark. " * 30)
+    cfg = TrainConfig(out=str(tmp_path / "run"), data=str(data), steps=1, batch_size=1, seq_len=32, eval_batches=1,
+                      progress=False, compile=True, device="cpu")
+    train(cfg, tiny_config(vocab_size=256))
+    assert len(seen) == 1 and isinstance(seen[0], ReformerLM)
