@@ -57,11 +57,12 @@ def fused_kernel_available(device: torch.device) -> bool:
 
 
 def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
-    """Overlapping chunk windows of extended rows: (bh, e, *rest) -> (bh, g, w, *rest), a strided view."""
-    bh = extended.shape[0]
-    rest, inner, row = extended.shape[2:], extended.stride()[2:], extended.stride(1)
-    return extended.as_strided((bh, g, w, *rest), (extended.stride(0), c * row, row, *inner),
-                               extended.storage_offset())
+    """Overlapping chunk windows of extended rows: (bh, e, *rest) -> (bh, g, w, *rest), a strided view.
+
+    `unfold` rather than `as_strided`: the same view, without reading strides in Python (a graph break
+    for torch.compile).
+    """
+    return extended.unfold(1, w, c).movedim(-1, 2)[:, :g]  # (bh, g, *rest, w) -> (bh, g, w, *rest)
 
 
 @dataclass
@@ -362,7 +363,7 @@ def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tenso
     dtype = accumulation_dtype(out.dtype)
     weights = torch.exp(per_round - total).to(dtype)  # (r, n)
     combined = out if dtype == out.dtype else out.new_empty(out.shape, dtype=dtype)  # bfloat16: sum in float32
-    torch.mul(parts[0], weights[0, :, None], out=combined)
+    combined.copy_(parts[0]).mul_(weights[0, :, None])  # not mul(out=) into the strided view: a graph break
     for part, weight in zip(parts[1:], weights[1:]):
         combined.addcmul_(part, weight[:, None])
     if combined is not out:
