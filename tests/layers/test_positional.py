@@ -47,3 +47,26 @@ def test_hf_weight_shapes():
 def test_too_long_is_explained():
     with pytest.raises(ValueError, match="axial_shape"):
         filled((4, 6), (3, 5))(25)
+
+
+def test_axial_gradients_are_the_same_bit_for_bit_on_several_threads():
+    """Each axis row is gathered for many positions; its gradient must add them up in a fixed order.
+
+    Indexing (weight[coordinate]) accumulated with index_put_, whose order varied between
+    runs on two threads: the same seed then trained differently.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        embedding = AxialPositionEmbedding((64, 64), (16, 48))
+        for weight in embedding.weights:
+            torch.nn.init.normal_(weight, generator=torch.Generator().manual_seed(0))
+        upstream = torch.randn(4096, 64, generator=torch.Generator().manual_seed(1))
+        grads = []
+        for _ in range(8):
+            embedding.zero_grad()
+            (embedding(4096) * upstream).sum().backward()
+            grads.append([w.grad.clone() for w in embedding.weights])
+        assert all(torch.equal(a, b) for other in grads[1:] for a, b in zip(grads[0], other))
+    finally:
+        torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,7 +48,9 @@ class AxialPositionEmbedding(nn.Module):
         for size, dim, weight in zip(self.axial_shape, self.axial_dims, self.weights):
             stride //= size
             coordinate = (positions // stride) % size  # (length,)
-            parts.append(weight.reshape(size, dim)[coordinate])  # (length, dim)
+            # an embedding lookup, not weight[coordinate]: the backward of advanced indexing accumulates
+            # with index_put_, whose order (and so the float sum) varies between runs on several threads
+            parts.append(F.embedding(coordinate, weight.reshape(size, dim)))  # (length, dim)
         return torch.cat(parts, dim=-1)
 
 
@@ -62,4 +65,4 @@ class AbsolutePositionEmbedding(nn.Module):
         return self.embedding.weight[:length]
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.embedding.weight[positions]
+        return self.embedding(positions)
