@@ -175,8 +175,7 @@ def main(argv=None) -> None:
             "that close lands in another LSH bucket and attends to other keys (the qk projection, which the "
             "buckets depend on, shows it most; bfloat16 rounds 2^16 times coarser, so more queries flip), and a "
             "ReLU input that close to 0 flips, which changes one hidden unit's gradient at one position (the "
-            "largest-entry column; with dropout 0.1 and local attention, an eager float32 step itself is 1.5% "
-            "off a float64 one there, in one row of 1,024). The same model with local attention in every "
+            "largest-entry column). The same model with local attention in every "
             "layer, which has no buckets, on its first step:\n",
             "| tokens | precision | loss: relative gap | gradients: worst parameter, gap / norm "
             "| worst max gap / largest entry |",

@@ -166,3 +166,24 @@ def test_a_batch_that_does_not_split_is_explained(tmp_path, text_file, monkeypat
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR is not set; launch with torchrun"):
         distributed.start("cpu")
+
+
+@pytest.mark.parametrize("device, env, message", [
+    ("gpu", {}, "device must be 'auto', 'cpu' or 'cuda', got 'gpu'"),
+    ("cpu", {"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two' is not an integer"),
+])
+def test_bad_devices_and_launch_environments_are_explained(monkeypatch, device, env, message):
+    from reformer import distributed
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        distributed.start(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_device_is_explained():
+    from reformer import distributed
+
+    with pytest.raises(ValueError, match="--device cuda, but torch sees no CUDA device; use --device cpu"):
+        distributed.start("cuda")

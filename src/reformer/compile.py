@@ -19,6 +19,7 @@ their loops into graphs that grow with the sequence length.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from .model import ReformerLM
 
 def compile_model(model: ReformerLM, **options: Any) -> ReformerLM:
     """Compile the position-wise parts of `model` in place (options go to torch.compile); returns the model."""
-    compiled = lambda fn: torch.compile(fn, **options)  # noqa: E731
+    compiled = partial(torch.compile, **options)
     for layer in model.layers:
         layer.attention.compiled_project = compiled(layer.attention.pure_project)
         layer.attention.compiled_output = compiled(layer.attention.pure_output)

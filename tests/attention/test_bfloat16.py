@@ -2,9 +2,8 @@
 
 The kernels keep log-sum-exps, masks and gradient sums in float32; what is
 left is bfloat16's own rounding (2^-8 relative) of the products and the
-outputs. The bound, 2^-6 of the largest reference entry (4 bfloat16 steps
-there), sits at twice the worst error seen over seeds, masks, rounds and
-causality; log-sum-exps kept in bfloat16 break it by 30x (LSH value gradient).
+outputs. The bound is 2^-6 of the largest reference entry (4 bfloat16 steps
+there); log-sum-exps kept in bfloat16 break it (the LSH value gradient).
 """
 
 from __future__ import annotations

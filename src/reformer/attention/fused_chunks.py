@@ -29,10 +29,11 @@ onto the head row's slots, window gradients onto its extended slots; the slots
 are gathered back into position order once per head row. Nothing of size
 (chunks, c, w) outlives a block.
 
-bfloat16 rows (autocast): the forward kernel runs in bfloat16 (3x faster than
+bfloat16 rows (autocast): the forward kernel runs in bfloat16 (faster than
 float32 on CPUs with AMX); masks, log-sum-exps, the rounds' combination and
 the gradient sums are float32. The backward upcasts each block to float32:
-the CPU kernel's bfloat16 backward is 3x slower than its float32 one (torch 2.13).
+the CPU kernel's bfloat16 backward was slower than its float32 one (torch 2.13;
+measured in passing, not by a committed benchmark).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class ChunkedAttention(torch.autograd.Function):
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
         one_round = plan.rank is None or plan.rank.shape[1] == 1  # then each round's share of the softmax is 1
         grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
-        work = accumulation_dtype(q_rows.dtype)  # bfloat16: the kernel's float32 backward is 3x faster than its own
+        work = accumulation_dtype(q_rows.dtype)  # bfloat16: the kernel's float32 backward is the faster one
         grad_out = grad_out.contiguous()
         for row in range(bh):
             grads.begin(row)

@@ -30,8 +30,8 @@ from ._chunking import (
     pad_length,
     padded_length,
     padded_mask,
-    zero_masked_queries,
     upcast,
+    zero_masked_queries,
     zero_padded,
 )
 from ..rng import dropout as seeded_dropout

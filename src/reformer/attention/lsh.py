@@ -43,8 +43,8 @@ from ._chunking import (
     pad_length,
     padded_length,
     padded_mask,
-    zero_masked_queries,
     upcast,
+    zero_masked_queries,
     zero_padded,
 )
 from ..config import validate_n_buckets
