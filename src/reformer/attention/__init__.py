@@ -2,6 +2,7 @@
 
 from .full import full_attention
 from .local import local_attention
+from .sliding import sliding_window_attention
 from .lsh import hash_vectors, lsh_attention, n_buckets_for_length, random_rotations, rotation_size, total_buckets
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "n_buckets_for_length",
     "random_rotations",
     "rotation_size",
+    "sliding_window_attention",
     "total_buckets",
 ]

@@ -82,6 +82,7 @@ class MaskRecipe:
     k_pos: torch.Tensor  # (bh, g, w): each window key's, BLOCKED * POSITION_SCALE where it is not allowed
     bias: torch.Tensor  # (bh, g, w): 0, or the masked value where the key is not allowed (non-causal masks)
     causal: bool
+    band: float | None  # a key farther than this from the query (scaled positions) is not allowed; None: any
     self_value: float | None  # the query itself (LSH); None: no self mask (local attention)
     self_on_diagonal: bool  # each position is in a window once: the query itself is its own chunk's diagonal
     diagonal: int  # window offset of the own chunk: before * c
@@ -92,7 +93,9 @@ class MaskRecipe:
         """(1, end - start, c, w) additive mask of chunks start..end of head row `row`."""
         q_pos = self.q_pos[row:row + 1, start:end, :, None]  # (1, G, c, 1)
         k_pos = self.k_pos[row:row + 1, start:end, None, :]  # (1, G, 1, w)
-        if self.causal:
+        if self.band is not None:
+            additive = self._band_block(q_pos, k_pos, row, start, end)
+        elif self.causal:
             additive = torch.sub(q_pos, k_pos).clamp_(self.masked_value, 0.0).to(self.dtype)  # (1, G, c, w)
         else:
             additive = self.bias[row:row + 1, start:end, None, :].expand(-1, -1, q_pos.shape[2], -1).clone()
@@ -102,6 +105,21 @@ class MaskRecipe:
             else:
                 additive.masked_fill_(k_pos == q_pos, self.self_value)
         return additive
+
+    def _band_block(self, q_pos, k_pos, row: int, start: int, end: int) -> torch.Tensor:
+        """(1, G, c, w) additive mask of a band: a key more than `band` away (or, causal, later) is masked.
+
+        clamp(band - |q - k|, masked, 0) in scaled positions: 0 inside the band, and exactly `masked`
+        one position outside it or farther. Causal adds clamp(q - k, masked, 0), non-causal the key bias.
+        """
+        offset = torch.sub(q_pos, k_pos)  # (1, G, c, w): q - k, times POSITION_SCALE
+        if self.causal:
+            additive = torch.rsub(offset, self.band).clamp_(self.masked_value, 0.0)
+            additive += offset.clamp_(self.masked_value, 0.0)
+        else:
+            additive = offset.abs_().neg_().add_(self.band).clamp_(self.masked_value, 0.0)
+            additive += self.bias[row:row + 1, start:end, None, :]
+        return additive.to(self.dtype)
 
 
 def blocks(g: int, c: int, w: int) -> list[tuple[int, int]]:
@@ -318,10 +336,7 @@ class _PositionSlots:
             self.add(start + part, grad_windows[:, part * c:(part + 1) * c])
 
     def end(self) -> None:
-        if self.before:
-            self.main[self.main.shape[0] - self.before:] += self.edges[:self.before]
-        if self.after:
-            self.main[:self.after] += self.edges[self.before:]
+        _add_wrapped(self.main, self.edges[:self.before], self.edges[self.before:])
 
 
 def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows, dtype=None):
@@ -379,15 +394,29 @@ def _fold_windows_into(extended: torch.Tensor, grad_windows: torch.Tensor, c: in
         folded[part:part + g] += grad_windows[:, part * c:(part + 1) * c]
 
 
+def _add_wrapped(main: torch.Tensor, front: torch.Tensor, back: torch.Tensor) -> None:
+    """Fold wrapped-around rows onto main (L, ...): front (F, ...) stands for main's last F rows, cyclically,
+    and back (B, ...) for its first B (a window may wrap around more than once when it is longer than main)."""
+    _add_cyclic(main, front, -front.shape[0])
+    _add_cyclic(main, back, 0)
+
+
+def _add_cyclic(main: torch.Tensor, rows: torch.Tensor, first: int) -> None:
+    """main[(first + t) mod L] += rows[t] for every t, in contiguous pieces."""
+    length, t = main.shape[0], 0
+    while t < rows.shape[0]:
+        at = (first + t) % length
+        size = min(length - at, rows.shape[0] - t)
+        main[at:at + size] += rows[t:t + size]
+        t += size
+
+
 def _slots_to_positions(plan: Plan, row: int, rows: torch.Tensor, slots: torch.Tensor) -> None:
     """Write head row `row`'s gradients from its extended slots (e, d), in sorted order, into rows by position."""
     c = plan.rows.shape[2]
     before, after = plan.window[0] * c, plan.window[1] * c
     main = slots[before:slots.shape[0] - after]  # fold the chunks that wrap around onto the slots they stand for
-    if before:
-        main[main.shape[0] - before:] += slots[:before]
-    if after:
-        main[:after] += slots[slots.shape[0] - after:]
+    _add_wrapped(main, slots[:before], slots[slots.shape[0] - after:])
     r, n = plan.rank.shape[1:]
     torch.sum(main.index_select(0, plan.rank[row].view(-1)).view(r, n, -1), dim=0, out=plan.head_row(rows, row))
 
@@ -401,19 +430,26 @@ def projection_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal,
-               in_position_order: bool = False) -> Plan:
+               in_position_order: bool = False, band: int | None = None,
+               mask_positions: torch.Tensor | None = None) -> Plan:
     """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n).
 
     Rounds are n positions long; a window is (before + 1 + after) chunks of c.
     in_position_order: flat_order is 0..n-1 in every head row (local attention).
+    band: a query sees no key more than `band` away, in mask positions (sliding windows).
+    mask_positions: (b, h, r*n) integer positions of the slots that the causal and band masks compare
+    (default flat_order); dilated sliding windows give each residue class its own range.
     """
     b, h, rn = flat_order.shape
     g, per_round = rn // c, n // c
     before, after = window
     w = (before + 1 + after) * c
-    extended = flat_order[..., torch.arange(-before * c, rn + after * c, device=flat_order.device) % rn]  # (b, h, e)
-    recipe = window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, window,
-                           accumulation_dtype(dtype), self_value=self_value, self_on_diagonal=self_on_diagonal)
+    slot_index = torch.arange(-before * c, rn + after * c, device=flat_order.device) % rn
+    extended = flat_order[..., slot_index]  # (b, h, e)
+    positions = flat_order if mask_positions is None else mask_positions
+    recipe = window_recipe(positions, positions[..., slot_index], extended, mask, g, c, w, per_round, causal,
+                           wrap, window, accumulation_dtype(dtype), self_value=self_value,
+                           self_on_diagonal=self_on_diagonal, band=band)
     rank = None
     if not in_position_order:
         r = rn // n
@@ -431,20 +467,26 @@ def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:
     return (batch * n + positions) * h + head
 
 
-def window_recipe(flat_order, extended, mask, g, c, w, per_round, causal, wrap, window, dtype, *,
-                  self_value, self_on_diagonal) -> MaskRecipe:
-    """The small tensors the fused kernel builds each block's additive mask from."""
-    b, h = flat_order.shape[:2]
+def window_recipe(q_positions, k_positions, extended, mask, g, c, w, per_round, causal, wrap, window, dtype, *,
+                  self_value, self_on_diagonal, band=None) -> MaskRecipe:
+    """The small tensors the fused kernel builds each block's additive mask from.
+
+    q_positions (b, h, r*n) and k_positions (b, h, e): the mask positions of the query and extended slots;
+    extended (b, h, e): the extended slots' sequence positions (which keys are real).
+    """
+    b, h = q_positions.shape[:2]
     _, masked_value = mask_values(dtype)
     key_real = mask[:, None, :].expand(b, h, mask.shape[1]).gather(-1, extended).view(b * h, -1)  # (bh, e)
-    in_layout = neighbour_mask(g, per_round, *window, wrap, flat_order.device).repeat_interleave(c, dim=1)  # (g, w)
+    in_layout = neighbour_mask(g, per_round, *window, wrap, q_positions.device).repeat_interleave(c, dim=1)  # (g, w)
     key_ok = windows(key_real, g, c, w) & in_layout  # (bh, g, w)
-    exact = dtype == torch.float64 or flat_order.shape[-1] >= EXACT_FLOAT32  # positions < r * n
+    largest = q_positions.shape[-1] if band is None else max(q_positions.shape[-1], int(q_positions.max()) + band + 1)
+    exact = dtype == torch.float64 or largest >= EXACT_FLOAT32  # float32 holds these positions exactly
     position_dtype = torch.float64 if exact else torch.float32
-    k_pos = windows(extended.view(b * h, -1).to(position_dtype), g, c, w).masked_fill(~key_ok, BLOCKED)
+    k_pos = windows(k_positions.reshape(b * h, -1).to(position_dtype), g, c, w).masked_fill(~key_ok, BLOCKED)
     k_pos *= POSITION_SCALE
     bias = torch.zeros(key_ok.shape, dtype=dtype, device=key_ok.device).masked_fill_(~key_ok, masked_value)
-    q_pos = flat_order.view(b * h, g, c).to(position_dtype) * POSITION_SCALE
+    q_pos = q_positions.reshape(b * h, g, c).to(position_dtype) * POSITION_SCALE
     return MaskRecipe(q_pos=q_pos, k_pos=k_pos, bias=bias, causal=causal,
+                      band=None if band is None else band * POSITION_SCALE,
                       self_value=self_value, self_on_diagonal=self_on_diagonal, diagonal=window[0] * c,
                       masked_value=masked_value, dtype=dtype)

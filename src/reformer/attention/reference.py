@@ -162,3 +162,44 @@ def full_attention_reference(q, k, v, *, causal=False, attention_mask=None) -> t
                 logits = torch.stack([q[bi, hi, i] @ k[bi, hi, j] for j in seen]) / math.sqrt(d)
                 out[bi, hi, i] = torch.softmax(logits, dim=0) @ v[bi, hi, seen]
     return out
+
+
+def sliding_window_reference(q, k, v, *, window, dilation=1, causal=False, attention_mask=None, global_mask=None,
+                             global_qkv=None) -> torch.Tensor:
+    """Longformer attention as a dense mask, row by row.
+
+    Head hi uses dilation d = dilation (or dilation[hi]). Query i may see key j when j is real and
+    - (band) |i - j| <= window * d and (i - j) % d == 0, or j is global, or i is global;
+    - and, causal, j <= i.
+    Global query rows score q_g[i] . k_g[j] against every key with values v_g; other rows score k_g and take
+    v_g at global keys, k and v elsewhere (q_g, k_g, v_g = global_qkv, or q, k, v without it). A padded token
+    is never global. Padded queries output zeros.
+    """
+    b, h, n, d_head = q.shape
+    q_g, k_g, v_g = (q, k, v) if global_qkv is None else global_qkv
+    real = torch.ones(b, n, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    is_global = torch.zeros(b, n, dtype=torch.bool) if global_mask is None else global_mask.bool().cpu() & real
+    out = torch.zeros_like(v)
+    for bi in range(b):
+        for hi in range(h):
+            step = dilation if isinstance(dilation, int) else dilation[hi]
+            for i in range(n):
+                if not real[bi, i]:
+                    continue
+                logits, values = [], []
+                for j in range(n):
+                    in_band = abs(i - j) <= window * step and (i - j) % step == 0
+                    if not real[bi, j] or (causal and j > i):
+                        continue
+                    if is_global[bi, i]:
+                        logits.append(q_g[bi, hi, i] @ k_g[bi, hi, j])
+                        values.append(v_g[bi, hi, j])
+                    elif is_global[bi, j]:
+                        logits.append(q[bi, hi, i] @ k_g[bi, hi, j])
+                        values.append(v_g[bi, hi, j])
+                    elif in_band:
+                        logits.append(q[bi, hi, i] @ k[bi, hi, j])
+                        values.append(v[bi, hi, j])
+                weights = torch.softmax(torch.stack(logits) / math.sqrt(d_head), dim=0)
+                out[bi, hi, i] = weights @ torch.stack(values)
+    return out

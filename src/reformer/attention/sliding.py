@@ -1,0 +1,323 @@
+"""Longformer attention (Beltagy et al. 2020): a sliding window, dilated per head, with global tokens.
+
+Legend: b batch, h heads, n length, m = n padded to a chunk multiple, d head width, g chunks of c slots,
+w window keys per chunk ((before + 1 + after) * c), G global tokens (the most that any row has).
+
+Query i sees the keys i - window * s, ..., i, ..., i + window * s in steps of s, its head's dilation
+(causal: only up to i): `window` keys on each side. HF's `attention_window` is 2 * window. Global tokens
+attend to every key and every query attends to them, each key counted once; causal keeps both directions
+causal. With `global_qkv` (Longformer's Q_g, K_g, V_g), the global rows use q_g . k_g over every key and
+v_g, and every query scores the global keys with k_g and takes their v_g (HF uses the local k and v for
+those columns). A padded token is never global, and padded queries output zeros.
+
+How. A head with dilation s attends inside the s classes of positions with the same i mod s, each an
+undilated sliding window. The head's slots list its positions class by class (`SlotLayout`). In slot
+order a query's band is the `window` slots on each side inside its class, so chunks of c slots with
+ceil(window / c) neighbour chunks on each side hold every key it may see; a band mask over "mask
+positions" (class * stride + i // s, with classes more than `window` apart) removes the rest. Time and
+memory are O(n * w) per head; nothing is of size n^2.
+
+Two executions of that layout:
+- fused (CPU, no global token, no dropout): PyTorch's flash kernel, block by block, under the band mask
+  (`fused_chunks.ChunkedAttention`); the backward recomputes each block, so it stores O(n * d).
+- explicit: the chunk scores as a tensor (b, h, g, c, w), the global columns (b, h, m, G) beside them,
+  one softmax; the global rows (b, h, G, n) are dense and written over their positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..rng import dropout as seeded_dropout
+from ._chunking import (
+    check_attention_mask,
+    check_chunk_size,
+    check_qkv,
+    explicit_precision,
+    look_adjacent,
+    mask_values,
+    neighbour_mask,
+    pad_length,
+    padded_length,
+    padded_mask,
+    upcast,
+    zero_masked_queries,
+    zero_padded,
+)
+from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, projection_rows
+
+_GLOBAL_ROWS_STREAM = 1  # dropout stream of the global rows (the band and columns use the seed itself)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    dilation: int | Sequence[int] = 1,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    global_mask: torch.Tensor | None = None,
+    global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    dropout: float = 0.0,
+    dropout_seed: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Sliding-window attention with dilation and global tokens.
+
+    Args:
+        q, k, v: (b, h, n, d). Logits are scaled by 1/sqrt(d).
+        window: keys on each side of the query (causal: before it), >= 1.
+        dilation: the step between window keys, one int or one per head.
+        causal: no key after the query, global ones included.
+        attention_mask: (b, n) bool, True = real token. Padded keys get no weight; padded queries output 0.
+        global_mask: (b, n) bool, True = global token (attends to all keys, seen by all queries).
+        global_qkv: (q_g, k_g, v_g), each (b, h, n, d): the global projections; default q, k, v.
+        dropout, dropout_seed: attention-probability dropout from an explicit seed.
+        chunk_size: slots per chunk of the layout (default: from the window); the result does not depend on it.
+
+    Returns:
+        (b, h, n, d).
+    """
+    b, h, n, d = check_qkv({"q": q, "k": k, "v": v})
+    check_window_size(window)
+    dilations = check_dilation(dilation, h)
+    attention_mask = check_attention_mask(attention_mask, b, n)
+    global_mask = check_global_mask(global_mask, b, n, attention_mask)
+    if global_qkv is not None:
+        global_qkv = check_global_qkv(global_qkv, q.shape)
+    c = default_chunk_size(window) if chunk_size is None else chunk_size
+    check_chunk_size(c)
+    layout = SlotLayout.build(n, c, window, dilations, causal, q.device)
+    q, k, v = (zero_padded(x, attention_mask) for x in (q, k, v))  # NaN in padding cannot reach a real output
+
+    if global_mask is None and not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
+        return zero_masked_queries(_fused(q, k, v, attention_mask, layout), attention_mask)
+    with explicit_precision(q.device):
+        rows = upcast(q, k, v)
+        global_rows = None if global_qkv is None else upcast(*(zero_padded(x, attention_mask) for x in global_qkv))
+        out = _explicit(*rows, global_rows, attention_mask, global_mask, layout, dropout, dropout_seed)
+    return zero_masked_queries(out.to(q.dtype), attention_mask)
+
+
+def default_chunk_size(window: int) -> int:
+    """Slots per chunk: the window rounded up to a power of two, within [8, 64]."""
+    return min(64, max(8, 1 << (window - 1).bit_length()))
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where each head's slots come from, and the positions its band mask compares.
+
+    order (h, m): the sequence position of each slot (class by class for a dilated head; padding included);
+    inverse (h, m): the slot of each position; mask_positions (h, m): class * stride + position // dilation
+    per slot, so that two slots of one class are as far apart as their positions over the dilation, and two
+    classes are more than `window` apart.
+    """
+
+    n: int
+    m: int
+    chunk: int
+    window: int
+    causal: bool
+    order: torch.Tensor
+    inverse: torch.Tensor
+    mask_positions: torch.Tensor
+
+    @classmethod
+    def build(cls, n: int, chunk: int, window: int, dilations: tuple[int, ...], causal: bool,
+              device: torch.device) -> "SlotLayout":
+        m = padded_length(n, chunk)
+        positions = torch.arange(m, device=device)
+        orders, mask_positions = [], []
+        for step in dilations:
+            stride = -(-m // step) + window + 1
+            order = torch.argsort((positions % step) * m + positions)  # class by class, in position order
+            orders.append(order)
+            mask_positions.append((order % step) * stride + order // step)
+        order = torch.stack(orders)  # (h, m)
+        return cls(n=n, m=m, chunk=chunk, window=window, causal=causal, order=order,
+                   inverse=torch.argsort(order, dim=1), mask_positions=torch.stack(mask_positions))
+
+    @property
+    def in_position_order(self) -> bool:
+        return bool((self.order == torch.arange(self.m, device=self.order.device)).all())
+
+    @property
+    def neighbours(self) -> tuple[int, int]:
+        """Chunks before and after a chunk that its window needs."""
+        side = -(-self.window // self.chunk)
+        return side, 0 if self.causal else side
+
+    def to_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, h, n, ...) in position order -> (b, h, m, ...) in slot order (padding rows zero)."""
+        x = pad_length(x, self.m, dim=2)
+        index = self.order.view(1, *self.order.shape, *([1] * (x.dim() - 3)))
+        return x.gather(2, index.expand(x.shape[0], -1, -1, *x.shape[3:]))
+
+    def to_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, h, m, d) in slot order -> (b, h, n, d) in position order."""
+        index = self.inverse[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1])
+        return x.gather(2, index)[:, :, :self.n]
+
+
+def _fused(q, k, v, attention_mask, layout: SlotLayout) -> torch.Tensor:
+    """The band on the CPU flash kernel (no global tokens): (b, h, n, d)."""
+    b, h, n, d = q.shape
+    m = layout.m
+    mask = padded_mask(attention_mask, b, n, m, q.device)  # (b, m)
+    with torch.no_grad():
+        plan = chunk_plan(layout.order.expand(b, h, m), mask, m, layout.chunk, layout.causal, False,
+                          layout.neighbours, q.dtype, scale=1 / math.sqrt(d), self_value=None,
+                          self_on_diagonal=True, in_position_order=layout.in_position_order,
+                          band=layout.window, mask_positions=layout.mask_positions.expand(b, h, m))
+    rows = [projection_rows(pad_length(x, m, dim=2)) for x in (q, k, v)]  # (b*m*h, d) each
+    out = ChunkedAttention.apply(*rows, plan).view(b, m, h, d).permute(0, 2, 1, 3)  # (b, h, m, d)
+    return out[:, :, :n]
+
+
+def _explicit(q, k, v, global_qkv, attention_mask, global_mask, layout: SlotLayout, dropout: float,
+              dropout_seed: int | None) -> torch.Tensor:
+    """The band (and global columns) as explicit chunk scores, one softmax; the global rows written over."""
+    b, h, n, d = q.shape
+    c, m = layout.chunk, layout.m
+    g = m // c
+    before, after = layout.neighbours
+    scale = 1 / math.sqrt(d)
+    _, masked_value = mask_values(q.dtype)
+    mask = padded_mask(attention_mask, b, n, m, q.device)  # (b, m)
+    band_keys = mask if global_mask is None else mask & ~pad_length(global_mask, m, dim=1)  # global: columns
+    q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))  # (b, h, m, d)
+    q_c = q_s.view(b, h, g, c, d)  # (b, h, g, c, d)
+    k_w = look_adjacent(k_s.view(b, h, g, c, d), before, after)  # (b, h, g, w, d)
+    v_w = look_adjacent(v_s.view(b, h, g, c, d), before, after)  # (b, h, g, w, d)
+    logits = (q_c @ k_w.transpose(-1, -2)) * scale  # (b, h, g, c, w)
+    allowed = _band_allowed(layout, band_keys)  # (b, h, g, c, w)
+    if global_mask is None:
+        probs = torch.softmax(logits.masked_fill(~allowed, masked_value), dim=-1)
+        probs = seeded_dropout(probs, dropout, dropout_seed)
+        return layout.to_positions((probs @ v_w).view(b, h, m, d))
+
+    index, present = global_indices(global_mask)  # (b, G) each
+    _, k_g, v_g = (q, k, v) if global_qkv is None else global_qkv
+    keys, values = (_gather_positions(x, index) for x in (k_g, v_g))  # (b, h, G, d)
+    column_logits = (q_s @ keys.transpose(-1, -2)).view(b, h, g, c, -1) * scale  # (b, h, g, c, G)
+    column_allowed = present[:, None, None, :]  # (b, 1, 1, G)
+    if layout.causal:
+        column_allowed = column_allowed & (index[:, None, None, :] <= layout.order[None, :, :, None])  # (b, h, m, G)
+    column_allowed = column_allowed.expand(b, h, m, -1).reshape(b, h, g, c, -1)
+    joint = torch.cat([logits, column_logits], dim=-1).masked_fill(
+        ~torch.cat([allowed, column_allowed], dim=-1), masked_value)  # (b, h, g, c, w + G)
+    probs = seeded_dropout(torch.softmax(joint, dim=-1), dropout, dropout_seed)
+    w = k_w.shape[3]
+    out = probs[..., :w] @ v_w + probs[..., w:] @ values[:, :, None]  # (b, h, g, c, d)
+    out = layout.to_positions(out.view(b, h, m, d))  # (b, h, n, d)
+    rows = _global_rows(q if global_qkv is None else global_qkv[0], k_g, v_g, index, present, mask[:, :n],
+                        layout.causal, dropout, dropout_seed)  # (b, h, G, d)
+    return torch.where(global_mask[:, None, :, None], _scatter_rows(rows, index, present, n), out)
+
+
+def _band_allowed(layout: SlotLayout, key_real: torch.Tensor) -> torch.Tensor:
+    """(b, h, g, c, w) bool: the key is real, in the layout, and inside the query's band (causal: not later)."""
+    c, m = layout.chunk, layout.m
+    g = m // c
+    before, after = layout.neighbours
+    h = layout.order.shape[0]
+    b = key_real.shape[0]
+    q_pos = layout.mask_positions.view(1, h, g, c, 1)  # (1, h, g, c, 1)
+    k_pos = look_adjacent(layout.mask_positions.view(1, h, g, c), before, after)[:, :, :, None, :]  # (1, h, g, 1, w)
+    offset = q_pos - k_pos
+    inside = (offset >= 0) & (offset <= layout.window) if layout.causal else offset.abs() <= layout.window
+    in_layout = neighbour_mask(g, g, before, after, False, key_real.device).repeat_interleave(c, dim=1)  # (g, w)
+    real = key_real[:, None, :].expand(b, h, m).gather(2, layout.order.expand(b, h, m))  # (b, h, m) in slot order
+    real = look_adjacent(real.view(b, h, g, c), before, after)[:, :, :, None, :]  # (b, h, g, 1, w)
+    return inside & real & in_layout[:, None, :]
+
+
+def global_indices(global_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, G) positions of each row's global tokens, in order, and (b, G) which of them exist."""
+    counts = global_mask.sum(dim=1)  # (b,)
+    most = int(counts.max())
+    index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :most]  # globals first
+    present = torch.arange(most, device=global_mask.device)[None] < counts[:, None]
+    return index, present
+
+
+def _gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (b, h, n, d) at positions index (b, G) -> (b, h, G, d)."""
+    b, h, _, d = x.shape
+    return x.gather(2, index[:, None, :, None].expand(b, h, -1, d))
+
+
+def _global_rows(q_g, k_g, v_g, index, present, key_real, causal: bool, dropout: float,
+                 dropout_seed: int | None) -> torch.Tensor:
+    """Each global token's query over every real key (causal: up to it): (b, h, G, d)."""
+    n, d = k_g.shape[2], k_g.shape[3]
+    _, masked_value = mask_values(q_g.dtype)
+    queries = _gather_positions(q_g, index)  # (b, h, G, d)
+    logits = (queries @ k_g.transpose(-1, -2)) / math.sqrt(d)  # (b, h, G, n)
+    allowed = key_real[:, None, None, :] & present[:, None, :, None]  # (b, 1, G, n)
+    if causal:
+        allowed = allowed & (torch.arange(n, device=index.device) <= index[:, None, :, None])
+    probs = torch.softmax(logits.masked_fill(~allowed, masked_value), dim=-1)
+    return seeded_dropout(probs, dropout, dropout_seed, _GLOBAL_ROWS_STREAM) @ v_g
+
+
+def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, present: torch.Tensor, n: int) -> torch.Tensor:
+    """rows (b, h, G, d) written at their positions of a (b, h, n, d) zero tensor (absent slots dropped)."""
+    b, h, _, d = rows.shape
+    target = torch.where(present, index, n)  # absent slots land on an extra row that is cut off
+    out = rows.new_zeros(b, h, n + 1, d)
+    return out.scatter(2, target[:, None, :, None].expand(b, h, -1, d), rows)[:, :, :n]
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+def check_window_size(window: int) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (keys on each side of the query), got {window!r}")
+
+
+def check_dilation(dilation: int | Sequence[int], n_heads: int) -> tuple[int, ...]:
+    """One dilation per head, each an integer >= 1."""
+    values = (dilation,) * n_heads if isinstance(dilation, int) and not isinstance(dilation, bool) else dilation
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(f"dilation must be an integer >= 1 or one per head, got {dilation!r}") from None
+    if len(values) != n_heads:
+        raise ValueError(f"dilation has {len(values)} values for {n_heads} heads; give one int, or one per head")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in values):
+        raise ValueError(f"dilation must be integers >= 1 (1 = no gaps), got {dilation!r}")
+    return values
+
+
+def check_global_mask(global_mask: torch.Tensor | None, batch: int, n: int,
+                      attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(b, n) bool of the real global tokens, or None when there is none."""
+    if global_mask is None:
+        return None
+    if not isinstance(global_mask, torch.Tensor) or global_mask.shape != (batch, n):
+        shape = tuple(global_mask.shape) if isinstance(global_mask, torch.Tensor) else type(global_mask).__name__
+        raise ValueError(f"global_mask must have shape (batch, length) = {(batch, n)}, got {shape}")
+    if global_mask.is_floating_point() or global_mask.is_complex():
+        raise TypeError("global_mask must be bool (True = global token) or an integer 0/1 tensor")
+    global_mask = global_mask != 0
+    if attention_mask is not None:
+        global_mask = global_mask & attention_mask  # a padded token is never global
+    return global_mask if bool(global_mask.any()) else None
+
+
+def check_global_qkv(global_qkv, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not isinstance(global_qkv, (tuple, list)) or len(global_qkv) != 3:
+        raise ValueError("global_qkv must be a tuple (q_g, k_g, v_g) of three tensors shaped like q")
+    for name, x in zip(("q_g", "k_g", "v_g"), global_qkv):
+        if not isinstance(x, torch.Tensor) or x.shape != shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"global_qkv's {name} must have the shape of q {tuple(shape)}, got {got}")
+    return tuple(global_qkv)
