@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ATTENTION_KINDS = ("lsh", "local", "full")
+ATTENTION_KINDS = ("lsh", "local", "full", "sliding")
 BUCKET_RULES = ("trax", "hf")
 LSH_NORMALIZATIONS = ("softmax", "hf")
 FF_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -27,7 +27,7 @@ class ReformerConfig:
     n_heads: int = 4  # attention heads per layer
     d_head: int = 64  # width of one head
     d_ff: int = 1024  # hidden width of the feed-forward
-    attn_layers: tuple[str, ...] = ("local", "lsh")  # one entry per layer: "lsh", "local" or "full"
+    attn_layers: tuple[str, ...] = ("local", "lsh")  # one entry per layer: "lsh", "local", "full" or "sliding"
     causal: bool = True  # autoregressive LM (no key after the query) or bidirectional
 
     # --- LSH attention ---
@@ -49,6 +49,12 @@ class ReformerConfig:
     local_chunks_before: int = 1  # chunks before its own that each chunk attends to
     local_chunks_after: int = 0  # chunks after its own (bidirectional models only)
     local_wrap: bool = False  # HF/Trax layout: the first chunk looks back at the last (matters only non-causal)
+
+    # --- sliding-window attention (Longformer) ---
+    sliding_window: int | tuple[int, ...] = 64  # keys on each side of a query (causal: before it); int or one per layer
+    # int (every head), one per head, or one per layer (each an int or one per head): the step between window keys
+    sliding_dilation: int | tuple = 1  # 1 = no gaps
+    sliding_global_projections: bool = True  # own q, k, v projections for global tokens (Longformer), copies at init
 
     # --- feed-forward ---
     ff_activation: str = "relu"  # "relu", "gelu", "gelu_new" (tanh approximation) or "silu"
@@ -77,6 +83,10 @@ class ReformerConfig:
         self.attn_layers = tuple(self.attn_layers)
         if isinstance(self.n_buckets, list):
             self.n_buckets = tuple(self.n_buckets)
+        if isinstance(self.sliding_window, list):
+            self.sliding_window = tuple(self.sliding_window)
+        if isinstance(self.sliding_dilation, list):
+            self.sliding_dilation = tuple(tuple(x) if isinstance(x, list) else x for x in self.sliding_dilation)
         if self.axial_shape is not None:
             self.axial_shape = tuple(self.axial_shape)
         if self.axial_dims is not None:
@@ -135,6 +145,38 @@ class ReformerConfig:
                                  f"future and masked; set {kind}_chunks_after=0")
         if self.lsh_dedup and (self.lsh_chunks_before, self.lsh_chunks_after) != (1, 0):
             raise ValueError("lsh_dedup needs lsh_chunks_before=1 and lsh_chunks_after=0; change one or the other")
+        for layer in range(len(self.attn_layers)):
+            self.sliding_window_of(layer)
+            self.sliding_dilation_of(layer)
+
+    def sliding_window_of(self, layer: int) -> int:
+        """The window of layer `layer` (keys on each side), validated."""
+        value = self.sliding_window
+        if isinstance(value, tuple):
+            if len(value) != len(self.attn_layers):
+                raise ValueError(f"sliding_window has {len(value)} entries for {len(self.attn_layers)} layers; "
+                                 "give one int, or one per entry of attn_layers")
+            value = value[layer]
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"sliding_window must be integers >= 1 (keys on each side), got {self.sliding_window!r}")
+        return value
+
+    def sliding_dilation_of(self, layer: int) -> int | tuple[int, ...]:
+        """The dilation of layer `layer`: one int, or one per head, validated."""
+        value = self.sliding_dilation
+        per_layer = isinstance(value, tuple) and any(isinstance(x, tuple) for x in value)
+        if per_layer:
+            if len(value) != len(self.attn_layers):
+                raise ValueError(f"sliding_dilation has {len(value)} per-layer entries for "
+                                 f"{len(self.attn_layers)} layers; give one per entry of attn_layers")
+            value = value[layer]
+        heads = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and len(value) != self.n_heads:
+            raise ValueError(f"sliding_dilation {value!r} has {len(value)} values for n_heads = {self.n_heads}; "
+                             "give one int, one per head, or one entry per layer")
+        if not heads or any(not _is_int(x) or x < 1 for x in heads):
+            raise ValueError(f"sliding_dilation must be integers >= 1 (1 = no gaps), got {self.sliding_dilation!r}")
+        return value
 
     def _validate_positions(self) -> None:
         if (self.axial_shape is None) != (self.axial_dims is None):
@@ -183,6 +225,10 @@ class ReformerConfig:
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_n_buckets(n_buckets: int | tuple[int, ...]) -> None:

@@ -8,6 +8,9 @@ Each layer keeps what later tokens need of the earlier ones:
   (p // c - chunks_before) * c to p, exactly as `local_attention` does, so
   cached logits equal uncached ones.
 - full attention: all keys and values; exact as well.
+- sliding-window attention (causal): keys and values of the last window * dilation + 1
+  positions; head h attends to p, p - s_h, ..., p - window * s_h, exactly as
+  `sliding_window_attention` does (no global tokens while decoding).
 - LSH attention (Trax's predict mode, reference-spec §1.5): the eval-time
   rotations stay fixed, every cached key keeps its buckets, and the new token
   attends to the most recent `n_hashes * (chunks_before + 1) * chunk_size` cached keys that share
@@ -33,6 +36,7 @@ from .layers.attention import (
     LayerCall,
     LocalSelfAttention,
     LSHSelfAttention,
+    SlidingSelfAttention,
     merge_heads,
     split_heads,
 )
@@ -83,6 +87,26 @@ def _local_step(core: LocalSelfAttention, x: torch.Tensor, cache: LayerCache, po
     first = max(0, (position // c - before) * c)
     visible = cache.positions >= first  # (t,)
     return _softmax_attend(q, cache.keys[:, :, visible], cache.values[:, :, visible], scale=1 / math.sqrt(q.shape[-1]))
+
+
+def _sliding_step(core: SlidingSelfAttention, x: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
+    q, k, v = (split_heads(proj(x), core.n_heads) for proj in (core.q, core.k, core.v))  # (b, h, 1, d)
+    steps = _sliding_steps(core, x.device)  # (h, 1)
+    _append(cache, k, v, position, keep=core.window * int(steps.max()) + 1)
+    back = position - cache.positions  # (t,): how far each cached key lies behind
+    seen = (back % steps == 0) & (back <= core.window * steps)  # (h, t)
+    _, masked_value = mask_values(q.dtype)
+
+    def edit(logits):  # (b, h, 1, t)
+        return logits.masked_fill(~seen[None, :, None, :], masked_value)
+
+    return _softmax_attend(q, cache.keys, cache.values, edit, scale=1 / math.sqrt(q.shape[-1]))
+
+
+def _sliding_steps(core: SlidingSelfAttention, device) -> torch.Tensor:
+    """(h, 1) the dilation of each head."""
+    dilation = core.dilation if isinstance(core.dilation, tuple) else (core.dilation,) * core.n_heads
+    return torch.tensor(dilation, device=device)[:, None]
 
 
 def _full_step(core: FullSelfAttention, x: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
@@ -138,6 +162,8 @@ def decode_step(model, token: torch.Tensor, state: DecodingState) -> torch.Tenso
             out = _lsh_step(core, h, cache, p, state.n_buckets)
         elif isinstance(core, LocalSelfAttention):
             out = _local_step(core, h, cache, p)
+        elif isinstance(core, SlidingSelfAttention):
+            out = _sliding_step(core, h, cache, p)
         else:
             out = _full_step_any(core, h, cache, p)
         x1 = x1 + branch.out(merge_heads(out))
@@ -183,8 +209,12 @@ def _fill_cache(core, h: torch.Tensor, cache: LayerCache, n_buckets) -> None:
         return
     cache.keys = split_heads(core.k(h), core.n_heads)
     cache.values = split_heads(core.v(h), core.n_heads)
+    keep = None
     if isinstance(core, LocalSelfAttention):
         keep = (core.window[0] + 1) * core.chunk_size
+    elif isinstance(core, SlidingSelfAttention):
+        keep = core.window * int(_sliding_steps(core, h.device).max()) + 1
+    if keep is not None:
         cache.keys, cache.values, cache.positions = cache.keys[:, :, -keep:], cache.values[:, :, -keep:], \
             cache.positions[-keep:]
 

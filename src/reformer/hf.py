@@ -226,8 +226,8 @@ def differences_from_hf(config: ReformerConfig) -> list[str]:
     """What HF would compute differently from our model with this config (empty: the same logits)."""
     kinds = set(config.attn_layers)
     out = []
-    if "full" in kinds:
-        out.append("'full' attention layers do not exist in HF's Reformer")
+    for kind in sorted(kinds & {"full", "sliding"}):
+        out.append(f"'{kind}' attention layers do not exist in HF's Reformer")
     if config.axial_shape is not None and len(config.axial_shape) != 2:
         out.append(f"axial_shape {config.axial_shape}: HF's axial embedding is two-dimensional")
     if "lsh" in kinds:

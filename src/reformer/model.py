@@ -2,7 +2,7 @@
 
     x = dropout(token_embedding + positions)
     X1 = X2 = x                                 both halves start from the embedding
-    per layer:  Y1 = X1 + Attention(LN(X2))      lsh, local or full
+    per layer:  Y1 = X1 + Attention(LN(X2))      lsh, local, full or sliding (Longformer)
                 Y2 = X2 + FeedForward(LN(Y1))    chunked over positions
     logits = Linear(LayerNorm([Y1 ; Y2]))
 
@@ -26,7 +26,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention._chunking import pad_length, padded_length, padded_mask
 from .config import ReformerConfig
-from .layers.attention import AttentionBranch, FullSelfAttention, LayerCall, LocalSelfAttention, LSHSelfAttention
+from .layers.attention import (
+    AttentionBranch,
+    FullSelfAttention,
+    LayerCall,
+    LocalSelfAttention,
+    LSHSelfAttention,
+    SlidingSelfAttention,
+)
 from .layers.feed_forward import FeedForward, chunk_bounds
 from .layers.positional import AbsolutePositionEmbedding, AxialPositionEmbedding
 from .layers.reversible import ReformerBlock, run_plain, run_reversible
@@ -66,6 +73,11 @@ def build_attention(config: ReformerConfig, kind: str, layer: int) -> nn.Module:
         return LocalSelfAttention(**common, chunk_size=config.local_chunk_size, causal=config.causal,
                                   attn_dropout=config.attn_dropout, wrap=config.local_wrap,
                                   window=(config.local_chunks_before, config.local_chunks_after))
+    if kind == "sliding":
+        return SlidingSelfAttention(**common, window=config.sliding_window_of(layer),
+                                    dilation=config.sliding_dilation_of(layer), causal=config.causal,
+                                    attn_dropout=config.attn_dropout,
+                                    global_projections=config.sliding_global_projections)
     return FullSelfAttention(**common, causal=config.causal, attn_dropout=config.attn_dropout)
 
 
@@ -102,7 +114,10 @@ class ReformerLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero biases, unit LayerNorms, axial Normal(0, axial_init_std)."""
+        """Normal(0, init_std) weights, zero biases, unit LayerNorms, axial Normal(0, axial_init_std).
+
+        Sliding layers' global projections then start as copies of their q, k, v (Longformer).
+        """
         gen = generator_for(derive_seed(self.config.seed, _INIT_STREAM))
         for name, p in self.named_parameters():
             if name.startswith("position_embedding.weights"):
@@ -113,17 +128,20 @@ class ReformerLM(nn.Module):
                 p.zero_()
             else:
                 p.normal_(0.0, self.config.init_std, generator=gen)
+        for module in self.modules():
+            if isinstance(module, SlidingSelfAttention):
+                module.copy_global_projections()
 
     # --- randomness -------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
         """Reseed the model's own generator (dropout and training-time LSH rotations)."""
         self.generator.manual_seed(seed)
 
-    def _layer_calls(self) -> tuple[int | None, list[LayerCall]]:
+    def _layer_calls(self, global_mask: torch.Tensor | None = None) -> tuple[int | None, list[LayerCall]]:
         if not self.training:
-            return None, [LayerCall() for _ in self.layers]
+            return None, [LayerCall(global_mask=global_mask) for _ in self.layers]
         seeds = draw_seeds(self.generator, len(self.layers) + 1)
-        return seeds[0], [LayerCall(seed=s) for s in seeds[1:]]
+        return seeds[0], [LayerCall(seed=s, global_mask=global_mask) for s in seeds[1:]]
 
     def set_lsh_eval(self, n_hashes: int | None = None, full_attention: bool = False) -> None:
         """Evaluate the LSH layers with another number of hash rounds, or with full shared-QK attention."""
@@ -141,45 +159,52 @@ class ReformerLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool | None = None,
+        global_mask: torch.Tensor | None = None,
     ) -> ReformerOutput:
         """input_ids (b, n) int64; attention_mask (b, n) bool (True = real); labels (b, n) or None.
 
+        global_mask (b, n) bool: Longformer's global tokens, for the "sliding" layers (the others ignore it).
         The loss is the mean cross-entropy of labels[:, 1:] given logits[:, :-1],
         ignoring labels equal to -100 and padded positions.
         """
         attention_mask = self._check_inputs(input_ids, attention_mask, labels)
+        global_mask = self._check_global_mask(input_ids, global_mask)
         if labels is not None and not return_logits and self.config.reversible and torch.is_grad_enabled():
-            return self._reversible_loss(input_ids, attention_mask, labels)
-        hidden = self.hidden_states(input_ids, attention_mask)  # (b, n, 2d)
+            return self._reversible_loss(input_ids, attention_mask, labels, global_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, global_mask)  # (b, n, 2d)
         if labels is None:
             return ReformerOutput(logits=self.logits_from_hidden(hidden))
         loss, count = self._chunked_loss(hidden, labels, attention_mask)
         logits = self.logits_from_hidden(hidden) if return_logits else None
         return ReformerOutput(logits=logits, loss=loss, n_tokens=count)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      global_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[Y1 ; Y2] of the last layer, (b, n, 2d), before the final norm."""
-        x, mask, calls = self._embed(input_ids, attention_mask)
+        x, mask, calls = self._embed(input_ids, attention_mask, global_mask)
         run = run_reversible if self.config.reversible and torch.is_grad_enabled() else run_plain
         return run(self.layers, x, mask, calls)[:, :input_ids.shape[1]]
 
-    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               global_mask: torch.Tensor | None = None):
         """The layers' input (b, n_pad, d), its mask and the layer calls of this forward."""
-        embed_seed, calls = self._layer_calls()
         n = input_ids.shape[1]
+        if global_mask is not None:
+            global_mask = pad_length(global_mask, padded_length(n, max(self.config.pad_to_multiple, 1)), dim=1)
+        embed_seed, calls = self._layer_calls(global_mask)
         x = self.token_embedding(input_ids) + self.position_embedding(n).to(self.token_embedding.weight.dtype)
         x = dropout(x, self.config.dropout, embed_seed, STREAM_EMBED)  # (b, n, d)
         x, attention_mask = self._pad_to_multiple(x, attention_mask)  # (b, n_pad, d)
         return x, attention_mask, calls
 
-    def _reversible_loss(self, input_ids, attention_mask, labels) -> ReformerOutput:
+    def _reversible_loss(self, input_ids, attention_mask, labels, global_mask=None) -> ReformerOutput:
         """The loss with the final norm, head and loss closing the reversible stack (`_LossTail`).
 
         The same value as `_chunked_loss(hidden_states(...))`; the stack then owns
         its state, and the loss's gradient reaches it chunk by chunk.
         """
         targets, count = self._loss_targets(labels, attention_mask)
-        x, mask, calls = self._embed(input_ids, attention_mask)
+        x, mask, calls = self._embed(input_ids, attention_mask, global_mask)
         total = run_reversible(self.layers, x, mask, calls, tail=_LossTail(self, targets))
         return ReformerOutput(loss=total / max(count, 1), n_tokens=count)
 
@@ -255,6 +280,16 @@ class ReformerLM(nn.Module):
             if bool(bad.any()):
                 raise ValueError(f"labels must be in [0, {self.config.vocab_size}) or -100 (ignored)")
         return attention_mask
+
+    def _check_global_mask(self, input_ids: torch.Tensor, global_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if global_mask is None:
+            return None
+        if not isinstance(global_mask, torch.Tensor) or global_mask.shape != input_ids.shape:
+            shape = tuple(global_mask.shape) if isinstance(global_mask, torch.Tensor) else type(global_mask).__name__
+            raise ValueError(f"global_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+        if global_mask.is_floating_point() or global_mask.is_complex():
+            raise TypeError("global_mask must be bool (True = global token) or an integer 0/1 tensor")
+        return global_mask != 0
 
     # --- save and load ----------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

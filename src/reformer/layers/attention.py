@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attention import full_attention, local_attention, lsh_attention
+from ..attention import full_attention, local_attention, lsh_attention, sliding_window_attention
 from ..attention.full import shared_qk_attention
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
 from .feed_forward import chunk_bounds
@@ -23,10 +23,18 @@ from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_ke
 
 @dataclass
 class LayerCall:
-    """The randomness of one layer call. seed None = eval: no dropout, fixed LSH rotations."""
+    """What one layer call carries besides its input: its randomness, and the global tokens.
+
+    seed None = eval: no dropout, fixed LSH rotations.
+    """
 
     seed: int | None = None
     buckets: torch.Tensor | None = None  # (b, h, r, n), filled by the first LSH run, reused after
+    global_mask: torch.Tensor | None = None  # (b, n) bool: Longformer's global tokens; other layers ignore it
+
+    @property
+    def global_tokens(self) -> bool:
+        return self.global_mask is not None
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -50,8 +58,11 @@ class ProjectedAttention(nn.Module):
     def projection_layers(self) -> tuple[nn.Linear, ...]:
         raise NotImplementedError
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The position-wise part: x (b, m, d_model) -> (b, m, h*d) per projection."""
+    def project(self, x: torch.Tensor, global_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        """The position-wise part: x (b, m, d_model) -> (b, m, h*d) per projection.
+
+        global_tokens: the call has global tokens (`LayerCall.global_tokens`); a layer may then need more.
+        """
         return tuple(layer(x) for layer in self.projection_layers())
 
     def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
@@ -60,7 +71,7 @@ class ProjectedAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        return self.attend(self.project(x), mask, call)
+        return self.attend(self.project(x, call.global_tokens), mask, call)
 
 
 def qkv_projections(d_model: int, inner: int) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -193,6 +204,51 @@ class FullSelfAttention(ProjectedAttention):
         return merge_heads(out)
 
 
+class SlidingSelfAttention(ProjectedAttention):
+    """Longformer attention: a sliding window, dilated per head, with global tokens (`sliding_window_attention`).
+
+    With `global_projections` the layer owns Longformer's Q_g, K_g, V_g, initialised as copies of q, k, v
+    (`copy_global_projections`); they are computed only for calls with global tokens, and otherwise get
+    zero gradients.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, *, window: int, dilation, causal: bool,
+                 attn_dropout: float, global_projections: bool = True):
+        super().__init__()
+        self.q, self.k, self.v = qkv_projections(d_model, n_heads * d_head)
+        self.global_q = self.global_k = self.global_v = None
+        if global_projections:
+            self.global_q, self.global_k, self.global_v = qkv_projections(d_model, n_heads * d_head)
+        self.n_heads, self.window, self.dilation = n_heads, window, dilation
+        self.causal, self.attn_dropout = causal, attn_dropout
+
+    def projection_layers(self) -> tuple[nn.Linear, ...]:
+        local = (self.q, self.k, self.v)
+        return local if self.global_q is None else (*local, self.global_q, self.global_k, self.global_v)
+
+    def project(self, x: torch.Tensor, global_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        layers = self.projection_layers() if global_tokens else self.projection_layers()[:3]
+        return tuple(layer(x) for layer in layers)
+
+    @torch.no_grad()
+    def copy_global_projections(self) -> None:
+        """Longformer's init: the global projections start equal to the local ones."""
+        if self.global_q is not None:
+            for local, glob in zip((self.q, self.k, self.v), (self.global_q, self.global_k, self.global_v)):
+                glob.weight.copy_(local.weight)
+
+    def attend(self, projections: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
+               call: LayerCall) -> torch.Tensor:
+        q, k, v, *global_qkv = (split_heads(p, self.n_heads) for p in projections)  # (b, h, n, d)
+        out = sliding_window_attention(
+            q, k, v, window=self.window, dilation=self.dilation, causal=self.causal, attention_mask=mask,
+            global_mask=call.global_mask, global_qkv=tuple(global_qkv) if global_qkv else None,
+            dropout=self.attn_dropout,
+            dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
+        )
+        return merge_heads(out)
+
+
 class AttentionBranch(nn.Module):
     """F of the reversible block: LayerNorm -> projections -> attention -> output projection -> dropout.
 
@@ -217,12 +273,12 @@ class AttentionBranch(nn.Module):
         self.chunk_size = chunk_size
         self.compiled_project = self.compiled_output = None  # torch.compile twins (`reformer.compile`), or None
 
-    def project_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project_chunk(self, x: torch.Tensor, global_tokens: bool = False) -> tuple[torch.Tensor, ...]:
         """x (b, m, d_model) -> the attention's projections, (b, m, h*d) each."""
-        return (self.compiled_project or self.pure_project)(x)
+        return (self.compiled_project or self.pure_project)(x, global_tokens)
 
-    def pure_project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.attention.project(self.norm(x))
+    def pure_project(self, x: torch.Tensor, global_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        return self.attention.project(self.norm(x), global_tokens)
 
     def output_chunk(self, attended: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
         """Attention output (b, m, h*d) of chunk `index` -> (b, m, d_model)."""
@@ -235,6 +291,6 @@ class AttentionBranch(nn.Module):
         return apply_keep(self.out(attended), keep, self.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        attended = self.attention.attend(self.project_chunk(x), mask, call)  # (b, n, h*d)
+        attended = self.attention.attend(self.project_chunk(x, call.global_tokens), mask, call)  # (b, n, h*d)
         return torch.cat([self.output_chunk(attended[:, start:end], call.seed, index)
                           for index, (start, end) in enumerate(chunk_bounds(x.shape[1], self.chunk_size))], dim=1)
