@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast demo demo-text bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
-	bench-bf16 bench-compile clean
+	bench-bf16 bench-compile bench-sliding clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (wr
 
 bench-generate: $(STAMP)  ## generation tokens/s with and without the cache (writes benchmarks/results/generate.md)
 	$(PY) benchmarks/generate.py --new-tokens 32
+
+bench-sliding: $(STAMP)  ## sliding-window attention beside HF Longformer and SDPA (about 10 minutes; writes benchmarks/results/sliding.md)
+	$(PY) benchmarks/sliding.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

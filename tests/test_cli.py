@@ -64,6 +64,19 @@ def test_model_flags_override_the_config_file(tmp_path, text_file):
             saved["local_wrap"], saved["pad_to_multiple"]) == ("hf", 3, None, "gelu", True, 16)
 
 
+def test_sliding_layers_from_the_command_line(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(text_file), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "64", "--no-progress", *MODEL[:6], "--attn-layers", "sliding,lsh", "--lsh-chunk-size",
+                 "16", "--sliding-window", "8,1", "--sliding-dilation", "1,2"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["attn_layers"], saved["sliding_window"], saved["sliding_dilation"]) == (
+        ["sliding", "lsh"], [8, 1], [1, 2])
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "Crime", "--max-new-tokens", "5"]) == 0
+    one_line_error(capsys, ["train", "--data", str(text_file), "--out", str(tmp_path / "bad"), *MODEL[:6],
+                            "--attn-layers", "sliding", "--sliding-window", "0"], "sliding_window must be integers >= 1")
+
+
 def test_bad_inputs_give_one_line(tmp_path, text_file, trained, capsys):
     train = ["train", "--out", str(tmp_path / "new"), "--steps", "1", "--no-progress", "--seq-len", "64", *MODEL]
     one_line_error(capsys, [*train, "--data", str(tmp_path / "missing.txt")], "not found")
