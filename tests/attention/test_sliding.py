@@ -71,7 +71,7 @@ def test_band_matches_reference(monkeypatch, explicit, window, dilation, causal,
 @pytest.mark.parametrize("global_projections", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dilation", [1, (1, 3)])
+@pytest.mark.parametrize("dilation", DILATIONS)
 @pytest.mark.parametrize("window", WINDOWS)
 def test_global_tokens_match_reference(window, dilation, causal, masked, global_projections):
     check(19, masked=masked, global_tokens=True, global_projections=global_projections, window=window,
