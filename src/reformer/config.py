@@ -43,6 +43,10 @@ class ReformerConfig:
     hash_seed: int | None = None  # HF's hash_seed: LSH rotations redrawn from this seed on every call, train and eval
     lsh_attn_dropout: float | None = None  # attention dropout of the LSH layers (None = attn_dropout)
     lsh_normalize: str = "softmax"  # "softmax" (exact) or "hf": exp(x - logsumexp(x)), HF's float32 rounding
+    # causal LSH in which no output depends on a later token (cached decoding = training): per round, a query
+    # attends to the latest lsh_causal_window keys of its own bucket; n_buckets=None then counts from max_seq_len
+    lsh_prefix_consistent: bool = False
+    lsh_causal_window: int = 0  # keys per round for lsh_prefix_consistent; 0 = 2 * lsh_chunk_size
 
     # --- local attention ---
     local_chunk_size: int = 64  # each chunk attends to itself and the previous chunk
@@ -143,11 +147,27 @@ class ReformerConfig:
             if self.causal and after and kind in self.attn_layers:
                 raise ValueError(f"{kind}_chunks_after = {after} in a causal model: those chunks are all in the "
                                  f"future and masked; set {kind}_chunks_after=0")
-        if self.lsh_dedup and (self.lsh_chunks_before, self.lsh_chunks_after) != (1, 0):
+        if not _is_int(self.lsh_causal_window) or self.lsh_causal_window < 0:
+            raise ValueError(f"lsh_causal_window must be an integer >= 0 (0 = 2 * lsh_chunk_size), "
+                             f"got {self.lsh_causal_window!r}")
+        if self.lsh_prefix_consistent and not self.causal:
+            raise ValueError("lsh_prefix_consistent is a causal LSH variant; set causal=True or turn it off")
+        if self.lsh_prefix_consistent and self.lsh_wrap:
+            raise ValueError("lsh_prefix_consistent attends inside each round's buckets and has no wrap-around; "
+                             "set lsh_wrap=False")
+        if self.lsh_dedup and not self.lsh_prefix_consistent and (self.lsh_chunks_before,
+                                                                   self.lsh_chunks_after) != (1, 0):
             raise ValueError("lsh_dedup needs lsh_chunks_before=1 and lsh_chunks_after=0; change one or the other")
         for layer in range(len(self.attn_layers)):
             self.sliding_window_of(layer)
             self.sliding_dilation_of(layer)
+
+    @property
+    def lsh_window_keys(self) -> int | None:
+        """The causal window of prefix-consistent LSH layers (keys per round), or None for standard LSH."""
+        if not self.lsh_prefix_consistent:
+            return None
+        return self.lsh_causal_window or 2 * self.lsh_chunk_size
 
     def sliding_window_of(self, layer: int) -> int:
         """The window of layer `layer` (keys on each side), validated."""

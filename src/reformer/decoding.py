@@ -16,6 +16,10 @@ Each layer keeps what later tokens need of the earlier ones:
   attends to the most recent `n_hashes * (chunks_before + 1) * chunk_size` cached keys that share
   one of its buckets in any round (each counted once), and to itself only when
   there is none. This approximates the chunked attention of a full forward pass.
+- prefix-consistent LSH (`lsh_prefix_consistent`): the same cache, and in every
+  round the new token attends to the latest `lsh_causal_window` cached keys of
+  its bucket, and to itself at the self logit: exactly what a full forward pass
+  computes for the last position.
   Finding them compares integer buckets over the cache; the attention itself
   gathers only those keys, so its float work is O(n_hashes * chunk) per token.
 `prefill` runs the prompt through one ordinary forward pass and fills the caches
@@ -119,6 +123,8 @@ def _lsh_step(core: LSHSelfAttention, x: torch.Tensor, cache: LayerCache, positi
     qk = split_heads(core.qk(x), core.n_heads)  # (b, h, 1, d)
     v = split_heads(core.v(x), core.n_heads)  # (b, h, 1, d)
     buckets = hash_vectors(qk, core.rotations(n_buckets, None, qk.dtype).to(x.device), n_buckets)  # (b, h, r, 1)
+    if core.causal_window is not None:
+        return _causal_window_step(core, qk, v, buckets, cache, position)
     previous = cache.buckets
     self_value, masked_value = mask_values(qk.dtype)
     limit = core.n_hashes * (core.window[0] + 1) * core.chunk_size
@@ -139,6 +145,32 @@ def _lsh_step(core: LSHSelfAttention, x: torch.Tensor, cache: LayerCache, positi
         return logits
 
     return _softmax_attend(qk, keys, values, edit)
+
+
+def _causal_window_step(core: LSHSelfAttention, qk, v, buckets, cache: LayerCache, position: int) -> torch.Tensor:
+    """Prefix-consistent LSH: per round, the latest `causal_window` cached keys of the token's bucket, and itself.
+
+    The forward pass's joint softmax over (round, key) entries is one softmax over the cached keys with
+    log(rounds that select the key) added (dedup: each key once), and the self logit r times (once).
+    """
+    cache.buckets = buckets if cache.buckets is None else torch.cat([cache.buckets, buckets], dim=-1)
+    _append(cache, normalize_keys(qk), v, position, keep=None)
+    shares = cache.buckets == buckets  # (b, h, r, t): in the token's bucket, round by round
+    shares[..., -1] = False  # the token itself is handled by the self value
+    latest = shares & (shares.flip(-1).cumsum(-1).flip(-1) <= core.causal_window)  # the W latest matches
+    counts = latest.sum(dim=2)  # (b, h, t): in how many rounds each cached key is selected
+    self_value, masked_value = mask_values(qk.dtype)
+    rounds = buckets.shape[2]
+
+    def edit(logits):  # (b, h, 1, t)
+        chosen = (counts > 0)[:, :, None, :]
+        if not core.dedup:
+            logits = logits + torch.log(counts.clamp(min=1).to(logits.dtype))[:, :, None, :]
+        logits = logits.masked_fill(~chosen, masked_value)
+        logits[..., -1] = self_value + (0.0 if core.dedup else math.log(rounds))
+        return logits
+
+    return _softmax_attend(qk, cache.keys, cache.values, edit)
 
 
 @torch.no_grad()

@@ -235,6 +235,8 @@ def differences_from_hf(config: ReformerConfig) -> list[str]:
             out.append("lsh_wrap=False: HF's LSH look-back crosses hash rounds and wraps around (lsh_wrap=True)")
         if config.lsh_dedup or config.lsh_same_bucket_only:
             out.append("lsh_dedup / lsh_same_bucket_only: HF has neither")
+        if config.lsh_prefix_consistent:
+            out.append("lsh_prefix_consistent: HF has only the standard chunked LSH")
         if config.n_buckets is None and config.lsh_bucket_rule != "hf":
             out.append("n_buckets=None with the Trax rule: HF picks a power of two (lsh_bucket_rule='hf'), "
                        "or set n_buckets")

@@ -67,7 +67,7 @@ def build_attention(config: ReformerConfig, kind: str, layer: int) -> nn.Module:
             attn_dropout=config.attn_dropout if config.lsh_attn_dropout is None else config.lsh_attn_dropout,
             eval_seed=derive_seed(config.seed, _LAYER_STREAM, layer), bucket_rule=config.lsh_bucket_rule,
             max_positions=config.max_seq_len, hash_seed=config.hash_seed, normalize=config.lsh_normalize,
-            window=(config.lsh_chunks_before, config.lsh_chunks_after),
+            window=(config.lsh_chunks_before, config.lsh_chunks_after), causal_window=config.lsh_window_keys,
         )
     if kind == "local":
         return LocalSelfAttention(**common, chunk_size=config.local_chunk_size, causal=config.causal,

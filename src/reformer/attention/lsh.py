@@ -49,6 +49,7 @@ from ._chunking import (
 )
 from ..config import validate_n_buckets
 from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, projection_rows
+from .lsh_causal_window import attend_causal_window, check_causal_window
 from ..rng import dropout as seeded_dropout
 
 Buckets = int | tuple[int, ...]
@@ -204,6 +205,7 @@ def lsh_attention(
     normalize: str = "softmax",
     chunks_before: int = 1,
     chunks_after: int = 0,
+    causal_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-round LSH attention with shared query-keys.
 
@@ -228,6 +230,10 @@ def lsh_attention(
             Trax's float rounding; see the module docstring).
         chunks_before, chunks_after: neighbouring chunks each chunk attends to
             (HF's lsh_num_chunks_before / after); dedup needs the default 1, 0.
+        causal_window: the prefix-consistent causal variant (`lsh_causal_window`): in every round a
+            query sees the `causal_window` latest keys before it in its own bucket, and itself; no
+            output depends on a later token. Needs causal=True; the chunk windows and
+            same_bucket_only do not apply.
 
     Returns:
         out (b, h, n, d) and buckets (b, h, r, n).
@@ -240,7 +246,9 @@ def lsh_attention(
         raise ValueError(f"normalize must be one of {tuple(NORMALIZATIONS)}, got {normalize!r}")
     normalized = NORMALIZATIONS[normalize]
     check_window(chunks_before, chunks_after)
-    if dedup and (chunks_before, chunks_after) != (1, 0):
+    if causal_window is not None:
+        check_causal_window(causal_window, causal, wrap)
+    elif dedup and (chunks_before, chunks_after) != (1, 0):
         raise ValueError("dedup counts keys over windows of one chunk before and none after; "
                          "use chunks_before=1, chunks_after=0 with dedup, or turn dedup off")
 
@@ -258,18 +266,24 @@ def lsh_attention(
 
     window = (chunks_before, chunks_after)
     with_dropout = dropout > 0.0 and dropout_seed is not None
-    fused = not (dedup or same_bucket_only or with_dropout) and normalize == "softmax"
+    fused = not (dedup or same_bucket_only or with_dropout) and normalize == "softmax" and causal_window is None
     if fused and fused_kernel_available(qk.device):
         out = _attend_fused(qk_p, v_p, buckets, mask, chunk_size=chunk_size, causal=causal, wrap=wrap,
                             window=window)  # (b, h, n_pad, d)
     else:
         with explicit_precision(qk.device):
-            out, lse = _attend_sorted(
-                *upcast(qk_p, v_p), buckets, mask,
-                n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
-                same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
-                normalized=normalized, window=window,
-            )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
+            if causal_window is not None:
+                out, lse = attend_causal_window(
+                    *upcast(qk_p, v_p), buckets, mask, chunk_size=chunk_size, window=causal_window, dedup=dedup,
+                    dropout=dropout, dropout_seed=dropout_seed, normalized=normalized,
+                )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
+            else:
+                out, lse = _attend_sorted(
+                    *upcast(qk_p, v_p), buckets, mask,
+                    n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
+                    same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
+                    normalized=normalized, window=window,
+                )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
             weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
             out = (out * weights[..., None]).sum(dim=2).to(qk.dtype)  # (b, h, n_pad, d)
     out = zero_masked_queries(out[:, :, :n], attention_mask)

@@ -73,6 +73,19 @@ def _lsh_multiplicity(bk: list[list[int]], n_pad: int, c: int, same_bucket_only:
     return m
 
 
+def _causal_window_multiplicity(bk: list[list[int]], n: int, window: int, real: list[bool]):
+    """M[i][j]: in how many rounds key j is one of the `window` latest real keys before i in i's bucket, or i itself."""
+    m = [[0] * n for _ in range(n)]
+    for round_buckets in bk:
+        for i in range(n):
+            if not real[i]:
+                continue
+            earlier = [j for j in range(i) if real[j] and round_buckets[j] == round_buckets[i]]
+            for j in earlier[-window:] + [i]:
+                m[i][j] += 1
+    return m
+
+
 def lsh_attention_reference(
     qk: torch.Tensor,
     v: torch.Tensor,
@@ -88,8 +101,13 @@ def lsh_attention_reference(
     buckets: torch.Tensor | None = None,
     chunks_before: int = 1,
     chunks_after: int = 0,
+    causal_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSH attention as the spec says it, one query at a time. Same signature as `lsh_attention`."""
+    """LSH attention as the spec says it, one query at a time. Same signature as `lsh_attention`.
+
+    causal_window W: in every round, query i sees the W latest real keys before it in its own bucket, and
+    itself (at the self logit); the rounds' entries form one softmax (dedup: each key once).
+    """
     b, h, n, d = qk.shape
     c = chunk_size
     n_pad = -(-n // c) * c
@@ -109,7 +127,10 @@ def lsh_attention_reference(
                 bk = [[int(buckets[bi, hi, r, t]) if real[t] else pad_bucket for t in range(n_pad)]
                       for r in range(buckets.shape[2])]
             head_buckets.append(torch.tensor([row[:n] for row in bk]))
-            m = _lsh_multiplicity(bk, n_pad, c, same_bucket_only, wrap, chunks_before, chunks_after)
+            if causal_window is None:
+                m = _lsh_multiplicity(bk, n_pad, c, same_bucket_only, wrap, chunks_before, chunks_after)
+            else:
+                m = _causal_window_multiplicity(bk, n, causal_window, real)
             for i in range(n):
                 if not real[i]:
                     continue

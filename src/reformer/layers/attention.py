@@ -93,7 +93,8 @@ class LSHSelfAttention(ProjectedAttention):
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, chunk_size: int, n_hashes: int,
                  n_buckets, causal: bool, dedup: bool, same_bucket_only: bool, wrap: bool,
                  attn_dropout: float, eval_seed: int, bucket_rule: str = "trax", max_positions: int = 0,
-                 hash_seed: int | None = None, normalize: str = "softmax", window: tuple[int, int] = (1, 0)):
+                 hash_seed: int | None = None, normalize: str = "softmax", window: tuple[int, int] = (1, 0),
+                 causal_window: int | None = None):
         super().__init__()
         self.qk = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
@@ -104,13 +105,20 @@ class LSHSelfAttention(ProjectedAttention):
         self.eval_seed = eval_seed
         self.bucket_rule, self.max_positions, self.hash_seed = bucket_rule, max_positions, hash_seed
         self.normalize, self.window = normalize, window
+        self.causal_window = causal_window  # prefix-consistent causal LSH (`lsh_causal_window`), or None
         self.use_full_attention = False  # evaluate with full shared-QK attention (paper Table 2, "Full")
         self._eval_rotations: dict = {}
 
     def resolve_n_buckets(self, length: int, mask: torch.Tensor | None):
-        """The configured count; else the Trax rule on the longest real length, or HF's on the padded length."""
+        """The configured count; else the Trax rule on the longest real length, or HF's on the padded length.
+
+        Prefix-consistent layers count from `max_positions` instead: a token's buckets must not depend on
+        how long the sequence is, or a prefix and its continuation would hash differently.
+        """
         if self.n_buckets is not None:
             return self.n_buckets
+        if self.causal_window is not None and self.max_positions:
+            length, mask = self.max_positions, None
         if self.bucket_rule == "hf":
             return n_buckets_hf_rule(length, self.chunk_size, self.max_positions)
         real_length = length if mask is None else int(mask.sum(dim=1).max().item())
@@ -144,7 +152,8 @@ class LSHSelfAttention(ProjectedAttention):
                call: LayerCall) -> torch.Tensor:
         qk, v = (split_heads(p, self.n_heads) for p in projections)  # (b, h, n, d)
         dropout_seed = None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS)
-        if self.use_full_attention or qk.shape[2] <= self.chunk_size:
+        short = qk.shape[2] <= self.chunk_size and self.causal_window is None  # prefix-consistent: always hash
+        if self.use_full_attention or short:
             return merge_heads(shared_qk_attention(qk, v, causal=self.causal, attention_mask=mask,
                                                    dropout=self.attn_dropout, dropout_seed=dropout_seed))
         n_buckets = self.resolve_n_buckets(qk.shape[2], mask)
@@ -153,7 +162,7 @@ class LSHSelfAttention(ProjectedAttention):
             qk, v, rotations, n_buckets=n_buckets, chunk_size=self.chunk_size, causal=self.causal,
             attention_mask=mask, dedup=self.dedup, same_bucket_only=self.same_bucket_only, wrap=self.wrap,
             buckets=call.buckets, dropout=self.attn_dropout, dropout_seed=dropout_seed, normalize=self.normalize,
-            chunks_before=self.window[0], chunks_after=self.window[1],
+            chunks_before=self.window[0], chunks_after=self.window[1], causal_window=self.causal_window,
         )
         call.buckets = buckets
         return merge_heads(out)
