@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast demo demo-text bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
-	bench-bf16 bench-compile bench-sliding clean
+	bench-bf16 bench-compile bench-sliding bench-prefix-lsh clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-generate: $(STAMP)  ## generation tokens/s with and without the cache (wri
 
 bench-sliding: $(STAMP)  ## sliding-window attention beside HF Longformer and SDPA (about 10 minutes; writes benchmarks/results/sliding.md)
 	$(PY) benchmarks/sliding.py
+
+bench-prefix-lsh: $(STAMP)  ## prefix-consistent LSH beside standard LSH and full attention: quality, then speed (about 40 minutes)
+	$(PY) benchmarks/prefix_lsh.py
+	$(PY) benchmarks/compare.py --contenders ours ours_prefix --lengths 1024 4096 16384 65536 --tag prefix
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

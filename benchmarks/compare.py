@@ -28,6 +28,9 @@ forward) is not counted: it is work the model does, not model FLOPs. The
 machine's rate is the median of 5 4096^3 matrix products in the same run, in
 the precision of the run.
 
+`ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
+keys per round); `--tag prefix` writes its table apart (compare_prefix.md), beside `ours`.
+
 --precision bf16 runs every contender's step under `torch.autocast` with
 bfloat16 (on CPUs with AMX or AVX512-BF16, matrix products run 4x faster), and
 writes compare_bf16.md and its plots; the matmul rate is then bfloat16's.
@@ -35,6 +38,7 @@ writes compare_bf16.md and its plots; the matmul rate is then bfloat16's.
     python benchmarks/compare.py                    # writes benchmarks/results/compare.md and two plots
     python benchmarks/compare.py --lengths 1024 4096 --contenders ours sdpa --repeats 1
     python benchmarks/compare.py --precision bf16 --lengths 1024 4096 16384 --contenders ours sdpa --rounds 3
+    python benchmarks/compare.py --contenders ours ours_prefix --lengths 1024 4096 16384 65536 --tag prefix
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENDERS = ("ours", "hf", "reformer_pytorch", "sdpa")
+CONTENDERS = ("ours", "hf", "reformer_pytorch", "sdpa", "ours_prefix")
 LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
-          "sdpa": "Transformer + SDPA"}
+          "sdpa": "Transformer + SDPA", "ours_prefix": "ours, prefix-consistent LSH"}
 PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
               "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
@@ -69,7 +73,7 @@ def model_flops_per_step(length: int) -> float:
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
 
-def build_ours(length: int, device):
+def build_ours(length: int, device, prefix_consistent: bool = False):
     from reformer import ReformerConfig, ReformerLM
     from reformer.config import default_axial_shape
     from reformer.memory import release_freed_memory_eagerly
@@ -78,7 +82,8 @@ def build_ours(length: int, device):
     config = ReformerConfig(vocab_size=VOCAB, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
-                            ff_chunk_size=4096, loss_chunk_size=4096, reversible=True)
+                            ff_chunk_size=4096, loss_chunk_size=4096, reversible=True,
+                            lsh_prefix_consistent=prefix_consistent)  # window: 2 * chunk keys per round
     model = ReformerLM(config).to(device)
     return model, lambda ids: model(ids, labels=ids).loss
 
@@ -152,7 +157,8 @@ def build_sdpa(length: int, device):
     return model, loss
 
 
-BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reformer_pytorch, "sdpa": build_sdpa}
+BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reformer_pytorch, "sdpa": build_sdpa,
+            "ours_prefix": lambda length, device: build_ours(length, device, prefix_consistent=True)}
 
 
 def worker(contender: str, length: int, repeats: int, budget_s: float, device_name: str,
@@ -328,6 +334,7 @@ def main(argv=None) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: every contender under torch.autocast(bfloat16); the matmul rate in bfloat16 too")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--tag", default="", help="name the outputs compare_TAG.md (and _TAG plots), e.g. for a subset")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
@@ -350,7 +357,7 @@ def main(argv=None) -> None:
             if round_index > 0 and length > args.rounds_up_to:
                 continue
             for contender in args.contenders:
-                if contender != "ours" and length > args.peer_max_length:
+                if not contender.startswith("ours") and length > args.peer_max_length:
                     continue
                 previous = results.get((contender, length))
                 if round_index > 0 and (previous is None or "step_s" not in previous):
@@ -368,7 +375,7 @@ def main(argv=None) -> None:
     rate = statistics.median(rates)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + (f"_{args.tag}" if args.tag else "")
     written = plots(results, args.lengths, args.contenders, args.out_dir, suffix)
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

@@ -213,7 +213,7 @@ def main(argv=None) -> None:
             print(json.dumps(result), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/sliding.py" + ("" if argv is None else " " + " ".join(argv))
+    command = " ".join(["python benchmarks/sliding.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
         "# Sliding-window attention: forward + backward, ours beside HF Longformer and dense SDPA", "",
         f"Command: `{command}`. {datetime.date.today()}, {torch.get_num_threads()} threads, torch "

@@ -74,7 +74,8 @@ def test_sliding_layers_from_the_command_line(tmp_path, text_file, capsys):
         ["sliding", "lsh"], [8, 1], [1, 2])
     assert main(["generate", "--checkpoint", str(out), "--prompt", "Crime", "--max-new-tokens", "5"]) == 0
     one_line_error(capsys, ["train", "--data", str(text_file), "--out", str(tmp_path / "bad"), *MODEL[:6],
-                            "--attn-layers", "sliding", "--sliding-window", "0"], "sliding_window must be integers >= 1")
+                            "--attn-layers", "sliding", "--sliding-window", "0"],
+                   "sliding_window must be integers >= 1")
 
 
 def test_bad_inputs_give_one_line(tmp_path, text_file, trained, capsys):

@@ -20,7 +20,8 @@ def mixed_config(**overrides) -> ReformerConfig:
 
 def later_tokens_changed(ids: torch.Tensor, t: int, vocab: int, seed: int) -> torch.Tensor:
     changed = ids.clone()
-    changed[:, t + 1:] = torch.randint(0, vocab, changed[:, t + 1:].shape, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    changed[:, t + 1:] = torch.randint(0, vocab, changed[:, t + 1:].shape, generator=gen)
     return changed
 
 

@@ -49,3 +49,29 @@ def test_profile_refuses_zero_steps():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--steps", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--steps and --length must be at least 1" in done.stderr
+
+
+@pytest.mark.slow
+def test_sliding_quick_run_writes_a_table_and_a_plot(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sliding.py"), "--lengths", "512", "1024",
+                    "--contenders", "ours", "hf", "ours_global", "--repeats", "1", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    text = (tmp_path / "sliding.md").read_text()
+    assert "| 1,024 | HF LongformerSelfAttention |" in text and "--lengths 512 1024" in text
+    assert (tmp_path / "sliding.png").is_file()
+
+
+@pytest.mark.slow
+def test_prefix_lsh_quick_run_writes_a_table(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefix_lsh.py"), "--dup-steps", "2", "--text-steps",
+                    "2", "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=900)
+    text = (tmp_path / "prefix_lsh.md").read_text()
+    assert "| duplication | prefix-consistent LSH | 2 |" in text and "| text | full | 2 |" in text
+
+
+@pytest.mark.slow
+def test_compare_runs_the_prefix_consistent_variant_under_a_tag(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--lengths", "256",
+                    "--contenders", "ours", "ours_prefix", "--repeats", "1", "--tag", "prefix", "--out-dir",
+                    str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
+    assert "ours, prefix-consistent LSH" in (tmp_path / "compare_prefix.md").read_text()
