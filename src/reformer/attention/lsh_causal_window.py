@@ -17,6 +17,12 @@ floating-point reductions of a row never change with later tokens, and the logit
 stay bit for bit the same. The probabilities are skewed back for the product with the values, where
 the entries outside the window are exact zeros. Rounds combine by log-sum-exp; `dedup` counts a key
 seen in several rounds once.
+
+One assumption remains: in that last product a query's non-zero weights sit at columns that move with
+its offset in the chunk. The result is unchanged only if the matrix product sums each output over the
+window in order, so that the zeros add exactly nothing. PyTorch's CPU kernels do; the bit-identity
+tests (`tests/attention/test_lsh_causal_window.py`, `tests/test_prefix_consistent.py`) would catch a
+kernel that splits that sum differently.
 """
 
 from __future__ import annotations
