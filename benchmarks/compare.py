@@ -28,6 +28,8 @@ forward) is not counted: it is work the model does, not model FLOPs. The
 machine's rate is the median of 5 4096^3 matrix products in the same run, in
 the precision of the run.
 
+`ours_keep` is our model with `reversible_keep_attention=True` (the backward reuses each layer's
+attention output and plan instead of recomputing them); `--tag keep` writes its table apart.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
 keys per round); `--tag prefix` writes its table apart (compare_prefix.md), beside `ours`.
 
@@ -55,9 +57,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENDERS = ("ours", "hf", "reformer_pytorch", "sdpa", "ours_prefix")
+CONTENDERS = ("ours", "hf", "reformer_pytorch", "sdpa", "ours_prefix", "ours_keep")
 LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
-          "sdpa": "Transformer + SDPA", "ours_prefix": "ours, prefix-consistent LSH"}
+          "sdpa": "Transformer + SDPA", "ours_prefix": "ours, prefix-consistent LSH",
+          "ours_keep": "ours, reversible_keep_attention"}
 PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
               "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
@@ -73,7 +76,7 @@ def model_flops_per_step(length: int) -> float:
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
 
-def build_ours(length: int, device, prefix_consistent: bool = False):
+def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool = False):
     from reformer import ReformerConfig, ReformerLM
     from reformer.config import default_axial_shape
     from reformer.memory import release_freed_memory_eagerly
@@ -83,7 +86,8 @@ def build_ours(length: int, device, prefix_consistent: bool = False):
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
                             ff_chunk_size=4096, loss_chunk_size=4096, reversible=True,
-                            lsh_prefix_consistent=prefix_consistent)  # window: 2 * chunk keys per round
+                            lsh_prefix_consistent=prefix_consistent,  # window: 2 * chunk keys per round
+                            reversible_keep_attention=keep_attention)
     model = ReformerLM(config).to(device)
     return model, lambda ids: model(ids, labels=ids).loss
 
@@ -158,7 +162,8 @@ def build_sdpa(length: int, device):
 
 
 BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reformer_pytorch, "sdpa": build_sdpa,
-            "ours_prefix": lambda length, device: build_ours(length, device, prefix_consistent=True)}
+            "ours_prefix": lambda length, device: build_ours(length, device, prefix_consistent=True),
+            "ours_keep": lambda length, device: build_ours(length, device, keep_attention=True)}
 
 
 def worker(contender: str, length: int, repeats: int, budget_s: float, device_name: str,

@@ -65,6 +65,9 @@ class ReformerConfig:
 
     # --- execution ---
     reversible: bool = True  # recompute activations in backward instead of storing them
+    # keep each layer's fused attention output and plan from the forward for its backward, instead of recomputing
+    # them: faster, and about n * h * d floats (plus the plan) more per layer while a step runs
+    reversible_keep_attention: bool = False
     ff_chunk_size: int = 0  # positions per feed-forward chunk (0 = whole sequence at once)
     loss_chunk_size: int = 4096  # positions per chunk of the LM head and loss when labels are given
     pad_to_multiple: int = 0  # right-pad inputs to a multiple of this, as HF does (lcm of its chunks); 0 = off

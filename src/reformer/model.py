@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention._chunking import pad_length, padded_length, padded_mask
+from .attention.fused_chunks import KernelReplay
 from .config import ReformerConfig
 from .layers.attention import (
     AttentionBranch,
@@ -141,7 +142,9 @@ class ReformerLM(nn.Module):
         if not self.training:
             return None, [LayerCall(global_mask=global_mask) for _ in self.layers]
         seeds = draw_seeds(self.generator, len(self.layers) + 1)
-        return seeds[0], [LayerCall(seed=s, global_mask=global_mask) for s in seeds[1:]]
+        keep = self.config.reversible and self.config.reversible_keep_attention and torch.is_grad_enabled()
+        return seeds[0], [LayerCall(seed=s, global_mask=global_mask, replay=KernelReplay() if keep else None)
+                          for s in seeds[1:]]
 
     def set_lsh_eval(self, n_hashes: int | None = None, full_attention: bool = False) -> None:
         """Evaluate the LSH layers with another number of hash rounds, or with full shared-QK attention."""

@@ -211,3 +211,30 @@ def test_a_second_backward_through_the_reversible_loss_is_explained():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="cannot run twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("kinds", [("lsh", "local", "full", "lsh"), ("sliding", "lsh")])
+def test_keeping_the_attention_for_the_backward_changes_no_gradient(kinds):
+    """reversible_keep_attention: the backward reads the forward's kernel output and plan instead of recomputing
+    them from the rebuilt inputs; loss and gradients equal the plain model's (1e-10), as the recomputing stack's do."""
+    from reformer import ReformerConfig, ReformerLM
+    from tests.conftest import random_batch, tiny_config
+
+    config = tiny_config(attn_layers=kinds, dropout=0.1, reversible_keep_attention=True)
+    models = [ReformerLM(ReformerConfig.from_dict({**config.to_dict(), **change})).double()
+              for change in ({}, {"reversible_keep_attention": False}, {"reversible": False})]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    ids, mask = random_batch(config, length=29, pad_from=20)
+    results = []
+    for model in models:
+        model.train()
+        model.manual_seed(4)
+        loss = model(ids, mask, labels=ids).loss
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)  # unused: global projections
+        results.append((loss, [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]))
+    (kept, kept_grads), (recomputed, recomputed_grads), (plain, plain_grads) = results
+    assert torch.equal(kept, recomputed)  # the same forward
+    for (name, _), g, rg, pg in zip(models[0].named_parameters(), kept_grads, recomputed_grads, plain_grads):
+        assert_close(g, pg, 1e-10, name)
+        assert_close(rg, pg, 1e-10, name)

@@ -151,6 +151,29 @@ class Plan:
         return rows.view(b, n, h, *rows.shape[1:])[index // h, :, index % h]
 
 
+@dataclass
+class KernelReplay:
+    """What one kernel call keeps from its forward for an identical second call, the reversible recompute.
+
+    The second call takes the plan and the output with its log-sum-exps from here instead of computing them
+    again (`reversible_keep_attention`); the output is handed out once.
+    """
+
+    plan: Plan | None = None
+    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # out, lse_slots, lse
+
+
+def cached_plan(replay: KernelReplay | None, build) -> Plan:
+    """The replay's plan, or build() (under no_grad), kept in the replay when there is one."""
+    if replay is not None and replay.plan is not None:
+        return replay.plan
+    with torch.no_grad():
+        plan = build()
+    if replay is not None:
+        replay.plan = plan
+    return plan
+
+
 class ChunkedAttention(torch.autograd.Function):
     """Rows of q, k, v (N, d) -> out (n_rows, d): each query row attends to its chunk's window, one softmax per row.
 
@@ -164,10 +187,24 @@ class ChunkedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_rows, k_rows, v_rows, plan: Plan):
+    def forward(ctx, q_rows, k_rows, v_rows, plan: Plan, replay: KernelReplay | None = None):
         if k_rows is None and plan.rank is None:
             raise ValueError("shared query-keys (k_rows None) need a sorted plan: build it without "
                              "in_position_order, as lsh_attention does")
+        if replay is not None and replay.saved is not None:
+            out, lse_slots, lse = replay.saved
+            replay.saved = None
+        else:
+            out, lse_slots, lse = ChunkedAttention._attend(q_rows, k_rows, v_rows, plan)
+            if replay is not None:
+                replay.saved = (out, lse_slots, lse)
+        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def _attend(q_rows, k_rows, v_rows, plan: Plan):
+        """out (n_rows, d), lse_slots (bh, g, c) and lse (n_rows,) float64, block by block."""
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
         out = q_rows.new_empty(plan.n_rows, d)
@@ -187,9 +224,7 @@ class ChunkedAttention(torch.autograd.Function):
             else:
                 _combine_rounds(plan.head_row(out, row), plan.head_row(lse, row), out_slots,
                                 lse_slots[row].view(-1), plan.rank[row])
-        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse)
-        ctx.plan = plan
-        return out
+        return out, lse_slots, lse
 
     @staticmethod
     def backward(ctx, grad_out):  # (n_rows, d)
@@ -217,7 +252,7 @@ class ChunkedAttention(torch.autograd.Function):
                                              scale=plan.scale)  # dq (1, G, c, d); dk, dv (1, G, w, d)
                 grads.add(start, end, dq[0], dk[0], dv[0], raw)
             grads.end()
-        return grads.result()
+        return (*grads.result(), None)
 
 
 class _SlotGradients:

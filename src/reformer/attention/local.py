@@ -35,7 +35,8 @@ from ._chunking import (
     zero_padded,
 )
 from ..rng import dropout as seeded_dropout
-from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, projection_rows
+from .fused_chunks import (ChunkedAttention, KernelReplay, cached_plan, chunk_plan, fused_kernel_available,
+                           projection_rows)
 
 
 def local_attention(
@@ -51,6 +52,7 @@ def local_attention(
     chunks_after: int = 0,
     dropout: float = 0.0,
     dropout_seed: int | None = None,
+    replay: KernelReplay | None = None,
 ) -> torch.Tensor:
     """Each chunk of queries attends to its own chunk and its neighbours.
 
@@ -63,6 +65,7 @@ def local_attention(
             least two chunks.
         chunks_before, chunks_after: neighbouring chunks in the window.
         dropout, dropout_seed: attention-probability dropout from an explicit seed.
+        replay: a `KernelReplay` for the reversible recompute (see `lsh_attention`).
 
     Returns:
         (b, h, n, d).
@@ -80,12 +83,11 @@ def local_attention(
 
     if not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
         positions = torch.arange(n_pad, device=q.device).expand(b, h, n_pad)  # chunk order = position order
-        with torch.no_grad():
-            plan = chunk_plan(positions, mask, n_pad, c, causal, wrap, window, q.dtype, scale=1 / math.sqrt(d),
-                              self_value=None, self_on_diagonal=True,
-                              in_position_order=True)
+        plan = cached_plan(replay, lambda: chunk_plan(positions, mask, n_pad, c, causal, wrap, window, q.dtype,
+                                                      scale=1 / math.sqrt(d), self_value=None,
+                                                      self_on_diagonal=True, in_position_order=True))
         rows = [projection_rows(pad_length(x, n_pad, dim=2)) for x in (q, k, v)]  # (b*n_pad*h, d) each
-        out = ChunkedAttention.apply(*rows, plan).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
+        out = ChunkedAttention.apply(*rows, plan, replay).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
         return zero_masked_queries(out[:, :, :n], attention_mask)
     with explicit_precision(q.device):
         q_p, k_p, v_p = upcast(*(pad_length(x, n_pad, dim=2) for x in (q, k, v)))

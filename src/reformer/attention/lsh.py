@@ -48,7 +48,8 @@ from ._chunking import (
     zero_padded,
 )
 from ..config import validate_n_buckets
-from .fused_chunks import ChunkedAttention, chunk_plan, fused_kernel_available, projection_rows
+from .fused_chunks import (ChunkedAttention, KernelReplay, cached_plan, chunk_plan, fused_kernel_available,
+                           projection_rows)
 from .lsh_causal_window import attend_causal_window, check_causal_window
 from ..rng import dropout as seeded_dropout
 
@@ -206,6 +207,7 @@ def lsh_attention(
     chunks_before: int = 1,
     chunks_after: int = 0,
     causal_window: int | None = None,
+    replay: KernelReplay | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-round LSH attention with shared query-keys.
 
@@ -234,6 +236,8 @@ def lsh_attention(
             query sees the `causal_window` latest keys before it in its own bucket, and itself; no
             output depends on a later token. Needs causal=True; the chunk windows and
             same_bucket_only do not apply.
+        replay: a `KernelReplay` that a second, identical call reads the fused kernel's plan and
+            output from (the reversible recompute, `reversible_keep_attention`); None: compute.
 
     Returns:
         out (b, h, n, d) and buckets (b, h, r, n).
@@ -269,7 +273,7 @@ def lsh_attention(
     fused = not (dedup or same_bucket_only or with_dropout) and normalize == "softmax" and causal_window is None
     if fused and fused_kernel_available(qk.device):
         out = _attend_fused(qk_p, v_p, buckets, mask, chunk_size=chunk_size, causal=causal, wrap=wrap,
-                            window=window)  # (b, h, n_pad, d)
+                            window=window, replay=replay)  # (b, h, n_pad, d)
     else:
         with explicit_precision(qk.device):
             if causal_window is not None:
@@ -321,7 +325,7 @@ def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
     return rotations.shape[2]
 
 
-def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window):
+def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window, replay=None):
     """The combined output (b, h, n, d) through the fused chunk kernel (`fused_chunks`).
 
     For dedup and same-bucket off, no attention dropout and exact softmax
@@ -329,13 +333,16 @@ def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window):
     """
     b, h, r, n = buckets.shape
     d, c = qk.shape[-1], chunk_size
-    order, _ = sort_by_bucket(buckets)  # (b, h, r, n)
-    flat_order = order.reshape(b, h, r * n)  # the position at each sorted slot
-    with torch.no_grad():
+
+    def build():
+        order, _ = sort_by_bucket(buckets)  # (b, h, r, n)
+        flat_order = order.reshape(b, h, r * n)  # the position at each sorted slot
         self_value, _ = mask_values(qk.dtype)
-        plan = chunk_plan(flat_order, mask, n, c, causal, wrap, window, qk.dtype, scale=1.0, self_value=self_value,
+        return chunk_plan(flat_order, mask, n, c, causal, wrap, window, qk.dtype, scale=1.0, self_value=self_value,
                           self_on_diagonal=not wrap)
-    out = ChunkedAttention.apply(projection_rows(qk), None, projection_rows(v), plan)  # keys: normalize_keys(qk)
+
+    plan = cached_plan(replay, build)
+    out = ChunkedAttention.apply(projection_rows(qk), None, projection_rows(v), plan, replay)  # keys: unit qk
     return out.view(b, n, h, d).permute(0, 2, 1, 3)  # (b, h, n, d) view
 
 

@@ -48,7 +48,8 @@ from ._chunking import (
     zero_masked_queries,
     zero_padded,
 )
-from .fused_chunks import EXACT_FLOAT32, ChunkedAttention, chunk_plan, fused_kernel_available, projection_rows
+from .fused_chunks import (EXACT_FLOAT32, ChunkedAttention, KernelReplay, cached_plan, chunk_plan,
+                           fused_kernel_available, projection_rows)
 
 _GLOBAL_ROWS_STREAM = 1  # dropout stream of the global rows (the band and columns use the seed itself)
 
@@ -67,6 +68,7 @@ def sliding_window_attention(
     dropout: float = 0.0,
     dropout_seed: int | None = None,
     chunk_size: int | None = None,
+    replay: KernelReplay | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with dilation and global tokens.
 
@@ -80,6 +82,7 @@ def sliding_window_attention(
         global_qkv: (q_g, k_g, v_g), each (b, h, n, d): the global projections; default q, k, v.
         dropout, dropout_seed: attention-probability dropout from an explicit seed.
         chunk_size: slots per chunk of the layout (default: from the window); the result does not depend on it.
+        replay: a `KernelReplay` for the reversible recompute (see `lsh_attention`).
 
     Returns:
         (b, h, n, d).
@@ -97,7 +100,7 @@ def sliding_window_attention(
     q, k, v = (zero_padded(x, attention_mask) for x in (q, k, v))  # NaN in padding cannot reach a real output
 
     if global_mask is None and not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
-        return zero_masked_queries(_fused(q, k, v, attention_mask, layout), attention_mask)
+        return zero_masked_queries(_fused(q, k, v, attention_mask, layout, replay), attention_mask)
     with explicit_precision(q.device):
         rows = upcast(q, k, v)
         global_rows = None if global_qkv is None else upcast(*(zero_padded(x, attention_mask) for x in global_qkv))
@@ -166,18 +169,17 @@ class SlotLayout:
         return x.gather(2, index)[:, :, :self.n]
 
 
-def _fused(q, k, v, attention_mask, layout: SlotLayout) -> torch.Tensor:
+def _fused(q, k, v, attention_mask, layout: SlotLayout, replay: KernelReplay | None = None) -> torch.Tensor:
     """The band on the CPU flash kernel (no global tokens): (b, h, n, d)."""
     b, h, n, d = q.shape
     m = layout.m
     mask = padded_mask(attention_mask, b, n, m, q.device)  # (b, m)
-    with torch.no_grad():
-        plan = chunk_plan(layout.order.expand(b, h, m), mask, m, layout.chunk, layout.causal, False,
-                          layout.neighbours, q.dtype, scale=1 / math.sqrt(d), self_value=None,
-                          self_on_diagonal=True, in_position_order=layout.in_position_order,
-                          band=layout.window, mask_positions=layout.mask_positions.expand(b, h, m))
+    plan = cached_plan(replay, lambda: chunk_plan(
+        layout.order.expand(b, h, m), mask, m, layout.chunk, layout.causal, False, layout.neighbours, q.dtype,
+        scale=1 / math.sqrt(d), self_value=None, self_on_diagonal=True, in_position_order=layout.in_position_order,
+        band=layout.window, mask_positions=layout.mask_positions.expand(b, h, m)))
     rows = [projection_rows(pad_length(x, m, dim=2)) for x in (q, k, v)]  # (b*m*h, d) each
-    out = ChunkedAttention.apply(*rows, plan).view(b, m, h, d).permute(0, 2, 1, 3)  # (b, h, m, d)
+    out = ChunkedAttention.apply(*rows, plan, replay).view(b, m, h, d).permute(0, 2, 1, 3)  # (b, h, m, d)
     return out[:, :, :n]
 
 

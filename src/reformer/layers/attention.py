@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attention import full_attention, local_attention, lsh_attention, sliding_window_attention
 from ..attention.full import shared_qk_attention
+from ..attention.fused_chunks import KernelReplay
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
 from .feed_forward import chunk_bounds
 from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_keep, derive_seed, generator_for, keep_mask
@@ -31,6 +32,7 @@ class LayerCall:
     seed: int | None = None
     buckets: torch.Tensor | None = None  # (b, h, r, n), filled by the first LSH run, reused after
     global_mask: torch.Tensor | None = None  # (b, n) bool: Longformer's global tokens; other layers ignore it
+    replay: KernelReplay | None = None  # the fused kernel's plan and output, kept for the recompute (or None)
 
     @property
     def global_tokens(self) -> bool:
@@ -163,6 +165,7 @@ class LSHSelfAttention(ProjectedAttention):
             attention_mask=mask, dedup=self.dedup, same_bucket_only=self.same_bucket_only, wrap=self.wrap,
             buckets=call.buckets, dropout=self.attn_dropout, dropout_seed=dropout_seed, normalize=self.normalize,
             chunks_before=self.window[0], chunks_after=self.window[1], causal_window=self.causal_window,
+            replay=call.replay,
         )
         call.buckets = buckets
         return merge_heads(out)
@@ -187,7 +190,7 @@ class LocalSelfAttention(ProjectedAttention):
         out = local_attention(
             q, k, v, chunk_size=self.chunk_size, causal=self.causal, attention_mask=mask, wrap=self.wrap,
             chunks_before=self.window[0], chunks_after=self.window[1], dropout=self.attn_dropout,
-            dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
+            dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS), replay=call.replay,
         )
         return merge_heads(out)
 
@@ -254,6 +257,7 @@ class SlidingSelfAttention(ProjectedAttention):
             global_mask=call.global_mask, global_qkv=tuple(global_qkv) if global_qkv else None,
             dropout=self.attn_dropout,
             dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
+            replay=call.replay,
         )
         return merge_heads(out)
 

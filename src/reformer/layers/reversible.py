@@ -231,6 +231,7 @@ def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, 
     d_projections = torch.autograd.grad(attended, leaves, d_attended, allow_unused=True)
     d_projections = [torch.zeros_like(p) if d is None else d for p, d in zip(leaves, d_projections)]
     del attended, d_attended, leaves
+    call.replay = None  # the kept attention (`reversible_keep_attention`) has served; free it now
 
     return {**dict(zip(out_params, out_totals)), **_projection_backward(branch, x2, dx2, d_projections, bounds)}
 
