@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     parser.add_argument("--text-steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.dup_steps < 1 or args.text_steps < 1:
+        parser.error(f"--dup-steps and --text-steps must be at least 1 (got {args.dup_steps} and {args.text_steps})")
 
     from bf16 import text_file
     from reformer.memory import release_freed_memory_eagerly

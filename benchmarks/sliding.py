@@ -196,6 +196,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats < 1 or min(args.lengths) < 1:
+        parser.error(f"--repeats and --lengths must be at least 1 (got {args.repeats} and {min(args.lengths)})")
     if args.worker:
         print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.budget)))
         return

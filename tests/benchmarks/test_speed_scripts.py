@@ -75,3 +75,13 @@ def test_compare_runs_the_prefix_consistent_variant_under_a_tag(tmp_path):
                     "--contenders", "ours", "ours_prefix", "--repeats", "1", "--tag", "prefix", "--out-dir",
                     str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
     assert "ours, prefix-consistent LSH" in (tmp_path / "compare_prefix.md").read_text()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("sliding.py", ["--repeats", "0"], "--repeats and --lengths must be at least 1"),
+    ("prefix_lsh.py", ["--dup-steps", "0"], "--dup-steps and --text-steps must be at least 1"),
+])
+def test_new_benchmarks_refuse_zero_counts(script, args, message):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr

@@ -140,7 +140,7 @@ class SlotLayout:
         orders, mask_positions = [], []
         for step in dilations:
             stride = -(-m // step) + window + 1
-            order = torch.argsort((positions % step) * m + positions)  # class by class, in position order
+            order = positions if step == 1 else torch.argsort((positions % step) * m + positions)  # class by class
             orders.append(order)
             mask_positions.append((order % step) * stride + order // step)
         order = torch.stack(orders)  # (h, m)
