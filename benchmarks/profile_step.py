@@ -43,8 +43,8 @@ PARTS = [
     (feed_forward.FeedForward, "chunk", "feed-forward (forward and its recompute)"),
     (reversible, "_feed_forward_backward", "feed-forward backward"),
     (fused_chunks, "_FLASH", "flash kernel, forward"),
-    (fused_chunks, "_FLASH_BACKWARD", "flash kernel, backward"),
-    (fused_chunks, "_block_inputs", "gathers of q, k, v per block"),
+    (fused_chunks, "window_block_backward", "window kernel, backward (batched products)"),
+    (fused_chunks, "_block_rows", "gathers of q, k, v per block"),
     (fused_chunks.MaskRecipe, "block", "block masks"),
     (fused_chunks, "_combine_rounds", "combining the rounds"),
     (fused_chunks._SlotGradients, "add", "window gradients onto slots"),
@@ -66,15 +66,15 @@ FLOP_PARTS = {  # part -> FLOPs per layer call of the whole sequence, given the 
     "feed-forward (forward and its recompute)": lambda n: 2 * 2 * n * D_MODEL * D_FF,
     "feed-forward backward": lambda n: 2 * 2 * 2 * n * D_MODEL * D_FF,
     "flash kernel, forward": lambda n: 4 * n * HASHES * HEADS * 2 * CHUNK * D_HEAD,
-    "flash kernel, backward": lambda n: 2 * 4 * n * HASHES * HEADS * 2 * CHUNK * D_HEAD,
+    "window kernel, backward (batched products)": lambda n: 2 * 4 * n * HASHES * HEADS * 2 * CHUNK * D_HEAD,
 }
 
 
-def build(length: int):
+def build(length: int, keep_attention: bool = False):
     config = ReformerConfig(vocab_size=256, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
-                            ff_chunk_size=4096, loss_chunk_size=4096)
+                            ff_chunk_size=4096, loss_chunk_size=4096, reversible_keep_attention=keep_attention)
     model = ReformerLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
@@ -163,6 +163,7 @@ def matmul_gflops() -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=16384)
+    p.add_argument("--keep-attention", action="store_true", help="reversible_keep_attention=True")
     p.add_argument("--rows", type=int, default=20, help="operators listed")
     p.add_argument("--steps", type=int, default=3, help="timed steps for the table by part")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.md")
@@ -171,12 +172,12 @@ def main(argv=None) -> None:
         p.error(f"--steps and --length must be at least 1 (got {args.steps} and {args.length})")
 
     release_freed_memory_eagerly()
-    step = build(args.length)
+    step = build(args.length, args.keep_attention)
     step()
     rate = matmul_gflops()
     parts, wall = by_part(step, args.steps, args.length, rate)
     operators, profiled = by_operator(step, args.rows)
-    flags = "" if args.length == 16384 else f" --length {args.length}"
+    flags = ("" if args.length == 16384 else f" --length {args.length}") + (" --keep-attention" if args.keep_attention else "")
     text = (f"# One training step at {args.length:,} tokens: where the time goes\n\n"
             f"Command: `python benchmarks/profile_step.py{flags}`. {datetime.date.today()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; matmul rate (float32, 4096^3, median "

@@ -21,19 +21,18 @@ the -1e5 self logit float32 is 0.0078 coarse), so the rounds combine exactly as
 one softmax. A plan in position order (local attention) writes its blocks
 straight into the output.
 
-Backward, per block, with the same kernel: the gradient of a round's logits
-under the joint softmax is P_r * w_r * (dO . v - dO . o), with w_r the round's
-share exp(lse_r - lse) and o the combined output; that is what the flash
-backward computes given dout = w_r * dO and out = o. Query gradients are added
-onto the head row's slots, window gradients onto its extended slots; the slots
-are gathered back into position order once per head row. Nothing of size
-(chunks, c, w) outlives a block.
+Backward, per block, in batched matrix products (`window_kernel`): the
+gradient of a round's logits under the joint softmax is
+P_r * w_r * (dO . v - dO . o), with w_r the round's share exp(lse_r - lse) and
+o the combined output; that is the flash-attention backward given
+dout = w_r * dO and out = o. Query gradients are added onto the head row's
+slots, key and value gradients (folded over the overlapping windows as they are
+computed) onto its extended slots; the slots are gathered back into position
+order once per head row. Nothing of size (chunks, c, w) outlives a block.
 
 bfloat16 rows (autocast): the forward kernel runs in bfloat16 (faster than
 float32 on CPUs with AMX); masks, log-sum-exps, the rounds' combination and
-the gradient sums are float32. The backward upcasts each block to float32:
-the CPU kernel's bfloat16 backward was slower than its float32 one (torch 2.13;
-measured in passing, not by a committed benchmark).
+the gradient sums are float32. The backward upcasts each block to float32.
 """
 
 from __future__ import annotations
@@ -44,9 +43,9 @@ import torch
 
 from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, mask_values, neighbour_mask,
                         unit_length_keys)
+from .window_kernel import window_block_backward
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 BLOCK_ELEMENTS = 1 << 19  # mask elements per block (2 MiB in float32): 64 chunks of 64 with a 128-key window
 BLOCKED = float(1 << 30)  # the position of a key no query may see (exact in float32 and float64)
 POSITION_SCALE = float(1 << 30)  # the mask recipe's positions are scaled by this (exact), see MaskRecipe
@@ -214,7 +213,7 @@ class ChunkedAttention(torch.autograd.Function):
         for row in range(bh):
             target = plan.head_row(out, row) if plan.rank is None else out_slots  # (g * c, d) in slot order
             for start, end in blocks(g, c, w):
-                q, k, v, _ = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
+                q, k, v = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
                 out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
                                               scale=plan.scale)  # (1, G, c, d) in q's (contiguous) layout, (1, G, c)
                 target[start * c:end * c] = out_block[0].view(-1, d)
@@ -239,18 +238,18 @@ class ChunkedAttention(torch.autograd.Function):
         for row in range(bh):
             grads.begin(row)
             for start, end in blocks(g, c, w):
-                q, k, v, raw = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows, work)
+                q, k_extended, v_extended, raw = _block_rows(plan, row, start, end, q_rows, k_rows, v_rows, work)
                 rows = plan.rows[row, start:end].reshape(-1)  # (G * c,)
-                lse_block = lse_slots[row:row + 1, start:end]  # (1, G, c)
+                lse_block = lse_slots[row, start:end]  # (G, c)
                 grad_rows = grad_out.index_select(0, rows).to(work)
                 if not one_round:
                     share = torch.exp(lse_block.reshape(-1).double() - lse.index_select(0, rows))  # w_r
                     grad_rows *= share.to(work)[:, None]
-                dq, dk, dv = _FLASH_BACKWARD(grad_rows.view(1, end - start, c, d), q, k, v,
-                                             out.index_select(0, rows).to(work).view(1, end - start, c, d),
-                                             lse_block, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
-                                             scale=plan.scale)  # dq (1, G, c, d); dk, dv (1, G, w, d)
-                grads.add(start, end, dq[0], dk[0], dv[0], raw)
+                dq, dk, dv = window_block_backward(grad_rows.view(end - start, c, d), q, k_extended, v_extended,
+                                                   out.index_select(0, rows).to(work).view(end - start, c, d),
+                                                   lse_block, plan.recipe.block(row, start, end)[0],
+                                                   plan.scale)  # dq (G, c, d); dk, dv on the extended rows
+                grads.add(start, end, dq, dk, dv, raw)
             grads.end()
         return (*grads.result(), None)
 
@@ -285,8 +284,9 @@ class _SlotGradients:
                 slots.begin(row)
 
     def add(self, start: int, end: int, dq, dk, dv, raw) -> None:
-        """Block start..end's dq (G, c, d) and window gradients dk, dv (G, w, d); raw: its extended query-keys."""
-        c, w = dq.shape[1], dk.shape[1]
+        """Block start..end's dq (G, c, d) and key and value gradients dk, dv on its extended rows
+        ((G - 1) * c + w, d); raw: its extended query-keys (shared)."""
+        c = dq.shape[1]
         if self.q_slots is None:  # position order: a query's slot is its position
             self.plan.head_row(self.q, self.row)[start * c:end * c].view(end - start, c, -1).copy_(dq)
         else:  # the queries' own slots follow the `before` chunks of the extended slots
@@ -294,12 +294,10 @@ class _SlotGradients:
             self.q_slots.buffer[own + start * c:own + end * c].view(end - start, c, -1).add_(dq)
         if self.shared:  # through the unit-length keys, onto the query-key slots
             buffer = self.q_slots.buffer
-            dk_extended = buffer.new_zeros((end - start - 1) * c + w, dq.shape[-1])
-            _fold_windows_into(dk_extended, dk, c)
-            add_normalize_keys_backward_(buffer[start * c:(end - 1) * c + w], raw.to(buffer.dtype), dk_extended)
+            add_normalize_keys_backward_(buffer[start * c:start * c + dk.shape[0]], raw.to(buffer.dtype), dk)
         else:
-            self.k_slots.fold(start, dk)
-        self.v_slots.fold(start, dv)
+            self.k_slots.add(start, dk)
+        self.v_slots.add(start, dv)
 
     def end(self) -> None:
         for slots in (self.q_slots, self.k_slots, self.v_slots):
@@ -324,10 +322,9 @@ class _SortedSlots:
         self.row = row
         self.buffer.zero_()
 
-    def fold(self, start: int, grad_windows: torch.Tensor) -> None:
-        """Add the gradients of overlapping windows (G, w, d) of chunks start.. onto their extended slots."""
-        g, w = grad_windows.shape[:2]
-        _fold_windows_into(self.buffer[start * self.c:(start + g - 1) * self.c + w], grad_windows, self.c)
+    def add(self, start: int, grad_extended: torch.Tensor) -> None:
+        """Add the gradients of the extended rows ((G - 1) * c + w, d) of the block from chunk `start`."""
+        self.buffer[start * self.c:start * self.c + grad_extended.shape[0]] += grad_extended
 
     def end(self) -> None:
         _slots_to_positions(self.plan, self.row, self.rows, self.buffer)
@@ -354,28 +351,31 @@ class _PositionSlots:
         self.main = head_row.zero_().view(-1, self.c, head_row.shape[-1])  # (g, c, d)
         self.edges.zero_()
 
-    def add(self, first: int, values: torch.Tensor) -> None:
-        """Add values (m, c, d) onto extended chunks first .. first + m."""
-        g, last = self.main.shape[0], first + values.shape[0]
+    def add(self, start: int, grad_extended: torch.Tensor) -> None:
+        """Add the gradients of the extended rows ((G - 1) * c + w, d) of the block from chunk `start`."""
+        values = grad_extended.view(-1, self.c, grad_extended.shape[-1])  # (G - 1 + w / c, c, d): extended chunks
+        g, last = self.main.shape[0], start + values.shape[0]
         segments = ((0, self.before, self.edges[:self.before]), (self.before, self.before + g, self.main),
                     (self.before + g, self.before + g + self.after, self.edges[self.before:]))
         for low, high, target in segments:
-            a, b = max(first, low), min(last, high)
+            a, b = max(start, low), min(last, high)
             if a < b:
-                target[a - low:b - low] += values[a - first:b - first]
-
-    def fold(self, start: int, grad_windows: torch.Tensor) -> None:
-        """Add the gradients of overlapping windows (G, w, d) of chunks start.. onto their extended chunks."""
-        c = self.c
-        for part in range(grad_windows.shape[1] // c):  # window part p of chunk i is extended chunk i + p
-            self.add(start + part, grad_windows[:, part * c:(part + 1) * c])
+                target[a - low:b - low] += values[a - start:b - start]
 
     def end(self) -> None:
         _add_wrapped(self.main, self.edges[:self.before], self.edges[self.before:])
 
 
-def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows, dtype=None):
-    """Queries (1, G, c, d), window views (1, G, w, d) of chunks start..end, and (shared) the raw extended rows.
+def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows):
+    """Queries (1, G, c, d) and window views (1, G, w, d) of keys and values of chunks start..end (the forward)."""
+    g, c, w = end - start, plan.rows.shape[2], plan.recipe.k_pos.shape[-1]
+    q, k_extended, v_extended, _ = _block_rows(plan, row, start, end, q_rows, k_rows, v_rows)
+    return q[None], windows(k_extended[None], g, c, w), windows(v_extended[None], g, c, w)
+
+
+def _block_rows(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows, dtype=None):
+    """Queries (G, c, d), keys and values of the extended rows ((G - 1) * c + w, d) of chunks start..end, and
+    (shared) the raw extended rows.
 
     Shared query-keys (k_rows None): the queries are the middle of the
     gathered extended rows, and the keys a unit-length copy of them, computed
@@ -390,14 +390,12 @@ def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_
     if k_rows is None:
         raw = q_rows.index_select(0, extended)  # ((G - 1) * c + w, d)
         own = plan.window[0] * c  # the block's own chunks start after the `before` chunks
-        q = raw[own:own + g * c].to(dtype).view(1, g, c, d)
+        q = raw[own:own + g * c].to(dtype).view(g, c, d)
         k_extended = unit_length_keys(raw.to(accumulation_dtype(raw.dtype))).to(raw.dtype).to(dtype)
     else:
-        q = q_rows.index_select(0, plan.rows[row, start:end].reshape(-1)).to(dtype).view(1, g, c, d)
+        q = q_rows.index_select(0, plan.rows[row, start:end].reshape(-1)).to(dtype).view(g, c, d)
         k_extended = k_rows.index_select(0, extended).to(dtype)
-    k = windows(k_extended[None], g, c, w)
-    v = windows(v_rows.index_select(0, extended).to(dtype)[None], g, c, w)
-    return q, k, v, raw
+    return q, k_extended, v_rows.index_select(0, extended).to(dtype), raw
 
 
 def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tensor, lse_slots: torch.Tensor,
@@ -419,14 +417,6 @@ def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tenso
         combined.addcmul_(part, weight[:, None])
     if combined is not out:
         out.copy_(combined)
-
-
-def _fold_windows_into(extended: torch.Tensor, grad_windows: torch.Tensor, c: int) -> None:
-    """Add the gradients of overlapping windows (G, w, d) onto their extended slots ((G - 1) * c + w, d)."""
-    g, w, d = grad_windows.shape
-    folded = extended.view(g + w // c - 1, c, d)  # window part p of chunk i is extended chunk i + p
-    for part in range(w // c):
-        folded[part:part + g] += grad_windows[:, part * c:(part + 1) * c]
 
 
 def _add_wrapped(main: torch.Tensor, front: torch.Tensor, back: torch.Tensor) -> None:
