@@ -24,12 +24,13 @@ projections and the output projection 3 * 2 * d * (h * dh), the feed-forward
 2 * 2 * d * d_ff, the attention 4 * w * dh * h * rounds (q.k and p.v over a
 window of w = 2 * chunk keys); the head 2 * 2d * vocab. A training step counts
 3x the forward (forward + backward). The reversible recomputation (one more
-forward) is not counted: it is work the model does, not model FLOPs. The
-machine's rate is the median of 5 4096^3 matrix products in the same run, in
-the precision of the run.
+forward of every layer, less the attention products with
+reversible_keep_attention) is not counted in the model FLOPs: the targets
+table gives it apart, as the FLOPs the step executes. The machine's rate is the
+median of 5 4096^3 matrix products in the same run, in the precision of the run.
 
 `ours_keep` is our model with `reversible_keep_attention=True` (the backward reuses each layer's
-attention output and plan instead of recomputing them); `--tag keep` writes its table apart.
+attention output and plan instead of recomputing them), in the default run beside `ours`.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
 keys per round); `--tag prefix` writes its table apart (compare_prefix.md), beside `ours`.
 
@@ -57,7 +58,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENDERS = ("ours", "hf", "reformer_pytorch", "sdpa", "ours_prefix", "ours_keep")
+CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa", "ours_prefix")
+DEFAULT_CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa")  # ours_prefix: see --tag prefix
 LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
           "sdpa": "Transformer + SDPA", "ours_prefix": "ours, prefix-consistent LSH",
           "ours_keep": "ours, reversible_keep_attention"}
@@ -66,12 +68,26 @@ PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the fo
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
 
 
-def model_flops_per_step(length: int) -> float:
-    """Analytic training FLOPs of our model for one sequence (see the module docstring)."""
+def forward_flops(length: int) -> tuple[float, float]:
+    """Analytic forward FLOPs of our model for one sequence, and the part of them in the chunk attention's
+    q.k and p.v products (see the module docstring)."""
     inner = HEADS * D_HEAD
-    per_token_layer = 3 * 2 * D_MODEL * inner + 2 * 2 * D_MODEL * D_FF + 4 * (2 * CHUNK) * D_HEAD * HEADS * HASHES
-    forward = length * (LAYERS * per_token_layer + 2 * 2 * D_MODEL * VOCAB)
-    return 3.0 * forward
+    attention = 4 * (2 * CHUNK) * D_HEAD * HEADS * HASHES
+    per_token_layer = 3 * 2 * D_MODEL * inner + 2 * 2 * D_MODEL * D_FF + attention
+    return length * (LAYERS * per_token_layer + 2 * 2 * D_MODEL * VOCAB), length * LAYERS * attention
+
+
+def model_flops_per_step(length: int) -> float:
+    """Model FLOPs of a training step: 3x the forward (forward and backward), no recompute."""
+    return 3.0 * forward_flops(length)[0]
+
+
+def executed_flops_per_step(length: int, keep_attention: bool = False) -> float:
+    """The FLOPs the step runs: the model FLOPs and the reversible backward's recompute of every layer's forward
+    (without the chunk attention's products when the attention is kept, `reversible_keep_attention`)."""
+    forward, attention = forward_flops(length)
+    head = length * 2 * 2 * D_MODEL * VOCAB  # the tail (norm, head and loss) is not recomputed
+    return model_flops_per_step(length) + forward - head - (attention if keep_attention else 0.0)
 
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
@@ -258,12 +274,10 @@ def run_cell(contender: str, length: int, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(results: dict, lengths, contenders, rate_gflops: float) -> list[str]:
-    peers = [c for c in ("hf", "reformer_pytorch") if c in contenders]
-    rows = ["| tokens | " + " | ".join(f"{LABELS[c]}: s/step, tokens/s, peak GiB" for c in contenders)
-            + " | ours: speed-up over the faster Reformer peer | ours: speed-up over SDPA"
-            " | ours: memory / the lower Reformer peer's | ours: model GFLOP/s (share of the matmul rate) |",
-            "|---:|" + "---|" * len(contenders) + "---:|---:|---:|---:|"]
+def table(results: dict, lengths, contenders) -> list[str]:
+    """The measurements: one row per length, one cell per contender."""
+    rows = ["| tokens | " + " | ".join(f"{LABELS[c]}: s/step, tokens/s, peak GiB" for c in contenders) + " |",
+            "|---:|" + "---|" * len(contenders)]
     for length in lengths:
         cells = []
         for contender in contenders:
@@ -274,20 +288,32 @@ def table(results: dict, lengths, contenders, rate_gflops: float) -> list[str]:
                 cells.append(r.get("skip") or f"failed: {r['error']}")
             else:
                 cells.append(f"{r['step_s']:.2f} s, {length / r['step_s']:,.0f}, {r['peak_mib'] / 1024:.2f}")
-        ours = results.get(("ours", length), {})
+        rows.append(f"| {length:,} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def targets_table(results: dict, lengths, contenders, rate_gflops: float) -> list[str]:
+    """The issue's targets, one row per (length, our variant): speed-ups, memory ratio, FLOP rates."""
+    peers = [c for c in ("hf", "reformer_pytorch") if c in contenders]
+    ours_variants = [c for c in contenders if c.startswith("ours")]
+    rows = ["| tokens | ours | speed-up over the faster Reformer peer | speed-up over SDPA "
+            "| memory / the lower Reformer peer's | model GFLOP/s (share of the matmul rate) "
+            "| with the reversible recompute: GFLOP/s (share) |",
+            "|---:|---|---:|---:|---:|---:|---:|"]
+    for length in lengths:
         done = {c: results[(c, length)] for c in contenders if "step_s" in results.get((c, length), {})}
         peer_done = [done[c] for c in peers if c in done]
-        speedup = f"{min(r['step_s'] for r in peer_done) / ours['step_s']:.2f}x" if peer_done and "step_s" in ours \
-            else "-"
-        over_sdpa = f"{done['sdpa']['step_s'] / ours['step_s']:.2f}x" if "sdpa" in done and "step_s" in ours else "-"
-        memory = f"{ours['peak_mib'] / min(r['peak_mib'] for r in peer_done):.2f}" if peer_done and "step_s" in ours \
-            else "-"
-        if "step_s" in ours:
-            achieved = model_flops_per_step(length) / ours["step_s"] / 1e9
-            flops = f"{achieved:.1f} ({achieved / rate_gflops:.0%})"
-        else:
-            flops = "-"
-        rows.append(f"| {length:,} | " + " | ".join(cells) + f" | {speedup} | {over_sdpa} | {memory} | {flops} |")
+        for variant in ours_variants:
+            if variant not in done:
+                continue
+            ours = done[variant]
+            speedup = f"{min(r['step_s'] for r in peer_done) / ours['step_s']:.2f}x" if peer_done else "-"
+            over_sdpa = f"{done['sdpa']['step_s'] / ours['step_s']:.2f}x" if "sdpa" in done else "-"
+            memory = f"{ours['peak_mib'] / min(r['peak_mib'] for r in peer_done):.2f}" if peer_done else "-"
+            model = model_flops_per_step(length) / ours["step_s"] / 1e9
+            executed = executed_flops_per_step(length, keep_attention=variant == "ours_keep") / ours["step_s"] / 1e9
+            rows.append(f"| {length:,} | {LABELS[variant]} | {speedup} | {over_sdpa} | {memory} "
+                        f"| {model:.1f} ({model / rate_gflops:.0%}) | {executed:.1f} ({executed / rate_gflops:.0%}) |")
     return rows
 
 
@@ -325,7 +351,7 @@ def plots(results: dict, lengths, contenders, out_dir: Path, suffix: str = "") -
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 262144])
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS))
     p.add_argument("--peer-max-length", type=int, default=65536, help="longest length tried for the peers")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per cell (after one warm-up)")
     p.add_argument("--budget", type=float, default=240.0, help="seconds of timed steps per cell, at least one step")
@@ -400,7 +426,8 @@ def main(argv=None) -> None:
             f"{' in each round, then over the rounds' if args.rounds > 1 else ''}): "
             f"**{rate:.1f} GFLOP/s**. Model FLOPs: see the "
             "docstring of benchmarks/compare.py.\n",
-            *table(results, args.lengths, args.contenders, rate),
+            *table(results, args.lengths, args.contenders), "",
+            *targets_table(results, args.lengths, args.contenders, rate),
             "", *(f"![{path.stem}]({path.name})" for path in written)]
     (args.out_dir / f"compare{suffix}.md").write_text("\n".join(text) + "\n")
     (args.out_dir / f"compare{suffix}.json").write_text(json.dumps(

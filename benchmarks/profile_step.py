@@ -177,7 +177,8 @@ def main(argv=None) -> None:
     rate = matmul_gflops()
     parts, wall = by_part(step, args.steps, args.length, rate)
     operators, profiled = by_operator(step, args.rows)
-    flags = ("" if args.length == 16384 else f" --length {args.length}") + (" --keep-attention" if args.keep_attention else "")
+    flags = "" if args.length == 16384 else f" --length {args.length}"
+    flags += " --keep-attention" if args.keep_attention else ""
     text = (f"# One training step at {args.length:,} tokens: where the time goes\n\n"
             f"Command: `python benchmarks/profile_step.py{flags}`. {datetime.date.today()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; matmul rate (float32, 4096^3, median "

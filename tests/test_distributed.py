@@ -73,7 +73,8 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("static_graph, grad_accum", [(False, 1), (True, 2), (True, 1), (False, 2)], ids=["dynamic", "static-accumulated", "static", "dynamic-accumulated"])
+@pytest.mark.parametrize("static_graph, grad_accum", [(False, 1), (True, 2), (True, 1), (False, 2)],
+                         ids=["dynamic", "static-accumulated", "static", "dynamic-accumulated"])
 def test_two_processes_train_like_one_on_the_global_batch(tmp_path, text_file, static_graph, grad_accum):
     one = train_config(tmp_path / "one", text_file, grad_accum=grad_accum)
     two = train_config(tmp_path / "two", text_file, grad_accum=grad_accum, static_graph=static_graph)

@@ -19,7 +19,8 @@ from ..attention.full import shared_qk_attention
 from ..attention.fused_chunks import KernelReplay
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
 from .feed_forward import chunk_bounds
-from ..rng import STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_keep, derive_seed, generator_for, keep_mask
+from ..rng import (STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_keep, derive_seed, generator_for,
+                   keep_mask)
 
 
 @dataclass
