@@ -405,18 +405,15 @@ def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tenso
     per_round = lse_slots.index_select(0, rank.view(-1)).view(r, n).double()  # (r, n)
     total = torch.logsumexp(per_round, dim=0)  # (n,)
     lse.copy_(total)
-    parts = out_slots.index_select(0, rank.view(-1)).view(r, n, -1)  # (r, n, d): each round in position order
     if r == 1:
-        out.copy_(parts[0])
+        out.copy_(out_slots.index_select(0, rank[0]))
         return
     dtype = accumulation_dtype(out.dtype)
     weights = torch.exp(per_round - total).to(dtype)  # (r, n)
-    combined = out if dtype == out.dtype else out.new_empty(out.shape, dtype=dtype)  # bfloat16: sum in float32
-    combined.copy_(parts[0]).mul_(weights[0, :, None])  # not mul(out=) into the strided view: a graph break
-    for part, weight in zip(parts[1:], weights[1:]):
-        combined.addcmul_(part, weight[:, None])
-    if combined is not out:
-        out.copy_(combined)
+    combined = out_slots.index_select(0, rank[0]).to(dtype).mul_(weights[0, :, None])  # (n, d): round 0 by position
+    for round_rank, weight in zip(rank[1:], weights[1:]):  # round by round: cache-sized gathers
+        combined.addcmul_(out_slots.index_select(0, round_rank), weight[:, None])
+    out.copy_(combined)
 
 
 def _add_wrapped(main: torch.Tensor, front: torch.Tensor, back: torch.Tensor) -> None:
@@ -442,8 +439,11 @@ def _slots_to_positions(plan: Plan, row: int, rows: torch.Tensor, slots: torch.T
     before, after = plan.window[0] * c, plan.window[1] * c
     main = slots[before:slots.shape[0] - after]  # fold the chunks that wrap around onto the slots they stand for
     _add_wrapped(main, slots[:before], slots[slots.shape[0] - after:])
-    r, n = plan.rank.shape[1:]
-    torch.sum(main.index_select(0, plan.rank[row].view(-1)).view(r, n, -1), dim=0, out=plan.head_row(rows, row))
+    rank = plan.rank[row]  # (r, n)
+    total = main.index_select(0, rank[0])  # (n, d): round by round, not one (r * n, d) gather (cache-sized)
+    for round_rank in rank[1:]:
+        total += main.index_select(0, round_rank)
+    plan.head_row(rows, row).copy_(total)
 
 
 # --- plans: index tensors and mask recipes ---------------------------------------------------------

@@ -56,12 +56,12 @@ def window_block_backward(grad: torch.Tensor, q: torch.Tensor, k_extended: torch
         d_values[part:part + g].baddbmm_(probabilities[part].transpose(1, 2), grad)
         torch.bmm(grad, values[part:part + g].transpose(1, 2), out=d_scores[part])  # dO . v
     delta = torch.mul(grad, out).sum(-1)  # (G, c)
-    d_scores.sub_(delta[None, :, :, None]).mul_(probabilities).mul_(scale)  # dS * scale: the logits' scale
+    d_scores.sub_(delta[None, :, :, None]).mul_(probabilities)  # dS; the logits' scale goes into the products
     dq = torch.zeros_like(q)
     d_keys = torch.zeros_like(keys)
     for part in range(parts):
-        dq.baddbmm_(d_scores[part], keys[part:part + g])
-        d_keys[part:part + g].baddbmm_(d_scores[part].transpose(1, 2), q)
+        dq.baddbmm_(d_scores[part], keys[part:part + g], alpha=scale)
+        d_keys[part:part + g].baddbmm_(d_scores[part].transpose(1, 2), q, alpha=scale)
     return dq, d_keys.view(-1, d), d_values.view(-1, d)
 
 
