@@ -27,7 +27,7 @@ demo-text: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a bui
 
 bench-compare: $(STAMP)  ## a training step beside HF, reformer_pytorch and SDPA (about an hour; writes benchmarks/results/compare.md)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) benchmarks/compare.py --rounds 3
+	$(PY) benchmarks/compare.py --rounds 2
 
 bench-compare-bf16: $(STAMP)  ## ours beside the SDPA Transformer, both under autocast(bfloat16) (writes benchmarks/results/compare_bf16.md)
 	$(PY) benchmarks/compare.py --precision bf16 --lengths 1024 4096 16384 --contenders ours sdpa --rounds 3
