@@ -42,6 +42,7 @@ writes compare_bf16.md and its plots; the matmul rate is then bfloat16's.
     python benchmarks/compare.py --lengths 1024 4096 --contenders ours sdpa --repeats 1
     python benchmarks/compare.py --precision bf16 --lengths 1024 4096 16384 --contenders ours sdpa --rounds 3
     python benchmarks/compare.py --contenders ours ours_prefix --lengths 1024 4096 16384 65536 --tag prefix
+    python benchmarks/compare.py --rounds 2 | tee run.log   # interrupted? the same options and --resume run.log
 """
 
 from __future__ import annotations
@@ -244,6 +245,20 @@ def merge_runs(first: dict, other: dict) -> dict:
             "peak_mib": max(first["peak_mib"], other["peak_mib"]), "runs": first.get("runs", 1) + 1}
 
 
+def read_log(path: Path) -> tuple[dict[int, float], dict[tuple[int, str, int], dict]]:
+    """What an earlier run printed (its stdout): each round's matmul rate, and its cells by (round, contender,
+    length), so that `--resume` replays them and runs only the cells that run did not reach."""
+    rates, cells, round_index = {}, {}, -1
+    for line in path.read_text().splitlines():
+        if line.startswith("round ") and "matmul rate" in line:
+            round_index = int(line.split()[1].rstrip(":")) - 1
+            rates[round_index] = float(line.split("matmul rate")[1].split()[0])
+        elif line.startswith("{") and round_index >= 0:
+            cell = json.loads(line)
+            cells[(round_index, cell["contender"], cell["length"])] = cell
+    return rates, cells
+
+
 def predicted_skip(history: list[dict], length: int, args) -> str | None:
     if history and "error" in history[-1]:
         return f"skipped: failed at {history[-1]['length']:,} ({history[-1]['error']})"
@@ -366,6 +381,9 @@ def main(argv=None) -> None:
                    help="bf16: every contender under torch.autocast(bfloat16); the matmul rate in bfloat16 too")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--tag", default="", help="name the outputs compare_TAG.md (and _TAG plots), e.g. for a subset")
+    p.add_argument("--resume", type=Path, metavar="LOG",
+                   help="the stdout of an interrupted run with the same options: its finished cells and matmul "
+                        "rates are taken from there, and only the rest runs")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
@@ -377,12 +395,13 @@ def main(argv=None) -> None:
 
     import torch
 
+    logged_rates, logged_cells = read_log(args.resume) if args.resume else ({}, {})
     rates: list[float] = []
     results: dict = {}
     history = {c: [] for c in args.contenders}
     started = time.perf_counter()
     for round_index in range(args.rounds):
-        rates.append(matmul_gflops(args.device, args.precision))
+        rates.append(logged_rates.get(round_index) or matmul_gflops(args.device, args.precision))
         print(f"round {round_index + 1}: matmul rate {rates[-1]:.1f} GFLOP/s", flush=True)
         for length in args.lengths:
             if round_index > 0 and length > args.rounds_up_to:
@@ -394,8 +413,13 @@ def main(argv=None) -> None:
                 if round_index > 0 and (previous is None or "step_s" not in previous):
                     continue  # skipped or failed in the first round
                 skip = predicted_skip(history[contender], length, args) if round_index == 0 else None
-                result = {"contender": contender, "length": length, "skip": skip} if skip else run_cell(
-                    contender, length, args)
+                logged = logged_cells.get((round_index, contender, length))
+                if logged is not None:
+                    result = logged
+                elif skip:
+                    result = {"contender": contender, "length": length, "skip": skip}
+                else:
+                    result = run_cell(contender, length, args)
                 print(json.dumps(result), flush=True)
                 if round_index == 0:
                     results[(contender, length)] = result
@@ -413,7 +437,8 @@ def main(argv=None) -> None:
     text = ["# Training step: ours beside the peers\n",
             f"Command: `python {' '.join(['benchmarks/compare.py', *(argv if argv is not None else sys.argv[1:])])}`."
             f" {datetime.date.today()}, {device}, torch {torch.__version__}; {time.perf_counter() - started:.0f} s "
-            "in all.\n",
+            "in all" + (f" (this invocation; the cells replayed from {args.resume.name} took what that run's log "
+                        "shows)" if args.resume else "") + ".\n",
             f"Model: {LAYERS} layers, causal, d_model {D_MODEL}, {HEADS} heads x {D_HEAD}, d_ff {D_FF}, byte "
             f"vocabulary, batch 1; the Reformers: LSH attention in every layer, chunks of {CHUNK}, {HASHES} hashes, "
             f"reversible. Precision: {PRECISIONS[args.precision]}. Each cell: a fresh process, one warm-up step, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,22 @@ def test_new_benchmarks_refuse_zero_counts(script, args, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.slow
+def test_compare_resumes_an_interrupted_run_from_its_log(tmp_path):
+    """A log cut after the first cell: the resumed run replays that cell (same numbers) and runs the other."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--lengths", "256", "--contenders", "ours",
+               "sdpa", "--repeats", "1", "--out-dir", str(tmp_path)]
+    first = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout.splitlines()
+    rate_line, ours_line = first[0], first[1]
+    assert rate_line.startswith("round 1: matmul rate") and '"contender": "ours"' in ours_line
+    log = tmp_path / "cut.log"
+    log.write_text(f"{rate_line}\n{ours_line}\n")
+    resumed = subprocess.run([*command, "--resume", str(log)], check=True, capture_output=True, text=True,
+                             timeout=600).stdout.splitlines()
+    assert resumed[0] == rate_line and resumed[1] == ours_line  # replayed, not measured again
+    assert '"contender": "sdpa"' in resumed[2] and '"step_s"' in resumed[2]
+    text = (tmp_path / "compare.md").read_text()
+    ours = json.loads(ours_line)
+    assert f"{ours['step_s']:.2f} s" in text and "--resume" in text
