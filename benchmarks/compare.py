@@ -388,6 +388,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
         p.error(f"--rounds and --repeats must be at least 1 (got {args.rounds} and {args.repeats})")
+    if args.resume is not None and not args.resume.is_file():
+        p.error(f"--resume {args.resume}: no such file; give the saved stdout of the interrupted run")
     if args.worker:
         print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.budget, args.device,
                                 args.precision)))

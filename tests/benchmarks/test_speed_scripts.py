@@ -30,6 +30,12 @@ def test_million_quick_run_writes_a_table(tmp_path):
     assert "| 4,096 |" in out.read_text()
 
 
+def test_compare_refuses_a_missing_resume_log(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--resume",
+                           str(tmp_path / "absent.log")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--resume" in done.stderr and "no such file" in done.stderr
+
+
 def test_compare_refuses_zero_rounds():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--rounds", "0"],
                           capture_output=True, text=True, timeout=120)

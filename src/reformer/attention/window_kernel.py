@@ -16,10 +16,10 @@ The work runs window part by window part, so that no window of keys or values
 is ever copied: part p of every chunk's scores is one batched product of the
 queries with extended chunks p .. p + G - 1, and the key and value gradients of
 part p are added onto those same extended chunks by `baddbmm_`, folding the
-overlapping windows as they are computed. This is about twice as fast as
-PyTorch's CPU flash-attention backward on the windows (torch 2.13, 64 chunks of
-64 queries, 128 keys), which copies every window and returns window gradients
-to fold afterwards.
+overlapping windows as they are computed. PyTorch's CPU flash-attention
+backward, which this replaces, copies every window and returns window gradients
+to fold afterwards (`benchmarks/profile_step.py` times this kernel as a part of
+the step).
 
 Underflow: exp of a masked logit (-1e9) takes a slow path of the vectorised exp,
 and a probability that is nearly zero but not quite makes the products that use
