@@ -24,13 +24,15 @@ projections and the output projection 3 * 2 * d * (h * dh), the feed-forward
 2 * 2 * d * d_ff, the attention 4 * w * dh * h * rounds (q.k and p.v over a
 window of w = 2 * chunk keys); the head 2 * 2d * vocab. A training step counts
 3x the forward (forward + backward). The reversible recomputation (one more
-forward of every layer, less the attention products with
-reversible_keep_attention) is not counted in the model FLOPs: the targets
-table gives it apart, as the FLOPs the step executes. The machine's rate is the
-median of 5 4096^3 matrix products in the same run, in the precision of the run.
+forward of every layer, less the attention products of the layers that kept
+their attention) is not counted in the model FLOPs: the targets table gives it
+apart, as the FLOPs the step executes. The machine's rate is the median of 5
+4096^3 matrix products in the same run, in the precision of the run.
 
-`ours_keep` is our model with `reversible_keep_attention=True` (the backward reuses each layer's
-attention output and plan instead of recomputing them), in the default run beside `ours`.
+`ours` is our model as configured by default: `reversible_keep_attention="auto"` keeps the attention
+output and plan of the first layers that fit in 64 MiB for the backward (all 6 layers up to 4,096
+tokens, 2 at 16,384, none from 65,536: each cell reports `kept_layers`). `ours_keep` is our model with
+`reversible_keep_attention=True` (every layer's), in the default run beside `ours`.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
 keys per round); `--tag prefix` writes its table apart (compare_prefix.md), beside `ours`.
 
@@ -63,7 +65,7 @@ CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa", "ours_prefi
 DEFAULT_CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa")  # ours_prefix: see --tag prefix
 LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
           "sdpa": "Transformer + SDPA", "ours_prefix": "ours, prefix-consistent LSH",
-          "ours_keep": "ours, reversible_keep_attention"}
+          "ours_keep": "ours, reversible_keep_attention=True"}
 PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
               "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
@@ -83,17 +85,18 @@ def model_flops_per_step(length: int) -> float:
     return 3.0 * forward_flops(length)[0]
 
 
-def executed_flops_per_step(length: int, keep_attention: bool = False) -> float:
+def executed_flops_per_step(length: int, kept_layers: int = 0) -> float:
     """The FLOPs the step runs: the model FLOPs and the reversible backward's recompute of every layer's forward
-    (without the chunk attention's products when the attention is kept, `reversible_keep_attention`)."""
+    (without the chunk attention's products in the `kept_layers` layers whose attention was kept,
+    `reversible_keep_attention`)."""
     forward, attention = forward_flops(length)
     head = length * 2 * 2 * D_MODEL * VOCAB  # the tail (norm, head and loss) is not recomputed
-    return model_flops_per_step(length) + forward - head - (attention if keep_attention else 0.0)
+    return model_flops_per_step(length) + forward - head - attention * kept_layers / LAYERS
 
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
 
-def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool = False):
+def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool | str = "auto"):
     from reformer import ReformerConfig, ReformerLM
     from reformer.config import default_axial_shape
     from reformer.memory import release_freed_memory_eagerly
@@ -194,6 +197,7 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
     model, loss_fn = BUILDERS[contender](length, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    reports_kept = hasattr(model, "kept_attention")  # ours: the last forward's kept attention (or None)
     ids = torch.randint(0, VOCAB, (1, length), device=device)
 
     def step() -> float:
@@ -212,8 +216,11 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
     while len(times) < repeats and (not times or sum(times) + times[-1] <= budget_s):
         times.append(step())
     peak = (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else peak_rss_mib()
-    return {"contender": contender, "length": length, "warmup_s": warm, "step_s": statistics.median(times),
+    cell = {"contender": contender, "length": length, "warmup_s": warm, "step_s": statistics.median(times),
             "steps": len(times), "times": times, "peak_mib": peak}
+    if reports_kept:
+        cell["kept_layers"] = len(model.kept_attention.kept) if model.kept_attention is not None else 0
+    return cell
 
 
 # --- the driver ------------------------------------------------------------------------------------
@@ -326,10 +333,16 @@ def targets_table(results: dict, lengths, contenders, rate_gflops: float) -> lis
             over_sdpa = f"{done['sdpa']['step_s'] / ours['step_s']:.2f}x" if "sdpa" in done else "-"
             memory = f"{ours['peak_mib'] / min(r['peak_mib'] for r in peer_done):.2f}" if peer_done else "-"
             model = model_flops_per_step(length) / ours["step_s"] / 1e9
-            executed = executed_flops_per_step(length, keep_attention=variant == "ours_keep") / ours["step_s"] / 1e9
-            rows.append(f"| {length:,} | {LABELS[variant]} | {speedup} | {over_sdpa} | {memory} "
+            kept = kept_layers(ours)
+            executed = executed_flops_per_step(length, kept) / ours["step_s"] / 1e9
+            rows.append(f"| {length:,} | {LABELS[variant]} (attention kept in {kept} of {LAYERS} layers) | {speedup} | {over_sdpa} | {memory} "
                         f"| {model:.1f} ({model / rate_gflops:.0%}) | {executed:.1f} ({executed / rate_gflops:.0%}) |")
     return rows
+
+
+def kept_layers(cell: dict) -> int:
+    """How many layers kept their attention for the backward (cells of runs before the budget: all or none)."""
+    return cell.get("kept_layers", LAYERS if cell["contender"] == "ours_keep" else 0)
 
 
 def plots(results: dict, lengths, contenders, out_dir: Path, suffix: str = "") -> list[Path]:

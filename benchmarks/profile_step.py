@@ -62,15 +62,15 @@ PARTS = [
     (reversible, "_tail_forward", "head and loss"),
     (reversible, "_tail_backward", "head and loss backward"),
 ]
-FLOP_PARTS = {  # part -> FLOPs per layer call of the whole sequence, given the length
-    "feed-forward (forward and its recompute)": lambda n: 2 * 2 * n * D_MODEL * D_FF,
-    "feed-forward backward": lambda n: 2 * 2 * 2 * n * D_MODEL * D_FF,
-    "flash kernel, forward": lambda n: 4 * n * HASHES * HEADS * 2 * CHUNK * D_HEAD,
-    "window kernel, backward (batched products)": lambda n: 2 * 4 * n * HASHES * HEADS * 2 * CHUNK * D_HEAD,
+FLOP_PARTS = {  # part -> FLOPs of one call, from its arguments (model FLOPs: a backward counts 2x its forward)
+    "feed-forward (forward and its recompute)": lambda args: 2 * 2 * args[1].shape[:-1].numel() * D_MODEL * D_FF,
+    "feed-forward backward": lambda args: 2 * 2 * 2 * args[2].shape[:-1].numel() * D_MODEL * D_FF,
+    "flash kernel, forward": lambda args: 4 * args[0].shape[1:3].numel() * args[1].shape[2] * args[0].shape[3],
+    "window kernel, backward (batched products)": lambda args: 2 * 4 * args[6].numel() * args[1].shape[2],
 }
 
 
-def build(length: int, keep_attention: bool = False):
+def build(length: int, keep_attention: bool | str = "auto"):
     config = ReformerConfig(vocab_size=256, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
@@ -83,7 +83,7 @@ def build(length: int, keep_attention: bool = False):
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return step
+    return step, model
 
 
 def by_operator(step, rows: int) -> tuple[list[str], float]:
@@ -100,10 +100,10 @@ def by_operator(step, rows: int) -> tuple[list[str], float]:
     return table, wall
 
 
-def by_part(step, steps: int, length: int, rate: float) -> tuple[list[str], float]:
+def by_part(step, steps: int, rate: float) -> tuple[list[str], float]:
     """Own wall time of each part per step (timers nest: a part's time excludes the parts it calls)."""
     own: collections.Counter = collections.Counter()
-    calls: collections.Counter = collections.Counter()
+    flops: collections.Counter = collections.Counter()  # part -> FLOPs of all its calls
     stack: list[float] = []
     originals = []
 
@@ -118,7 +118,8 @@ def by_part(step, steps: int, length: int, rate: float) -> tuple[list[str], floa
                 elapsed = time.perf_counter() - start
                 inner = stack.pop()
                 own[name] += elapsed - inner
-                calls[name] += 1
+                if name in FLOP_PARTS:
+                    flops[name] += FLOP_PARTS[name](args)
                 if stack:
                     stack[-1] += elapsed
         return wrapper
@@ -138,12 +139,9 @@ def by_part(step, steps: int, length: int, rate: float) -> tuple[list[str], floa
     table = ["| part | own time per step (s) | share | GFLOP/s (share of the matmul rate) |", "|---|---:|---:|---:|"]
     for name, seconds in own.most_common():
         seconds /= steps
-        flops = ""
-        if name in FLOP_PARTS:
-            passes = 2 if name.startswith("feed-forward (") or name == "flash kernel, forward" else 1
-            achieved = FLOP_PARTS[name](length) * LAYERS * passes / seconds / 1e9
-            flops = f"{achieved:.0f} ({achieved / rate:.0%})"
-        table.append(f"| {name} | {seconds:.3f} | {seconds / wall:.0%} | {flops} |")
+        achieved = flops[name] / steps / seconds / 1e9
+        rate_cell = f"{achieved:.0f} ({achieved / rate:.0%})" if name in FLOP_PARTS else ""
+        table.append(f"| {name} | {seconds:.3f} | {seconds / wall:.0%} | {rate_cell} |")
     rest = wall - sum(own.values()) / steps
     table.append(f"| everything else (embedding, optimizer, Python) | {rest:.3f} | {rest / wall:.0%} | |")
     return table, wall
@@ -163,7 +161,8 @@ def matmul_gflops() -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=16384)
-    p.add_argument("--keep-attention", action="store_true", help="reversible_keep_attention=True")
+    p.add_argument("--keep-attention", action="store_true",
+                   help="reversible_keep_attention=True (default: the config's 'auto', within 64 MiB)")
     p.add_argument("--rows", type=int, default=20, help="operators listed")
     p.add_argument("--steps", type=int, default=3, help="timed steps for the table by part")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.md")
@@ -172,21 +171,30 @@ def main(argv=None) -> None:
         p.error(f"--steps and --length must be at least 1 (got {args.steps} and {args.length})")
 
     release_freed_memory_eagerly()
-    step = build(args.length, args.keep_attention)
+    step, model = build(args.length, True if args.keep_attention else "auto")
     step()
     rate = matmul_gflops()
-    parts, wall = by_part(step, args.steps, args.length, rate)
+    parts, wall = by_part(step, args.steps, rate)
+    kept = 0 if model.kept_attention is None else len(model.kept_attention.kept)
     operators, profiled = by_operator(step, args.rows)
     flags = "" if args.length == 16384 else f" --length {args.length}"
     flags += " --keep-attention" if args.keep_attention else ""
+    flags += "" if args.steps == 3 else f" --steps {args.steps}"
+    flags += "" if args.rows == 20 else f" --rows {args.rows}"
+    default_out = ROOT / "benchmarks" / "results" / "profile.md"
+    flags += "" if args.out.resolve() == default_out else f" --out {args.out}"
+    mode = "True" if args.keep_attention else "'auto'"
     text = (f"# One training step at {args.length:,} tokens: where the time goes\n\n"
             f"Command: `python benchmarks/profile_step.py{flags}`. {datetime.date.today()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; matmul rate (float32, 4096^3, median "
             f"of 5) {rate:.0f} GFLOP/s.\n\n"
+            f"reversible_keep_attention={mode}: the attention was kept for the backward in {kept} of {LAYERS} "
+            f"layers.\n\n"
             f"## By part ({args.steps} steps, {wall:.2f} s per step)\n\n"
-            "FLOP rates count the feed-forward's two matrix products per position (forward, and its recompute in "
-            "the reversible backward; the backward counts both gradients) and the flash kernel's q.k and p.v over "
-            "windows of 2 x 64 keys, 4 rounds, 4 heads.\n\n"
+            "FLOP rates are counted from the shapes of every call: the feed-forward's two matrix products per "
+            "position (in the forward and in its recompute; its backward as twice that), the flash kernel's q.k "
+            "and p.v over each window (a layer that kept its attention calls it once, the others twice), and "
+            "the window kernel's backward as twice those products.\n\n"
             + "\n".join(parts)
             + f"\n\n## By operator (one profiled step, {profiled:.1f} s: the profiler adds a little)\n\n"
             + "\n".join(operators) + "\n")

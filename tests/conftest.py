@@ -30,6 +30,7 @@ def tiny_config(**overrides):
         causal=True, lsh_chunk_size=4, n_hashes=2, n_buckets=None, local_chunk_size=5, ff_chunk_size=7,
         loss_chunk_size=9, axial_shape=(8, 8), axial_dims=(6, 10), max_seq_len=64, dropout=0.0,
         attn_dropout=0.0, seed=0,
+        reversible_keep_attention=False,  # the reversible recompute; tests that keep it say so
     )
     fields.update(overrides)
     return ReformerConfig(**fields)

@@ -172,6 +172,11 @@ def test_config_json_round_trip(tmp_path):
     (dict(local_chunks_after=1), "local_chunks_after = 1 in a causal model"),
     (dict(lsh_chunks_before=-1), "lsh_chunks_before must be an integer >= 0"),
     (dict(causal=False, lsh_dedup=True, lsh_chunks_after=1), "lsh_dedup needs lsh_chunks_before=1"),
+    (dict(reversible_keep_attention="yes"), "reversible_keep_attention must be True, False or 'auto'"),
+    (dict(reversible_keep_attention=1), "reversible_keep_attention must be True, False or 'auto'"),
+    (dict(reversible_keep_attention_mib=-1), "reversible_keep_attention_mib must be a number of MiB >= 0"),
+    (dict(reversible_keep_attention_mib="64"), "reversible_keep_attention_mib must be a number of MiB >= 0"),
+    (dict(reversible_keep_attention_mib=float("nan")), "reversible_keep_attention_mib must be a number of MiB"),
 ])
 def test_config_errors_say_what_to_change(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -66,8 +66,10 @@ class ReformerConfig:
     # --- execution ---
     reversible: bool = True  # recompute activations in backward instead of storing them
     # keep each layer's fused attention output and plan from the forward for its backward, instead of recomputing
-    # them: faster, and about n * h * d floats (plus the plan) more per layer while a step runs
-    reversible_keep_attention: bool = False
+    # them: faster, and about n * h * d floats (plus the plan) more per layer while a step runs. True: every
+    # layer's; False: none; "auto": the first layers' that fit in reversible_keep_attention_mib (short sequences)
+    reversible_keep_attention: bool | str = "auto"
+    reversible_keep_attention_mib: float = 64.0  # the budget of "auto", in MiB, for all layers of a step together
     ff_chunk_size: int = 0  # positions per feed-forward chunk (0 = whole sequence at once)
     loss_chunk_size: int = 4096  # positions per chunk of the LM head and loss when labels are given
     pad_to_multiple: int = 0  # right-pad inputs to a multiple of this, as HF does (lcm of its chunks); 0 = off
@@ -116,6 +118,7 @@ class ReformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (0 = {meaning}), got {value!r}")
+        self._validate_keep_attention()
         if self.lsh_bucket_rule not in BUCKET_RULES:
             raise ValueError(f"lsh_bucket_rule must be one of {BUCKET_RULES}, got {self.lsh_bucket_rule!r}")
         if self.lsh_normalize not in LSH_NORMALIZATIONS:
@@ -138,6 +141,22 @@ class ReformerConfig:
         if self.n_buckets is not None:
             validate_n_buckets(self.n_buckets)
         self._validate_positions()
+
+    def _validate_keep_attention(self) -> None:
+        keep = self.reversible_keep_attention
+        if not (isinstance(keep, bool) or isinstance(keep, str) and keep == "auto"):
+            raise ValueError(f"reversible_keep_attention must be True, False or 'auto', "
+                             f"got {self.reversible_keep_attention!r}")
+        budget = self.reversible_keep_attention_mib
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+            raise ValueError(f"reversible_keep_attention_mib must be a number of MiB >= 0 (the budget of "
+                             f"reversible_keep_attention='auto'), got {budget!r}")
+
+    def keep_attention_budget(self) -> float:
+        """The bytes a training step may keep of its layers' attention (math.inf: all, 0: none)."""
+        if self.reversible_keep_attention == "auto":
+            return self.reversible_keep_attention_mib * (1 << 20)
+        return math.inf if self.reversible_keep_attention else 0.0
 
     def _validate_windows(self) -> None:
         for kind in ("lsh", "local"):

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention._chunking import pad_length, padded_length, padded_mask
-from .attention.fused_chunks import KernelReplay
+from .attention.fused_chunks import KeepBudget, KernelReplay
 from .config import ReformerConfig
 from .layers.attention import (
     AttentionBranch,
@@ -92,6 +92,9 @@ class ReformerLM(nn.Module):
         self.to_empty(device="cpu")
         self.reset_parameters()
         self.generator = generator_for(derive_seed(config.seed, _TRAIN_STREAM))
+        # the last training forward's budget of kept attention (`reversible_keep_attention`): its `kept` lists the
+        # bytes of every layer whose attention it kept for the backward; None when it kept none
+        self.kept_attention: KeepBudget | None = None
 
     def _build(self, c: ReformerConfig) -> None:
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
@@ -139,11 +142,15 @@ class ReformerLM(nn.Module):
         self.generator.manual_seed(seed)
 
     def _layer_calls(self, global_mask: torch.Tensor | None = None) -> tuple[int | None, list[LayerCall]]:
+        self.kept_attention = None
         if not self.training:
             return None, [LayerCall(global_mask=global_mask) for _ in self.layers]
         seeds = draw_seeds(self.generator, len(self.layers) + 1)
-        keep = self.config.reversible and self.config.reversible_keep_attention and torch.is_grad_enabled()
-        return seeds[0], [LayerCall(seed=s, global_mask=global_mask, replay=KernelReplay() if keep else None)
+        budget = self.config.keep_attention_budget()
+        keep = self.config.reversible and budget > 0 and torch.is_grad_enabled()
+        self.kept_attention = KeepBudget(budget) if keep else None
+        return seeds[0], [LayerCall(seed=s, global_mask=global_mask,
+                                    replay=KernelReplay(budget=self.kept_attention) if keep else None)
                           for s in seeds[1:]]
 
     def set_lsh_eval(self, n_hashes: int | None = None, full_attention: bool = False) -> None:

@@ -28,8 +28,9 @@ def loss_and_grads(config, ids, mask):
     dict(causal=False, lsh_chunks_before=2, lsh_chunks_after=1, local_chunks_before=0, local_chunks_after=2),
 ], ids=["mixed", "bidirectional-dedup", "wrap-same-bucket", "factorised-absolute", "hf-layout", "lsh-in-one-chunk",
         "windows"])
-def test_reversible_equals_plain_in_float64_with_dropout(options):
-    config = tiny_config(dropout=0.1, attn_dropout=0.1, **options)
+@pytest.mark.parametrize("keep", [False, "auto"])
+def test_reversible_equals_plain_in_float64_with_dropout(options, keep):
+    config = tiny_config(dropout=0.1, attn_dropout=0.1, reversible_keep_attention=keep, **options)
     ids, mask = random_batch(config, length=29, pad_from=23)
     loss_rev, grads_rev = loss_and_grads(config, ids, mask)
     config.reversible = False
@@ -216,25 +217,79 @@ def test_a_second_backward_through_the_reversible_loss_is_explained():
 @pytest.mark.parametrize("kinds", [("lsh", "local", "full", "lsh"), ("sliding", "lsh")])
 def test_keeping_the_attention_for_the_backward_changes_no_gradient(kinds):
     """reversible_keep_attention: the backward reads the forward's kernel output and plan instead of recomputing
-    them from the rebuilt inputs; loss and gradients equal the plain model's (1e-10), as the recomputing stack's do."""
+    them from the rebuilt inputs; loss and gradients equal the plain model's (1e-10), as the recomputing stack's do,
+    whether every layer keeps it (True), none (False), or the first that fit in the budget ("auto")."""
     from reformer import ReformerConfig, ReformerLM
     from tests.conftest import random_batch, tiny_config
 
     config = tiny_config(attn_layers=kinds, dropout=0.1, reversible_keep_attention=True)
-    models = [ReformerLM(ReformerConfig.from_dict({**config.to_dict(), **change})).double()
-              for change in ({}, {"reversible_keep_attention": False}, {"reversible": False})]
+    first_layer = first_kept_bytes(config)
+    changes = ({}, {"reversible_keep_attention": False}, {"reversible": False},
+               {"reversible_keep_attention": "auto", "reversible_keep_attention_mib": (first_layer + 1) / (1 << 20)})
+    models = [ReformerLM(ReformerConfig.from_dict({**config.to_dict(), **change})).double() for change in changes]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
     ids, mask = random_batch(config, length=29, pad_from=20)
-    results = []
+    results, kept = [], []
     for model in models:
         model.train()
         model.manual_seed(4)
         loss = model(ids, mask, labels=ids).loss
+        kept.append(None if model.kept_attention is None else len(model.kept_attention.kept))
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)  # unused: global projections
         results.append((loss, [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]))
-    (kept, kept_grads), (recomputed, recomputed_grads), (plain, plain_grads) = results
-    assert torch.equal(kept, recomputed)  # the same forward
-    for (name, _), g, rg, pg in zip(models[0].named_parameters(), kept_grads, recomputed_grads, plain_grads):
+    fused = sum(kind != "full" for kind in kinds)  # layers that run the fused kernel
+    assert kept == [fused, None, None, 1]
+    (kept_loss, kept_grads), (recomputed, recomputed_grads), (plain, plain_grads), (partial, partial_grads) = results
+    assert torch.equal(kept_loss, recomputed) and torch.equal(partial, recomputed)  # the same forward
+    for (name, _), g, rg, pg, partial_g in zip(models[0].named_parameters(), kept_grads, recomputed_grads,
+                                               plain_grads, partial_grads):
         assert_close(g, pg, 1e-10, name)
         assert_close(rg, pg, 1e-10, name)
+        assert_close(partial_g, pg, 1e-10, name)
+
+
+def first_kept_bytes(config) -> int:
+    """The bytes the first fused layer of `config` keeps for the backward (float64, the test batch)."""
+    from reformer import ReformerLM
+
+    model = ReformerLM(config).double().train()
+    ids, mask = random_batch(config, length=29, pad_from=20)
+    model(ids, mask, labels=ids)
+    return model.kept_attention.kept[0]
+
+
+def first_come_first_kept(sizes: list[int], budget: int) -> list[int]:
+    """The reference: in layer order, keep each layer that fits in what is left."""
+    kept = []
+    for size in sizes:
+        if size <= budget:
+            kept.append(size)
+            budget -= size
+    return kept
+
+
+def test_the_keep_budget_keeps_the_first_layers_that_fit_and_never_more():
+    """"auto" keeps layer after layer while the total fits in reversible_keep_attention_mib; a layer that does not
+    fit is skipped, and a later, smaller one may still be kept. Eval and reversible=False keep nothing."""
+    config = tiny_config(attn_layers=("lsh", "local", "lsh"), reversible_keep_attention=True)
+    model = ReformerLM(config).train()
+    ids, mask = random_batch(config, length=29, pad_from=20)
+    model(ids, mask, labels=ids)
+    sizes = model.kept_attention.kept  # lsh, local, lsh
+    assert len(sizes) == 3 and sizes[0] == sizes[2] and all(size > 0 for size in sizes)
+    assert sizes[1] < sizes[0]  # so a budget below the first LSH layer's still keeps the local layer
+    for budget in (sizes[1] - 1, sizes[0] - 1, sizes[0], sizes[0] + sizes[1] - 1, sum(sizes) - 1, sum(sizes)):
+        config.reversible_keep_attention, config.reversible_keep_attention_mib = "auto", budget / (1 << 20)
+        model(ids, mask, labels=ids)
+        assert model.kept_attention.kept == first_come_first_kept(sizes, budget), budget
+        assert sum(model.kept_attention.kept) <= budget
+    config.reversible_keep_attention_mib = 0
+    model(ids, mask, labels=ids)
+    assert model.kept_attention is None
+    with torch.no_grad():
+        model(ids, mask, labels=ids)
+    assert model.kept_attention is None
+    config.reversible = False
+    model(ids, mask, labels=ids)
+    assert model.kept_attention is None

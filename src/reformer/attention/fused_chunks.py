@@ -37,7 +37,8 @@ the gradient sums are float32. The backward upcasts each block to float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -144,6 +145,12 @@ class Plan:
         b, n, h = self.shape
         return b * n * h
 
+    def nbytes(self) -> int:
+        """The bytes of its tensors (index tensors and mask recipe)."""
+        recipe = self.recipe
+        return sum(tensor.nbytes for tensor in (self.rows, self.kv_source, self.rank, recipe.q_pos, recipe.k_pos,
+                                                recipe.bias) if tensor is not None)
+
     def head_row(self, rows: torch.Tensor, index: int) -> torch.Tensor:
         """Head row `index`'s (n, ...) strided view of rows in the (b, n, h, ...) layout."""
         b, n, h = self.shape
@@ -151,24 +158,53 @@ class Plan:
 
 
 @dataclass
+class KeepBudget:
+    """The bytes a step's kept attention may still take, shared by its layers' replays: first come, first kept.
+
+    A layer's replay keeps its plan and output only if all of it fits in what
+    is left; `kept` lists the bytes of every replay that did, in forward order.
+    """
+
+    remaining: float = math.inf  # bytes; math.inf: keep every layer's
+    kept: list[int] = field(default_factory=list)
+
+    def take(self, nbytes: int) -> bool:
+        if nbytes > self.remaining:
+            return False
+        self.remaining -= nbytes
+        self.kept.append(nbytes)
+        return True
+
+
+@dataclass
 class KernelReplay:
     """What one kernel call keeps from its forward for an identical second call, the reversible recompute.
 
     The second call takes the plan and the output with its log-sum-exps from here instead of computing them
-    again (`reversible_keep_attention`); the output is handed out once.
+    again (`reversible_keep_attention`); the output is handed out once. When they do not fit in the budget,
+    the replay declines: it keeps nothing, and the second call computes everything again.
     """
 
     plan: Plan | None = None
     saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # out, lse_slots, lse
+    budget: KeepBudget = field(default_factory=KeepBudget)
+    declined: bool = False
+
+    def keep(self, plan: Plan, saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Keep the plan and `saved` if they fit in the budget; otherwise decline, and drop the plan."""
+        if self.budget.take(plan.nbytes() + sum(tensor.nbytes for tensor in saved)):
+            self.saved = saved
+        else:
+            self.plan, self.declined = None, True
 
 
 def cached_plan(replay: KernelReplay | None, build) -> Plan:
-    """The replay's plan, or build() (under no_grad), kept in the replay when there is one."""
+    """The replay's plan, or build() (under no_grad), kept in the replay when there is one that has not declined."""
     if replay is not None and replay.plan is not None:
         return replay.plan
     with torch.no_grad():
         plan = build()
-    if replay is not None:
+    if replay is not None and not replay.declined:
         replay.plan = plan
     return plan
 
@@ -195,8 +231,8 @@ class ChunkedAttention(torch.autograd.Function):
             replay.saved = None
         else:
             out, lse_slots, lse = ChunkedAttention._attend(q_rows, k_rows, v_rows, plan)
-            if replay is not None:
-                replay.saved = (out, lse_slots, lse)
+            if replay is not None and not replay.declined:
+                replay.keep(plan, (out, lse_slots, lse))
         ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse)
         ctx.plan = plan
         return out
