@@ -335,8 +335,8 @@ def targets_table(results: dict, lengths, contenders, rate_gflops: float) -> lis
             model = model_flops_per_step(length) / ours["step_s"] / 1e9
             kept = kept_layers(ours)
             executed = executed_flops_per_step(length, kept) / ours["step_s"] / 1e9
-            rows.append(f"| {length:,} | {LABELS[variant]} (attention kept in {kept} of {LAYERS} layers) | {speedup} | {over_sdpa} | {memory} "
-                        f"| {model:.1f} ({model / rate_gflops:.0%}) | {executed:.1f} ({executed / rate_gflops:.0%}) |")
+            rows.append(f"| {length:,} | {LABELS[variant]} (attention kept in {kept} of {LAYERS} layers) | {speedup} "
+                        f"| {over_sdpa} | {memory} | {model:.1f} ({model / rate_gflops:.0%}) | {executed:.1f} ({executed / rate_gflops:.0%}) |")
     return rows
 
 

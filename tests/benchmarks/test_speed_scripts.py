@@ -19,6 +19,9 @@ def test_compare_quick_run_writes_a_table_and_plots(tmp_path):
                    check=True, capture_output=True, text=True, timeout=600)
     text = (tmp_path / "compare.md").read_text()
     assert "| 512 |" in text and "GFLOP/s" in text and "speed-up over SDPA" in text
+    assert "| 512 | reformer (ours) (attention kept in 6 of 6 layers) |" in text  # "auto": 6 small layers fit
+    cells = json.loads((tmp_path / "compare.json").read_text())["results"]
+    assert {cell["contender"]: cell.get("kept_layers") for cell in cells} == {"ours": 6, "sdpa": None}
     assert (tmp_path / "time_vs_length.png").is_file() and (tmp_path / "memory_vs_length.png").is_file()
 
 
