@@ -30,7 +30,7 @@ apart, as the FLOPs the step executes. The machine's rate is the median of 5
 4096^3 matrix products in the same run, in the precision of the run.
 
 `ours` is our model as configured by default: `reversible_keep_attention="auto"` keeps the attention
-output and plan of the first layers that fit in 64 MiB for the backward (all 6 layers up to 4,096
+output and plan of the latest layers that fit in 64 MiB for the backward (all 6 layers up to 4,096
 tokens, 2 at 16,384, none from 65,536: each cell reports `kept_layers`). `ours_keep` is our model with
 `reversible_keep_attention=True` (every layer's), in the default run beside `ours`.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk

@@ -67,7 +67,7 @@ class ReformerConfig:
     reversible: bool = True  # recompute activations in backward instead of storing them
     # keep each layer's fused attention output and plan from the forward for its backward, instead of recomputing
     # them: faster, and about n * h * d floats (plus the plan) more per layer while a step runs. True: every
-    # layer's; False: none; "auto": the first layers' that fit in reversible_keep_attention_mib (short sequences)
+    # layer's; False: none; "auto": the latest layers' that fit in reversible_keep_attention_mib (short sequences)
     reversible_keep_attention: bool | str = "auto"
     reversible_keep_attention_mib: float = 64.0  # the budget of "auto", in MiB, for all layers of a step together
     ff_chunk_size: int = 0  # positions per feed-forward chunk (0 = whole sequence at once)

@@ -218,14 +218,14 @@ def test_a_second_backward_through_the_reversible_loss_is_explained():
 def test_keeping_the_attention_for_the_backward_changes_no_gradient(kinds):
     """reversible_keep_attention: the backward reads the forward's kernel output and plan instead of recomputing
     them from the rebuilt inputs; loss and gradients equal the plain model's (1e-10), as the recomputing stack's do,
-    whether every layer keeps it (True), none (False), or the first that fit in the budget ("auto")."""
+    whether every layer keeps it (True), none (False), or the latest that fit in the budget ("auto")."""
     from reformer import ReformerConfig, ReformerLM
     from tests.conftest import random_batch, tiny_config
 
     config = tiny_config(attn_layers=kinds, dropout=0.1, reversible_keep_attention=True)
-    first_layer = first_kept_bytes(config)
+    largest = max(kept_bytes(config))
     changes = ({}, {"reversible_keep_attention": False}, {"reversible": False},
-               {"reversible_keep_attention": "auto", "reversible_keep_attention_mib": (first_layer + 1) / (1 << 20)})
+               {"reversible_keep_attention": "auto", "reversible_keep_attention_mib": (largest + 1) / (1 << 20)})
     models = [ReformerLM(ReformerConfig.from_dict({**config.to_dict(), **change})).double() for change in changes]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
@@ -249,40 +249,44 @@ def test_keeping_the_attention_for_the_backward_changes_no_gradient(kinds):
         assert_close(partial_g, pg, 1e-10, name)
 
 
-def first_kept_bytes(config) -> int:
-    """The bytes the first fused layer of `config` keeps for the backward (float64, the test batch)."""
+def kept_bytes(config) -> list[int]:
+    """The bytes each fused layer of `config` keeps for the backward (float64, the test batch)."""
     from reformer import ReformerLM
 
     model = ReformerLM(config).double().train()
     ids, mask = random_batch(config, length=29, pad_from=20)
     model(ids, mask, labels=ids)
-    return model.kept_attention.kept[0]
+    return model.kept_attention.kept
 
 
-def first_come_first_kept(sizes: list[int], budget: int) -> list[int]:
-    """The reference: in layer order, keep each layer that fits in what is left."""
+def latest_that_fit(sizes: list[int], budget: int) -> list[int]:
+    """The reference: in layer order, keep each layer that fits in the whole budget, dropping the earliest
+    kept ones until it fits in what is left."""
     kept = []
     for size in sizes:
         if size <= budget:
             kept.append(size)
-            budget -= size
+            while sum(kept) > budget:
+                kept.pop(0)
     return kept
 
 
-def test_the_keep_budget_keeps_the_first_layers_that_fit_and_never_more():
-    """"auto" keeps layer after layer while the total fits in reversible_keep_attention_mib; a layer that does not
-    fit is skipped, and a later, smaller one may still be kept. Eval and reversible=False keep nothing."""
+def test_the_keep_budget_keeps_the_latest_layers_that_fit_and_never_more():
+    """"auto" keeps the latest layers whose attention fits in reversible_keep_attention_mib (the backward reaches
+    them first): a layer evicts the earliest kept ones to make room, a layer larger than the budget keeps
+    nothing. Eval and reversible=False keep nothing."""
     config = tiny_config(attn_layers=("lsh", "local", "lsh"), reversible_keep_attention=True)
     model = ReformerLM(config).train()
     ids, mask = random_batch(config, length=29, pad_from=20)
     model(ids, mask, labels=ids)
     sizes = model.kept_attention.kept  # lsh, local, lsh
     assert len(sizes) == 3 and sizes[0] == sizes[2] and all(size > 0 for size in sizes)
-    assert sizes[1] < sizes[0]  # so a budget below the first LSH layer's still keeps the local layer
-    for budget in (sizes[1] - 1, sizes[0] - 1, sizes[0], sizes[0] + sizes[1] - 1, sum(sizes) - 1, sum(sizes)):
+    assert sizes[1] < sizes[0]  # so a budget below an LSH layer's still keeps the local layer
+    for budget in (sizes[1] - 1, sizes[0] - 1, sizes[0], sizes[0] + sizes[1] - 1, sizes[0] + sizes[1],
+                   sum(sizes) - 1, sum(sizes)):
         config.reversible_keep_attention, config.reversible_keep_attention_mib = "auto", budget / (1 << 20)
         model(ids, mask, labels=ids)
-        assert model.kept_attention.kept == first_come_first_kept(sizes, budget), budget
+        assert model.kept_attention.kept == latest_that_fit(sizes, budget), budget
         assert sum(model.kept_attention.kept) <= budget
     config.reversible_keep_attention_mib = 0
     model(ids, mask, labels=ids)

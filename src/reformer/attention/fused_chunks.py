@@ -38,6 +38,7 @@ the gradient sums are float32. The backward upcasts each block to float32.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -159,30 +160,42 @@ class Plan:
 
 @dataclass
 class KeepBudget:
-    """The bytes a step's kept attention may still take, shared by its layers' replays: first come, first kept.
+    """The bytes a step's kept attention may take, shared by its layers' replays: the latest layers are kept.
 
-    A layer's replay keeps its plan and output only if all of it fits in what
-    is left; `kept` lists the bytes of every replay that did, in forward order.
+    The backward reaches the last layers first, and a layer's kept attention
+    stands in for what its recompute would build anyway; an early layer's is
+    held through the whole backward. So when a layer's attention does not fit
+    in what is left, the earliest layers still kept give theirs up until it
+    does (and a layer larger than the whole budget keeps nothing). `kept`
+    lists the bytes of every layer still kept, in forward order.
     """
 
-    remaining: float = math.inf  # bytes; math.inf: keep every layer's
+    limit: float = math.inf  # bytes; math.inf: keep every layer's
     kept: list[int] = field(default_factory=list)
+    _held: list = field(default_factory=list, repr=False)  # weak references to the replays behind `kept`
 
-    def take(self, nbytes: int) -> bool:
-        if nbytes > self.remaining:
+    def take(self, replay: KernelReplay, nbytes: int) -> bool:
+        """Make room for `nbytes` of `replay` by evicting the earliest kept replays; False if it cannot fit."""
+        if nbytes > self.limit:
             return False
-        self.remaining -= nbytes
+        while sum(self.kept) + nbytes > self.limit:
+            self.kept.pop(0)
+            evicted = self._held.pop(0)()
+            if evicted is not None:
+                evicted.give_up()
         self.kept.append(nbytes)
+        self._held.append(weakref.ref(replay))
         return True
 
 
-@dataclass
+@dataclass(eq=False)
 class KernelReplay:
     """What one kernel call keeps from its forward for an identical second call, the reversible recompute.
 
     The second call takes the plan and the output with its log-sum-exps from here instead of computing them
     again (`reversible_keep_attention`); the output is handed out once. When they do not fit in the budget,
-    the replay declines: it keeps nothing, and the second call computes everything again.
+    or a later layer's need the room, the replay gives up: it keeps nothing, and the second call computes
+    everything again.
     """
 
     plan: Plan | None = None
@@ -191,11 +204,14 @@ class KernelReplay:
     declined: bool = False
 
     def keep(self, plan: Plan, saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        """Keep the plan and `saved` if they fit in the budget; otherwise decline, and drop the plan."""
-        if self.budget.take(plan.nbytes() + sum(tensor.nbytes for tensor in saved)):
+        """Keep the plan and `saved` if the budget makes room for them; otherwise give up."""
+        if self.budget.take(self, plan.nbytes() + sum(tensor.nbytes for tensor in saved)):
             self.saved = saved
         else:
-            self.plan, self.declined = None, True
+            self.give_up()
+
+    def give_up(self) -> None:
+        self.plan, self.saved, self.declined = None, None, True
 
 
 def cached_plan(replay: KernelReplay | None, build) -> Plan:
