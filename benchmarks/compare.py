@@ -31,7 +31,7 @@ apart, as the FLOPs the step executes. The machine's rate is the median of 5
 
 `ours` is our model as configured by default: `reversible_keep_attention="auto"` keeps the attention
 output and plan of the latest layers that fit in 64 MiB for the backward (all 6 layers up to 4,096
-tokens, 2 at 16,384, none from 65,536: each cell reports `kept_layers`). `ours_keep` is our model with
+tokens, 2 at 16,384, none from 65,536: each cell reports `kept_layers` and `kept_mib`). `ours_keep` is our model with
 `reversible_keep_attention=True` (every layer's), in the default run beside `ours`.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
 keys per round); `--tag prefix` writes its table apart (compare_prefix.md), beside `ours`.
@@ -219,7 +219,8 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
     cell = {"contender": contender, "length": length, "warmup_s": warm, "step_s": statistics.median(times),
             "steps": len(times), "times": times, "peak_mib": peak}
     if reports_kept:
-        cell["kept_layers"] = len(model.kept_attention.kept) if model.kept_attention is not None else 0
+        kept = [] if model.kept_attention is None else model.kept_attention.kept
+        cell["kept_layers"], cell["kept_mib"] = len(kept), sum(kept) / 2**20
     return cell
 
 
@@ -336,7 +337,8 @@ def targets_table(results: dict, lengths, contenders, rate_gflops: float) -> lis
             kept = kept_layers(ours)
             executed = executed_flops_per_step(length, kept) / ours["step_s"] / 1e9
             rows.append(f"| {length:,} | {LABELS[variant]} (attention kept in {kept} of {LAYERS} layers) | {speedup} "
-                        f"| {over_sdpa} | {memory} | {model:.1f} ({model / rate_gflops:.0%}) | {executed:.1f} ({executed / rate_gflops:.0%}) |")
+                        f"| {over_sdpa} | {memory} | {model:.1f} ({model / rate_gflops:.0%}) "
+                        f"| {executed:.1f} ({executed / rate_gflops:.0%}) |")
     return rows
 
 

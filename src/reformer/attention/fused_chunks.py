@@ -201,7 +201,7 @@ class KernelReplay:
     plan: Plan | None = None
     saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # out, lse_slots, lse
     budget: KeepBudget = field(default_factory=KeepBudget)
-    declined: bool = False
+    declined: bool = False  # it kept nothing, or it has served: it never keeps again
 
     def keep(self, plan: Plan, saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """Keep the plan and `saved` if the budget makes room for them; otherwise give up."""
@@ -244,7 +244,7 @@ class ChunkedAttention(torch.autograd.Function):
                              "in_position_order, as lsh_attention does")
         if replay is not None and replay.saved is not None:
             out, lse_slots, lse = replay.saved
-            replay.saved = None
+            replay.saved, replay.declined = None, True  # served once: a later call computes and keeps nothing
         else:
             out, lse_slots, lse = ChunkedAttention._attend(q_rows, k_rows, v_rows, plan)
             if replay is not None and not replay.declined:
