@@ -145,8 +145,7 @@ class ReformerConfig:
     def _validate_keep_attention(self) -> None:
         keep = self.reversible_keep_attention
         if not (isinstance(keep, bool) or isinstance(keep, str) and keep == "auto"):
-            raise ValueError(f"reversible_keep_attention must be True, False or 'auto', "
-                             f"got {self.reversible_keep_attention!r}")
+            raise ValueError(f"reversible_keep_attention must be True, False or 'auto', got {keep!r}")
         budget = self.reversible_keep_attention_mib
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
             raise ValueError(f"reversible_keep_attention_mib must be a number of MiB >= 0 (the budget of "

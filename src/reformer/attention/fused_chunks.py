@@ -171,20 +171,21 @@ class KeepBudget:
     """
 
     limit: float = math.inf  # bytes; math.inf: keep every layer's
-    kept: list[int] = field(default_factory=list)
-    _held: list = field(default_factory=list, repr=False)  # weak references to the replays behind `kept`
+    _held: list[tuple[int, weakref.ref]] = field(default_factory=list, repr=False)  # (bytes, replay), forward order
+
+    @property
+    def kept(self) -> list[int]:
+        return [nbytes for nbytes, _ in self._held]
 
     def take(self, replay: KernelReplay, nbytes: int) -> bool:
         """Make room for `nbytes` of `replay` by evicting the earliest kept replays; False if it cannot fit."""
         if nbytes > self.limit:
             return False
         while sum(self.kept) + nbytes > self.limit:
-            self.kept.pop(0)
-            evicted = self._held.pop(0)()
+            evicted = self._held.pop(0)[1]()
             if evicted is not None:
                 evicted.give_up()
-        self.kept.append(nbytes)
-        self._held.append(weakref.ref(replay))
+        self._held.append((nbytes, weakref.ref(replay)))
         return True
 
 
