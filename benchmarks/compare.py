@@ -23,11 +23,14 @@ FLOPs (ours, analytic, multiply-add = 2): per layer and token, the two
 projections and the output projection 3 * 2 * d * (h * dh), the feed-forward
 2 * 2 * d * d_ff, the attention 4 * w * dh * h * rounds (q.k and p.v over a
 window of w = 2 * chunk keys); the head 2 * 2d * vocab. A training step counts
-3x the forward (forward + backward). The reversible recomputation (one more
-forward of every layer, less the attention products of the layers that kept
-their attention) is not counted in the model FLOPs: the targets table gives it
-apart, as the FLOPs the step executes. The machine's rate is the median of 5
-4096^3 matrix products in the same run, in the precision of the run.
+3x the forward (forward + backward). What the step computes again is not
+counted in the model FLOPs: the reversible recompute (one more forward of every
+layer, less the attention products of the layers that kept their attention),
+the loss tail's recompute in chunks, and the q.k products that the attention
+backward recomputes from the log-sum-exps. The targets table gives them apart,
+as the FLOPs the step executes (benchmarks/ceiling.py records every product of
+a step and checks this count). The machine's rate is the median of 5 4096^3
+matrix products in the same run, in the precision of the run.
 
 `ours` is our model as configured by default: `reversible_keep_attention="auto"` keeps the attention
 output and plan of the latest layers that fit in 64 MiB for the backward (all 6 layers up to 4,096
@@ -86,12 +89,12 @@ def model_flops_per_step(length: int) -> float:
 
 
 def executed_flops_per_step(length: int, kept_layers: int = 0) -> float:
-    """The FLOPs the step runs: the model FLOPs and the reversible backward's recompute of every layer's forward
-    (without the chunk attention's products in the `kept_layers` layers whose attention was kept,
-    `reversible_keep_attention`)."""
+    """The FLOPs the step runs: the model FLOPs, the reversible backward's recompute of the whole forward (the
+    tail included: it runs again chunk by chunk), without the chunk attention's products in the `kept_layers`
+    layers whose attention was kept (`reversible_keep_attention`), and every layer's attention backward
+    recomputing its q.k products (half of the attention's forward products)."""
     forward, attention = forward_flops(length)
-    head = length * 2 * 2 * D_MODEL * VOCAB  # the tail (norm, head and loss) is not recomputed
-    return model_flops_per_step(length) + forward - head - attention * kept_layers / LAYERS
+    return model_flops_per_step(length) + forward - attention * kept_layers / LAYERS + attention / 2
 
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
@@ -197,7 +200,7 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
     model, loss_fn = BUILDERS[contender](length, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    reports_kept = hasattr(model, "kept_attention")  # ours: the last forward's kept attention (or None)
+    reports_kept = hasattr(model, "kept_attention_bytes")  # ours: what the last forward kept for the backward
     ids = torch.randint(0, VOCAB, (1, length), device=device)
 
     def step() -> float:
@@ -219,7 +222,7 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
     cell = {"contender": contender, "length": length, "warmup_s": warm, "step_s": statistics.median(times),
             "steps": len(times), "times": times, "peak_mib": peak}
     if reports_kept:
-        kept = [] if model.kept_attention is None else model.kept_attention.kept
+        kept = model.kept_attention_bytes
         cell["kept_layers"], cell["kept_mib"] = len(kept), sum(kept) / 2**20
     return cell
 

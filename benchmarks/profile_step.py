@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     step()
     rate = matmul_gflops()
     parts, wall = by_part(step, args.steps, rate)
-    kept = 0 if model.kept_attention is None else len(model.kept_attention.kept)
+    kept = len(model.kept_attention_bytes)
     operators, profiled = by_operator(step, args.rows)
     flags = "" if args.length == 16384 else f" --length {args.length}"
     flags += " --keep-attention" if args.keep_attention else ""

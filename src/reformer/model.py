@@ -141,6 +141,12 @@ class ReformerLM(nn.Module):
         """Reseed the model's own generator (dropout and training-time LSH rotations)."""
         self.generator.manual_seed(seed)
 
+    @property
+    def kept_attention_bytes(self) -> list[int]:
+        """The bytes of every layer whose attention the last training forward kept for the backward, in layer
+        order (`reversible_keep_attention`); empty when it kept none."""
+        return [] if self.kept_attention is None else self.kept_attention.kept
+
     def _layer_calls(self, global_mask: torch.Tensor | None = None) -> tuple[int | None, list[LayerCall]]:
         self.kept_attention = None
         if not self.training:

@@ -63,6 +63,23 @@ def test_profile_refuses_zero_steps():
 
 
 @pytest.mark.slow
+def test_ceiling_records_every_product_of_a_step_and_matches_the_analytic_count(tmp_path):
+    """The products recorded in a step are the FLOPs compare.py counts as executed (within the LSH hashing's
+    rotations, under 1% here); the recompute's flash calls vanish with reversible_keep_attention=True."""
+    out = tmp_path / "ceiling.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--length", "512", "--rounds", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    results = {str(r["keep"]): r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert set(results) == {"auto", "True", "False"}
+    for r in results.values():
+        assert 1.0 <= r["executed_gflops"] / r["analytic_executed_gflops"] < 1.01, r
+        assert r["products_s"] < r["step_s"]
+    flash_calls = {keep: r["by_name"]["flash attention"][0] for keep, r in results.items()}
+    assert flash_calls["False"] == 2 * flash_calls["True"] == 2 * flash_calls["auto"]  # all 6 layers fit at 512
+    assert "| 'auto' | 6 of 6 |" in out.read_text() and "--length 512" in out.read_text()
+
+
+@pytest.mark.slow
 def test_sliding_quick_run_writes_a_table_and_a_plot(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sliding.py"), "--lengths", "512", "1024",
                     "--contenders", "ours", "hf", "ours_global", "--repeats", "1", "--out", str(tmp_path)],
@@ -91,6 +108,7 @@ def test_compare_runs_the_prefix_consistent_variant_under_a_tag(tmp_path):
 @pytest.mark.parametrize("script, args, message", [
     ("sliding.py", ["--repeats", "0"], "--repeats and --lengths must be at least 1"),
     ("prefix_lsh.py", ["--dup-steps", "0"], "--dup-steps and --text-steps must be at least 1"),
+    ("ceiling.py", ["--rounds", "0"], "--repeats, --rounds and --length must be at least 1"),
 ])
 def test_new_benchmarks_refuse_zero_counts(script, args, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
