@@ -42,61 +42,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import executed_flops_per_step, model_flops_per_step  # noqa: E402
+from products import PRODUCTS, RecordProducts, product_flops  # noqa: E402
 from profile_step import LAYERS, build, matmul_gflops  # noqa: E402
 
 from reformer.memory import release_freed_memory_eagerly  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-aten = torch.ops.aten
-PRODUCTS = {aten.mm.default: "mm", aten.mm.out: "mm", aten.addmm.default: "addmm", aten.addmm.out: "addmm",
-            aten.addmm_.default: "addmm", aten.bmm.default: "bmm", aten.bmm.out: "bmm",
-            aten.baddbmm.default: "baddbmm", aten.baddbmm.out: "baddbmm", aten.baddbmm_.default: "baddbmm",
-            aten._scaled_dot_product_flash_attention_for_cpu.default: "flash attention"}
-
-
-def layout(value):
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype)
-    return ("value", value)
-
-
-class RecordProducts(TorchDispatchMode):
-    """Counts every matrix-product call by its operator and the layouts of its operands."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in PRODUCTS:
-            key = (func, tuple(layout(a) for a in args), tuple(sorted((k, layout(v)) for k, v in kwargs.items())))
-            self.calls[key] += 1
-        return func(*args, **kwargs)
-
-
-def product_flops(func, args: tuple) -> int:
-    """Multiply-adds x 2 of one call, from its operands' shapes."""
-    shapes = [a[1] for a in args if a[0] == "tensor"]
-    name = PRODUCTS[func]
-    if name == "mm":
-        (m, k), (_, n) = shapes[:2]
-        return 2 * m * k * n
-    if name == "addmm":
-        (m, k), (_, n) = shapes[1:3]
-        return 2 * m * k * n
-    if name == "bmm":
-        (b, m, k), (_, _, n) = shapes[:2]
-        return 2 * b * m * k * n
-    if name == "baddbmm":
-        (b, m, k), (_, _, n) = shapes[1:3]
-        return 2 * b * m * k * n
-    q, k = shapes[:2]  # flash: (B, H, Lq, d), (B, H, Lk, d): q.k and p.v
-    return 4 * q[0] * q[1] * q[2] * k[2] * q[3]
 
 
 def fresh(spec, generator: torch.Generator):

@@ -290,8 +290,13 @@ def predicted_skip(history: list[dict], length: int, args) -> str | None:
 def run_cell(contender: str, length: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", contender, "--lengths", str(length), "--repeats",
                str(args.repeats), "--budget", str(args.budget), "--device", args.device, "--precision", args.precision]
+    return run_worker(command, contender, length, timeout_s=args.max_step_s * 3 + 120)
+
+
+def run_worker(command: list[str], contender: str, length: int, timeout_s: float) -> dict:
+    """One cell in a fresh process: the worker's last line of stdout (JSON), or the reason it failed."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.max_step_s * 3 + 120)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"contender": contender, "length": length, "error": "timed out"}
     if done.returncode != 0:

@@ -7,8 +7,9 @@ warm-up step, then:
 - by operator: one step under torch.profiler, operators listed by their own CPU time;
 - by part: --steps unprofiled steps with wall-clock timers around the library's
   parts (the feed-forward, the flash kernels, the gathers, the masks, hashing, ...),
-  each part's own time without the parts it calls; the FLOP rate of the
-  feed-forward and of the flash kernels is counted from their shapes.
+  each part's own time without the parts it calls; then one more step under a
+  dispatch mode (`benchmarks/products.py`) gives the FLOPs of the matrix
+  products made inside each part, hence its FLOP rate.
 
     python benchmarks/profile_step.py                  # 16,384 tokens; writes benchmarks/results/profile.md
     python benchmarks/profile_step.py --length 4096 --rows 15 --out /tmp/profile-4k.md
@@ -20,6 +21,7 @@ import argparse
 import collections
 import datetime
 import functools
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +37,11 @@ from reformer import ReformerConfig, ReformerLM
 from reformer.config import default_axial_shape
 from reformer.memory import release_freed_memory_eagerly
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from products import RecordProducts  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
+OTHER = "everything else (embedding, optimizer, Python)"
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES = 256, 4, 64, 1024, 6, 64, 4
 
 # (module or class, attribute, part name): timed around every call
@@ -62,14 +68,6 @@ PARTS = [
     (reversible, "_tail_forward", "head and loss"),
     (reversible, "_tail_backward", "head and loss backward"),
 ]
-FLOP_PARTS = {  # part -> FLOPs of one call, from its arguments (model FLOPs: a backward counts 2x its forward)
-    "feed-forward (forward and its recompute)": lambda args: 2 * 2 * args[1].shape[:-1].numel() * D_MODEL * D_FF,
-    "feed-forward backward": lambda args: 2 * 2 * 2 * args[2].shape[:-1].numel() * D_MODEL * D_FF,
-    "flash kernel, forward": lambda args: 4 * args[0].shape[1:3].numel() * args[1].shape[2] * args[0].shape[3],
-    "window kernel, backward (batched products)": lambda args: 2 * 4 * args[6].numel() * args[1].shape[2],
-}
-
-
 def build(length: int, keep_attention: bool | str = "auto"):
     config = ReformerConfig(vocab_size=256, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
@@ -101,27 +99,27 @@ def by_operator(step, rows: int) -> tuple[list[str], float]:
 
 
 def by_part(step, steps: int, rate: float) -> tuple[list[str], float]:
-    """Own wall time of each part per step (timers nest: a part's time excludes the parts it calls)."""
+    """Own wall time of each part per step (timers nest: a part's time excludes the parts it calls), and the
+    GFLOP/s of the matrix products made inside each part (counted in one more step, under a dispatch mode)."""
     own: collections.Counter = collections.Counter()
-    flops: collections.Counter = collections.Counter()  # part -> FLOPs of all its calls
-    stack: list[float] = []
+    names: list[str] = []  # the parts running now, innermost last
+    inner: list[float] = []  # the time of the parts each of those called
     originals = []
 
     def timed(function, name):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
-            stack.append(0.0)
+            names.append(name)
+            inner.append(0.0)
             try:
                 return function(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
-                inner = stack.pop()
-                own[name] += elapsed - inner
-                if name in FLOP_PARTS:
-                    flops[name] += FLOP_PARTS[name](args)
-                if stack:
-                    stack[-1] += elapsed
+                names.pop()
+                own[name] += elapsed - inner.pop()
+                if inner:
+                    inner[-1] += elapsed
         return wrapper
 
     for owner, attribute, name in PARTS:
@@ -133,17 +131,21 @@ def by_part(step, steps: int, rate: float) -> tuple[list[str], float]:
         for _ in range(steps):
             step()
         wall = (time.perf_counter() - start) / steps
+        timings = own.copy()
+        recorder = RecordProducts(tag=lambda: names[-1] if names else OTHER)
+        with recorder:
+            step()
     finally:
         for owner, attribute, original in originals:
             setattr(owner, attribute, original)
-    table = ["| part | own time per step (s) | share | GFLOP/s (share of the matmul rate) |", "|---|---:|---:|---:|"]
-    for name, seconds in own.most_common():
-        seconds /= steps
-        achieved = flops[name] / steps / seconds / 1e9
-        rate_cell = f"{achieved:.0f} ({achieved / rate:.0%})" if name in FLOP_PARTS else ""
+    table = ["| part | own time per step (s) | share | GFLOP/s of its products (share of the matmul rate) |",
+             "|---|---:|---:|---:|"]
+    rest = wall - sum(timings.values()) / steps
+    for name, seconds in [*((n, t / steps) for n, t in timings.most_common()), (OTHER, rest)]:
+        flops = recorder.flops_by_tag[name]
+        achieved = flops / seconds / 1e9 if flops and seconds > 0 else None
+        rate_cell = "" if achieved is None else f"{achieved:.0f} ({achieved / rate:.0%})"
         table.append(f"| {name} | {seconds:.3f} | {seconds / wall:.0%} | {rate_cell} |")
-    rest = wall - sum(own.values()) / steps
-    table.append(f"| everything else (embedding, optimizer, Python) | {rest:.3f} | {rest / wall:.0%} | |")
     return table, wall
 
 
@@ -191,10 +193,9 @@ def main(argv=None) -> None:
             f"reversible_keep_attention={mode}: the attention was kept for the backward in {kept} of {LAYERS} "
             f"layers.\n\n"
             f"## By part ({args.steps} steps, {wall:.2f} s per step)\n\n"
-            "FLOP rates are counted from the shapes of every call: the feed-forward's two matrix products per "
-            "position (in the forward and in its recompute; its backward as twice that), the flash kernel's q.k "
-            "and p.v over each window (a layer that kept its attention calls it once, the others twice), and "
-            "the window kernel's backward as twice those products.\n\n"
+            "FLOP rates: the FLOPs of the matrix products made inside each part (not in the parts it calls), "
+            "recorded in one more step under a dispatch mode (`benchmarks/products.py`: `mm`, `addmm`, `bmm`, "
+            "`baddbmm`, and the flash kernel's q.k and p.v), over the part's own time.\n\n"
             + "\n".join(parts)
             + f"\n\n## By operator (one profiled step, {profiled:.1f} s: the profiler adds a little)\n\n"
             + "\n".join(operators) + "\n")

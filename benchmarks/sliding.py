@@ -27,10 +27,12 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 D_MODEL, HEADS, D_HEAD, WINDOW, GLOBALS = 256, 4, 64, 128, 16
@@ -118,14 +120,7 @@ def worker(contender: str, length: int, repeats: int, budget_s: float) -> dict:
 def run_cell(contender: str, length: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", contender, "--lengths", str(length), "--repeats",
                str(args.repeats), "--budget", str(args.budget)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.max_step_s * 4 + 120)
-    except subprocess.TimeoutExpired:
-        return {"contender": contender, "length": length, "error": "timed out"}
-    if done.returncode != 0:
-        reason = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1][:120]
-        return {"contender": contender, "length": length, "error": reason}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(command, contender, length, timeout_s=args.max_step_s * 4 + 120)
 
 
 def predicted_skip(history: list[dict], length: int, max_step_s: float) -> str | None:

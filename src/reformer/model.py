@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention._chunking import pad_length, padded_length, padded_mask
 from .attention.fused_chunks import KeepBudget, KernelReplay
+from .attention.sliding import global_mask_as_bool
 from .config import ReformerConfig
 from .layers.attention import (
     AttentionBranch,
@@ -298,14 +299,7 @@ class ReformerLM(nn.Module):
         return attention_mask
 
     def _check_global_mask(self, input_ids: torch.Tensor, global_mask: torch.Tensor | None) -> torch.Tensor | None:
-        if global_mask is None:
-            return None
-        if not isinstance(global_mask, torch.Tensor) or global_mask.shape != input_ids.shape:
-            shape = tuple(global_mask.shape) if isinstance(global_mask, torch.Tensor) else type(global_mask).__name__
-            raise ValueError(f"global_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
-        if global_mask.is_floating_point() or global_mask.is_complex():
-            raise TypeError("global_mask must be bool (True = global token) or an integer 0/1 tensor")
-        return global_mask != 0
+        return global_mask_as_bool(global_mask, tuple(input_ids.shape), "the shape of input_ids")
 
     # --- save and load ----------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

@@ -54,6 +54,12 @@ def test_profile_quick_run_writes_both_tables(tmp_path):
     text = out.read_text()
     assert "| feed-forward backward |" in text and "| flash kernel, forward |" in text
     assert "`aten::" in text and "--length 512" in text
+    rates = {line.split(" | ")[0][2:]: line.rstrip(" |").split(" | ")[-1] for line in text.splitlines()
+             if line.startswith("| ") and " | " in line}
+    for part in ("feed-forward backward", "flash kernel, forward", "window kernel, backward (batched products)",
+                 "hashing", "projections backward"):  # products recorded inside them
+        assert "%)" in rates[part], (part, rates[part])
+    assert "%)" not in rates["block masks"]  # no products there
 
 
 def test_profile_refuses_zero_steps():

@@ -305,17 +305,25 @@ def check_dilation(dilation: int | Sequence[int], n_heads: int) -> tuple[int, ..
 def check_global_mask(global_mask: torch.Tensor | None, batch: int, n: int,
                       attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(b, n) bool of the real global tokens, or None when there is none."""
+    global_mask = global_mask_as_bool(global_mask, (batch, n), "shape (batch, length) =")
     if global_mask is None:
         return None
-    if not isinstance(global_mask, torch.Tensor) or global_mask.shape != (batch, n):
-        shape = tuple(global_mask.shape) if isinstance(global_mask, torch.Tensor) else type(global_mask).__name__
-        raise ValueError(f"global_mask must have shape (batch, length) = {(batch, n)}, got {shape}")
-    if global_mask.is_floating_point() or global_mask.is_complex():
-        raise TypeError("global_mask must be bool (True = global token) or an integer 0/1 tensor")
-    global_mask = global_mask != 0
     if attention_mask is not None:
         global_mask = global_mask & attention_mask  # a padded token is never global
     return global_mask if bool(global_mask.any()) else None
+
+
+def global_mask_as_bool(global_mask, shape: tuple[int, int], expected: str) -> torch.Tensor | None:
+    """global_mask (bool, or integer 0/1) of `shape` as bool; None stays None. `expected` names the shape in the
+    error ("the shape of input_ids", ...)."""
+    if global_mask is None:
+        return None
+    if not isinstance(global_mask, torch.Tensor) or global_mask.shape != shape:
+        got = tuple(global_mask.shape) if isinstance(global_mask, torch.Tensor) else type(global_mask).__name__
+        raise ValueError(f"global_mask must have {expected} {tuple(shape)}, got {got}")
+    if global_mask.is_floating_point() or global_mask.is_complex():
+        raise TypeError("global_mask must be bool (True = global token) or an integer 0/1 tensor")
+    return global_mask != 0
 
 
 def check_global_qkv(global_qkv, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
