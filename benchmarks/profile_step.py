@@ -98,9 +98,10 @@ def by_operator(step, rows: int) -> tuple[list[str], float]:
     return table, wall
 
 
-def by_part(step, steps: int, rate: float) -> tuple[list[str], float]:
+def by_part(step, steps: int) -> tuple[list[str], float, tuple[float, float]]:
     """Own wall time of each part per step (timers nest: a part's time excludes the parts it calls), and the
-    GFLOP/s of the matrix products made inside each part (counted in one more step, under a dispatch mode)."""
+    GFLOP/s of the matrix products made inside each part (counted in one more step, under a dispatch mode),
+    against the mean of the matmul rates measured just before and just after the timed steps."""
     own: collections.Counter = collections.Counter()
     names: list[str] = []  # the parts running now, innermost last
     inner: list[float] = []  # the time of the parts each of those called
@@ -127,10 +128,12 @@ def by_part(step, steps: int, rate: float) -> tuple[list[str], float]:
         originals.append((owner, attribute, original))
         setattr(owner, attribute, timed(original, name))
     try:
+        rates = [matmul_gflops()]
         start = time.perf_counter()
         for _ in range(steps):
             step()
         wall = (time.perf_counter() - start) / steps
+        rates.append(matmul_gflops())
         timings = own.copy()
         recorder = RecordProducts(tag=lambda: names[-1] if names else OTHER)
         with recorder:
@@ -138,6 +141,7 @@ def by_part(step, steps: int, rate: float) -> tuple[list[str], float]:
     finally:
         for owner, attribute, original in originals:
             setattr(owner, attribute, original)
+    rate = sum(rates) / 2
     table = ["| part | own time per step (s) | share | GFLOP/s of its products (share of the matmul rate) |",
              "|---|---:|---:|---:|"]
     rest = wall - sum(timings.values()) / steps
@@ -146,7 +150,7 @@ def by_part(step, steps: int, rate: float) -> tuple[list[str], float]:
         achieved = flops / seconds / 1e9 if flops and seconds > 0 else None
         rate_cell = "" if achieved is None else f"{achieved:.0f} ({achieved / rate:.0%})"
         table.append(f"| {name} | {seconds:.3f} | {seconds / wall:.0%} | {rate_cell} |")
-    return table, wall
+    return table, wall, (rates[0], rates[1])
 
 
 def matmul_gflops() -> float:
@@ -175,8 +179,7 @@ def main(argv=None) -> None:
     release_freed_memory_eagerly()
     step, model = build(args.length, True if args.keep_attention else "auto")
     step()
-    rate = matmul_gflops()
-    parts, wall = by_part(step, args.steps, rate)
+    parts, wall, (before, after) = by_part(step, args.steps)
     kept = len(model.kept_attention_bytes)
     operators, profiled = by_operator(step, args.rows)
     flags = "" if args.length == 16384 else f" --length {args.length}"
@@ -189,7 +192,8 @@ def main(argv=None) -> None:
     text = (f"# One training step at {args.length:,} tokens: where the time goes\n\n"
             f"Command: `python benchmarks/profile_step.py{flags}`. {datetime.date.today()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; matmul rate (float32, 4096^3, median "
-            f"of 5) {rate:.0f} GFLOP/s.\n\n"
+            f"of 5) {before:.0f} GFLOP/s just before the timed steps and {after:.0f} just after (the shares "
+            "below are of their mean).\n\n"
             f"reversible_keep_attention={mode}: the attention was kept for the backward in {kept} of {LAYERS} "
             f"layers.\n\n"
             f"## By part ({args.steps} steps, {wall:.2f} s per step)\n\n"
