@@ -4,7 +4,10 @@ Every contender is the same model: a 6-layer causal LM, d_model 256, 4 heads x
 64, d_ff 1024, byte vocabulary, batch 1. The Reformers use LSH attention in
 every layer (chunks of 64, 4 hashes, buckets from the length) and reversible
 layers; the baseline is a plain pre-LayerNorm Transformer whose attention is
-PyTorch's `scaled_dot_product_attention(is_causal=True)`.
+PyTorch's `scaled_dot_product_attention(is_causal=True)`. Ours runs its
+feed-forward and loss in chunks (ff_chunk_size 2048, loss_chunk_size 4096; runs
+before 2026-12-02 used ff_chunk_size 4096, which was slower here); the peers run
+with their own defaults.
 
 Each (contender, length) runs in a fresh process: one warm-up step, then up to
 --repeats timed steps (forward, backward, AdamW) while they fit in --budget
@@ -72,6 +75,7 @@ LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer
 PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
               "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
+FF_CHUNK = 2048  # ours: positions per feed-forward chunk
 
 
 def forward_flops(length: int) -> tuple[float, float]:
@@ -108,7 +112,7 @@ def build_ours(length: int, device, prefix_consistent: bool = False, keep_attent
     config = ReformerConfig(vocab_size=VOCAB, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
-                            ff_chunk_size=4096, loss_chunk_size=4096, reversible=True,
+                            ff_chunk_size=FF_CHUNK, loss_chunk_size=4096, reversible=True,
                             lsh_prefix_consistent=prefix_consistent,  # window: 2 * chunk keys per round
                             reversible_keep_attention=keep_attention)
     model = ReformerLM(config).to(device)
@@ -466,7 +470,8 @@ def main(argv=None) -> None:
                         "shows)" if args.resume else "") + ".\n",
             f"Model: {LAYERS} layers, causal, d_model {D_MODEL}, {HEADS} heads x {D_HEAD}, d_ff {D_FF}, byte "
             f"vocabulary, batch 1; the Reformers: LSH attention in every layer, chunks of {CHUNK}, {HASHES} hashes, "
-            f"reversible. Precision: {PRECISIONS[args.precision]}. Each cell: a fresh process, one warm-up step, "
+            f"reversible; ours with ff_chunk_size {FF_CHUNK}. Precision: {PRECISIONS[args.precision]}. Each cell: "
+            "a fresh process, one warm-up step, "
             f"then up to {args.repeats} timed steps (forward, backward, AdamW)"
             + (f", in each of {args.rounds} rounds for lengths up to {args.rounds_up_to:,} (contenders in "
                "alternation); the table gives the median over all timed steps" if args.rounds > 1 else

@@ -43,6 +43,7 @@ from products import RecordProducts  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 OTHER = "everything else (embedding, optimizer, Python)"
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES = 256, 4, 64, 1024, 6, 64, 4
+FF_CHUNK = 2048  # positions per feed-forward chunk, as in compare.py
 
 # (module or class, attribute, part name): timed around every call
 PARTS = [
@@ -72,7 +73,7 @@ def build(length: int, keep_attention: bool | str = "auto"):
     config = ReformerConfig(vocab_size=256, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
-                            ff_chunk_size=4096, loss_chunk_size=4096, reversible_keep_attention=keep_attention)
+                            ff_chunk_size=FF_CHUNK, loss_chunk_size=4096, reversible_keep_attention=keep_attention)
     model = ReformerLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
