@@ -44,11 +44,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import executed_flops_per_step, model_flops_per_step  # noqa: E402
+from compare import LAYERS, executed_flops_per_step, matmul_gflops, model_flops_per_step  # noqa: E402
 from products import PRODUCTS, RecordProducts, product_flops  # noqa: E402
-from profile_step import LAYERS, build, matmul_gflops  # noqa: E402
-
-from reformer.memory import release_freed_memory_eagerly  # noqa: E402
+from profile_step import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +89,7 @@ def prepare(length: int, keep_attention) -> dict:
 
 def measure_round(contender: dict, repeats: int) -> dict:
     """The matmul rate now, then one step and the step's products alone: seconds per operator."""
-    rate = matmul_gflops()
+    rate = matmul_gflops("cpu")
     start = time.perf_counter()
     contender["step"]()
     step_s = time.perf_counter() - start
@@ -181,7 +179,6 @@ def main(argv=None) -> None:
     if min(args.repeats, args.rounds, args.length) < 1:
         p.error(f"--repeats, --rounds and --length must be at least 1 (got {args.repeats}, {args.rounds} and "
                 f"{args.length})")
-    release_freed_memory_eagerly()
     contenders = [prepare(args.length, keep) for keep in ("auto", True, False)]
     rounds: list[list[dict]] = [[] for _ in contenders]
     for _ in range(args.rounds):

@@ -33,17 +33,13 @@ import reformer.attention.lsh as lsh
 import reformer.layers.attention as attention_layers
 import reformer.layers.feed_forward as feed_forward
 import reformer.layers.reversible as reversible
-from reformer import ReformerConfig, ReformerLM
-from reformer.config import default_axial_shape
-from reformer.memory import release_freed_memory_eagerly
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import LAYERS, VOCAB, build_ours, matmul_gflops  # noqa: E402
 from products import RecordProducts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER = "everything else (embedding, optimizer, Python)"
-D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES = 256, 4, 64, 1024, 6, 64, 4
-FF_CHUNK = 2048  # positions per feed-forward chunk, as in compare.py
 
 # (module or class, attribute, part name): timed around every call
 PARTS = [
@@ -69,17 +65,17 @@ PARTS = [
     (reversible, "_tail_forward", "head and loss"),
     (reversible, "_tail_backward", "head and loss backward"),
 ]
+
+
 def build(length: int, keep_attention: bool | str = "auto"):
-    config = ReformerConfig(vocab_size=256, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
-                            attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
-                            axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,
-                            ff_chunk_size=FF_CHUNK, loss_chunk_size=4096, reversible_keep_attention=keep_attention)
-    model = ReformerLM(config).train()
+    """compare.py's model of ours (and its allocator setting), AdamW, and one training step on a fixed batch."""
+    model, loss = build_ours(length, torch.device("cpu"), keep_attention=keep_attention)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
 
     def step():
-        model(ids, labels=ids).loss.backward()
+        loss(ids).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, model
@@ -129,12 +125,12 @@ def by_part(step, steps: int) -> tuple[list[str], float, tuple[float, float]]:
         originals.append((owner, attribute, original))
         setattr(owner, attribute, timed(original, name))
     try:
-        rates = [matmul_gflops()]
+        rates = [matmul_gflops("cpu")]
         start = time.perf_counter()
         for _ in range(steps):
             step()
         wall = (time.perf_counter() - start) / steps
-        rates.append(matmul_gflops())
+        rates.append(matmul_gflops("cpu"))
         timings = own.copy()
         recorder = RecordProducts(tag=lambda: names[-1] if names else OTHER)
         with recorder:
@@ -154,17 +150,6 @@ def by_part(step, steps: int) -> tuple[list[str], float, tuple[float, float]]:
     return table, wall, (rates[0], rates[1])
 
 
-def matmul_gflops() -> float:
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    a @ b
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * 4096**3 / sorted(times)[2] / 1e9
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=16384)
@@ -177,7 +162,6 @@ def main(argv=None) -> None:
     if args.steps < 1 or args.length < 1:
         p.error(f"--steps and --length must be at least 1 (got {args.steps} and {args.length})")
 
-    release_freed_memory_eagerly()
     step, model = build(args.length, True if args.keep_attention else "auto")
     step()
     parts, wall, (before, after) = by_part(step, args.steps)

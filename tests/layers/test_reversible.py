@@ -256,7 +256,7 @@ def kept_bytes(config) -> list[int]:
     model = ReformerLM(config).double().train()
     ids, mask = random_batch(config, length=29, pad_from=20)
     model(ids, mask, labels=ids)
-    return model.kept_attention.kept
+    return model.kept_attention_bytes
 
 
 def latest_that_fit(sizes: list[int], budget: int) -> list[int]:
@@ -279,7 +279,7 @@ def test_the_keep_budget_keeps_the_latest_layers_that_fit_and_never_more():
     model = ReformerLM(config).train()
     ids, mask = random_batch(config, length=29, pad_from=20)
     model(ids, mask, labels=ids)
-    sizes = model.kept_attention.kept  # lsh, local, lsh
+    sizes = model.kept_attention_bytes  # lsh, local, lsh
     assert len(sizes) == 3 and sizes[0] == sizes[2] and all(size > 0 for size in sizes)
     assert sizes[1] < sizes[0]  # so a budget below an LSH layer's still keeps the local layer
     for budget in (sizes[1] - 1, sizes[0] - 1, sizes[0], sizes[0] + sizes[1] - 1, sizes[0] + sizes[1],
