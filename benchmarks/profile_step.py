@@ -46,7 +46,7 @@ PARTS = [
     (feed_forward.FeedForward, "chunk", "feed-forward (forward and its recompute)"),
     (reversible, "_feed_forward_backward", "feed-forward backward"),
     (fused_chunks, "_FLASH", "flash kernel, forward"),
-    (fused_chunks, "window_block_backward", "window kernel, backward (batched products)"),
+    (fused_chunks, "window_block_backward", "window kernel, backward"),
     (fused_chunks, "_block_rows", "gathers of q, k, v per block"),
     (fused_chunks.MaskRecipe, "block", "block masks"),
     (fused_chunks, "_combine_rounds", "combining the rounds"),

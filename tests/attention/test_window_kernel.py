@@ -1,14 +1,37 @@
-"""window_block_backward against autograd through an explicit softmax over each chunk's window."""
+"""window_block_backward against autograd through an explicit softmax over each chunk's window.
+
+Both implementations run every test: the native kernel (`window_kernel.cpp`) and the batched PyTorch one.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
-from reformer.attention.window_kernel import window_block_backward
+from reformer.attention import native
+from reformer.attention import window_kernel
+from reformer.attention.window_kernel import window_block_backward_batched
 from tests.conftest import assert_close, seeded
 
 MASKED, SELF = -1e9, -1e5
+IMPLEMENTATIONS = ["native", "batched"]
+
+
+def needs_native():
+    if native.library() is None:
+        pytest.skip("the native kernel is unavailable here (no C++ compiler, or REFORMER_NATIVE=0)")
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def window_block_backward(request, monkeypatch):
+    """window_kernel.window_block_backward, through the native kernel or (REFORMER_NATIVE=0) the batched one."""
+    if request.param == "native":
+        needs_native()
+    else:
+        monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+    return window_kernel.window_block_backward
 
 
 def explicit_block(q, k_extended, v_extended, mask, scale):
@@ -45,7 +68,7 @@ def make_block(g, c, parts, d, dtype, seed):
 
 @pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (3, 5, 2, 4), (4, 3, 3, 2), (2, 7, 1, 3)])
 @pytest.mark.parametrize("scale", [1.0, 0.37])
-def test_gradients_match_autograd_in_float64(g, c, parts, d, scale):
+def test_gradients_match_autograd_in_float64(window_block_backward, g, c, parts, d, scale):
     q, k, v, mask = make_block(g, c, parts, d, torch.float64, seed=g * 100 + c)
     out, lse = explicit_block(q, k, v, mask, scale)
     grad = output_gradient(out.shape, torch.float64, 7)
@@ -56,7 +79,7 @@ def test_gradients_match_autograd_in_float64(g, c, parts, d, scale):
         assert_close(a, b, 1e-10, name)
 
 
-def test_float32_matches_float64_and_masked_weights_are_exactly_zero():
+def test_float32_matches_float64_and_masked_weights_are_exactly_zero(window_block_backward):
     q, k, v, mask = make_block(4, 8, 2, 4, torch.float64, seed=3)
     out, lse = explicit_block(q, k, v, mask, 0.5)
     grad = output_gradient(out.shape, torch.float64, 8)
@@ -74,3 +97,125 @@ def test_float32_matches_float64_and_masked_weights_are_exactly_zero():
     seen = torch.zeros(dv.shape[0], dtype=torch.bool)
     seen[torch.arange(4) * 8] = True
     assert torch.equal(dv[~seen], torch.zeros_like(dv[~seen]))
+
+
+def block_arguments(g, c, parts, d, dtype, seed, scale=0.37):
+    q, k, v, mask = make_block(g, c, parts, d, torch.float64, seed)
+    out, lse = explicit_block(q, k, v, mask, scale)
+    grad = output_gradient(out.shape, torch.float64, seed + 1)
+    return [x.detach().to(dtype) for x in (grad, q, k, v, out, lse, mask)] + [scale]
+
+
+@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (5, 3, 2, 7), (3, 4, 3, 5), (64, 16, 2, 8)])
+def test_native_kernel_matches_the_batched_one(g, c, parts, d):
+    needs_native()
+    for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        arguments = block_arguments(g, c, parts, d, dtype, seed=g + c + parts)
+        expected = window_block_backward_batched(*arguments)
+        got = window_kernel._native_block_backward(native.library(), *arguments)
+        for name, a, b in zip(("dq", "dk", "dv"), got, expected):
+            assert a.dtype == dtype
+            assert_close(a, b, atol, f"{name} {dtype}")
+
+
+def test_native_kernel_takes_strided_inputs_and_a_float32_mask_for_float64_rows():
+    needs_native()
+    arguments = block_arguments(4, 6, 2, 5, torch.float64, seed=11)
+    expected = window_block_backward_batched(*arguments)
+    grad, q = (torch.stack([x, x], dim=-1)[..., 0] for x in arguments[:2])  # the same values, strided
+    assert not q.is_contiguous()
+    got = window_kernel._native_block_backward(native.library(), grad, q, *arguments[2:6],
+                                               arguments[6].float(), arguments[7])
+    for a, b in zip(got, expected):
+        assert_close(a, b, 1e-12)
+
+
+def test_native_kernel_is_the_same_bit_for_bit_with_one_thread_or_two():
+    needs_native()
+    arguments = block_arguments(9, 8, 2, 4, torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = window_kernel._native_block_backward(native.library(), *arguments)
+        torch.set_num_threads(2)
+        two = window_kernel._native_block_backward(native.library(), *arguments)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_native_kernel_refuses_keys_that_do_not_cover_the_windows():
+    needs_native()
+    grad, q, k, v, out, lse, mask, scale = block_arguments(3, 4, 2, 5, torch.float64, seed=2)
+    with pytest.raises(ValueError, match="do not cover 3 chunks of 4 with windows of 8"):
+        window_kernel._native_block_backward(native.library(), grad, q, k[:-1], v[:-1], out, lse, mask, scale)
+
+
+def test_native_library_is_built_once_into_the_cache_directory(tmp_path, monkeypatch):
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
+    native._load.cache_clear()
+    try:
+        lib = native.library()
+        assert lib is not None
+        built = list(tmp_path.iterdir())
+        assert [path.suffix for path in built] == [".so"]  # no temporary left behind
+        native._load.cache_clear()
+        stamp = built[0].stat().st_mtime_ns
+        assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        native._load.cache_clear()
+
+
+@pytest.mark.parametrize("compiler, reason", [("no-such-compiler-here", "no C\\+\\+ compiler found"),
+                                              ("false", "compiling window_kernel.cpp failed")])
+def test_without_a_working_compiler_the_batched_path_runs_and_a_warning_says_why(compiler, reason, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", compiler)
+    native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=reason):
+            assert native.library() is None
+        arguments = block_arguments(3, 4, 2, 5, torch.float64, seed=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: the failure is remembered
+            got = window_kernel.window_block_backward(*arguments)
+        assert all(torch.equal(a, b) for a, b in zip(got, window_block_backward_batched(*arguments)))
+        assert list(tmp_path.iterdir()) == []  # nothing half-built is left
+    finally:
+        native._load.cache_clear()
+
+
+def test_reformer_native_0_never_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
+    monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+    native._load.cache_clear()
+    try:
+        assert native.library() is None
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        native._load.cache_clear()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kinds", [("lsh", "local", "full", "lsh"), ("sliding", "lsh")])
+def test_a_models_gradients_are_the_same_with_either_kernel(causal, kinds, monkeypatch):
+    """Padding, masks, several hashes, odd chunks and lengths, reversible layers: the batched and the native
+    backward give the same parameter gradients in float64."""
+    from reformer import ReformerLM
+    from tests.conftest import random_batch, tiny_config
+
+    needs_native()
+    config = tiny_config(causal=causal, attn_layers=kinds, sliding_window=6)
+    ids, mask = random_batch(config, batch=2, length=29, pad_from=20)
+    grads = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(native.ENABLE_VARIABLE, setting)
+        model = ReformerLM(config).double()
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        grads[setting] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["1"].keys() == grads["0"].keys() and len(grads["1"]) > 10
+    for name, grad in grads["1"].items():
+        assert_close(grad, grads["0"][name], 1e-12, name)

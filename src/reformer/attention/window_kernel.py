@@ -26,12 +26,23 @@ and a probability that is nearly zero but not quite makes the products that use
 it denormal, which is slower still. So the logits are clamped at `EXP_FLOOR`
 before exp and probabilities below `PROBABILITY_FLOOR` are set to exactly 0:
 the change is below 1e-30 per weight, of weights that sum to one.
+
+Two implementations compute this. `window_block_backward` takes the native
+kernel (`window_kernel.cpp`, built on first use by `native.py`) for float32
+and float64 on the CPU: it runs chunk by chunk, each chunk's scores, softmax
+and score gradients in one pass over a tile that stays in cache, where the
+batched version below makes seven passes over the whole block's. Without the
+native kernel (REFORMER_NATIVE=0, no compiler) it runs
+`window_block_backward_batched`, the same math in batched PyTorch products;
+tests hold the two to each other in float64.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}  # exp of these is a normal number in that dtype
 PROBABILITY_FLOOR = {torch.float32: 1e-30, torch.float64: 1e-290}  # above exp(EXP_FLOOR); smaller is set to 0
@@ -45,6 +56,37 @@ def window_block_backward(grad: torch.Tensor, q: torch.Tensor, k_extended: torch
     grad, q, out: (G, c, d); k_extended, v_extended: ((G + m - 1) * c, d); lse: (G, c), the log-sum-exps of
     scale * q.k + mask over each window; mask: (G, c, w) additive. All float32 or float64.
     """
+    lib = native.library() if q.device.type == "cpu" and q.dtype in _NATIVE_FUNCTIONS else None
+    if lib is None:
+        return window_block_backward_batched(grad, q, k_extended, v_extended, out, lse, mask, scale)
+    return _native_block_backward(lib, grad, q, k_extended, v_extended, out, lse, mask, scale)
+
+
+_NATIVE_FUNCTIONS = {torch.float32: "reformer_window_block_backward_f32",
+                     torch.float64: "reformer_window_block_backward_f64"}
+
+
+def _native_block_backward(lib, grad, q, k_extended, v_extended, out, lse, mask, scale):
+    """`window_block_backward` by the native kernel: the same arguments and results."""
+    g, c, d = q.shape
+    w = mask.shape[-1]
+    dtype = q.dtype
+    inputs = [t.to(dtype).contiguous() for t in (grad, q, k_extended, v_extended, out, lse, mask)]
+    if k_extended.shape != ((g + w // c - 1) * c, d) or v_extended.shape != k_extended.shape or w % c:
+        raise ValueError(f"window_block_backward: keys {tuple(k_extended.shape)} and values "
+                         f"{tuple(v_extended.shape)} do not cover {g} chunks of {c} with windows of {w}")
+    dq, dk, dv = torch.empty_like(inputs[1]), torch.empty_like(inputs[2]), torch.empty_like(inputs[3])
+    probabilities, d_scores = q.new_empty(g, c, w), q.new_empty(g, c, w)  # workspace
+    getattr(lib, _NATIVE_FUNCTIONS[dtype])(g, c, d, w // c, *(t.data_ptr() for t in inputs), scale,
+                                           EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype],
+                                           *(t.data_ptr() for t in (dq, dk, dv, probabilities, d_scores)))
+    return dq, dk, dv
+
+
+def window_block_backward_batched(grad: torch.Tensor, q: torch.Tensor, k_extended: torch.Tensor,
+                                  v_extended: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`window_block_backward` in batched PyTorch products, window part by window part."""
     g, c, d = q.shape
     parts = mask.shape[-1] // c
     keys = k_extended.view(g + parts - 1, c, d)  # extended chunks

@@ -1,0 +1,126 @@
+"""The native CPU kernel (`window_kernel.cpp`): compiled on first use, loaded with ctypes.
+
+The source is plain C++ with a C interface; it is compiled once per machine
+(a second or two with g++, no PyTorch headers) into the cache directory, under
+a name that hashes the source, the compiler command, PyTorch's version and the
+CPU's flags, and written atomically (compiled to a temporary name, then
+renamed). Its matrix products call the BLAS inside libtorch_cpu, which it
+links against; its threads are PyTorch's OpenMP threads (`torch.set_num_threads`).
+
+`library()` returns the loaded library, or None when it cannot be had: set
+REFORMER_NATIVE=0, no C++ compiler (`CXX`, default g++), or a failed build
+(a warning says why, once). Callers then take the PyTorch path, which computes
+the same thing. The cache directory is $REFORMER_CACHE, else
+$XDG_CACHE_HOME/reformer, else ~/.cache/reformer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("window_kernel.cpp")
+ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
+VERSION = 1  # reformer_window_kernel_version() of the source this module speaks to
+
+_POINTER = ctypes.c_void_p
+_BLOCK_BACKWARD_ARGS = [ctypes.c_int] * 4 + [_POINTER] * 7 + [None] * 3 + [_POINTER] * 5  # None: the scalars' type
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLE_VARIABLE, "1") != "0"
+
+
+def library() -> ctypes.CDLL | None:
+    """The native kernel's library, built on first use; None when disabled or unavailable."""
+    return _load() if enabled() else None
+
+
+def cache_dir() -> Path:
+    if os.environ.get("REFORMER_CACHE"):
+        return Path(os.environ["REFORMER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reformer"
+
+
+def _torch_lib() -> Path:
+    return Path(torch.__file__).resolve().parent / "lib"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _command(compiler: str, output: Path) -> list[str]:
+    lib = _torch_lib()
+    return [compiler, *FLAGS, str(SOURCE), "-o", str(output), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(_command(compiler, Path("out"))).encode(), torch.__version__.encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
+        key.update(part)
+    return cache_dir() / f"window_kernel-{key.hexdigest()[:16]}.so"
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> ctypes.CDLL | None:
+    if platform.system() != "Linux":
+        _warn(f"it is built on Linux only, not on {platform.system()}")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _warn(f"no C++ compiler found ({os.environ.get('CXX', 'g++')}): install g++ or set CXX")
+        return None
+    try:
+        path = _library_path(compiler)
+        if not path.exists():
+            _build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+        if lib.reformer_window_kernel_version() != VERSION:
+            raise RuntimeError(f"{path} is version {lib.reformer_window_kernel_version()}, expected {VERSION}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _warn(str(error))
+        return None
+    for name, scalar in (("reformer_window_block_backward_f32", ctypes.c_float),
+                         ("reformer_window_block_backward_f64", ctypes.c_double)):
+        function = getattr(lib, name)
+        function.argtypes = [scalar if kind is None else kind for kind in _BLOCK_BACKWARD_ARGS]
+        function.restype = None
+    return lib
+
+
+def _build(compiler: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        partial = Path(scratch) / path.name
+        result = subprocess.run(_command(compiler, partial), capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, path)  # atomic: another process sees the whole library or none
+
+
+def _warn(reason: str) -> None:
+    warnings.warn(f"reformer: the native CPU kernel is unavailable, using the PyTorch path (slower): {reason}. "
+                  f"Set {ENABLE_VARIABLE}=0 to silence this.", RuntimeWarning, stacklevel=3)
