@@ -5,7 +5,8 @@ d_model 256, 4 heads x 64, d_ff 1024, chunks of 64, 4 hashes, batch 1), with
 reversible_keep_attention "auto" (the default), True and False. For each: one
 warm-up step, then one step under a dispatch mode that records every
 matrix-product call the step makes (`mm`, `addmm`, `bmm`, `baddbmm`, their
-in-place and out= forms, and PyTorch's CPU flash-attention kernel) with the
+in-place and out= forms, PyTorch's CPU flash-attention kernel, and our native
+window kernels, forward and backward: `benchmarks/products.py`) with the
 shapes, strides and dtypes of its operands. Then --rounds rounds, the three
 configurations in alternation, each: the matmul rate, one timed step, and each
 distinct call of its step run again alone on fresh tensors of the same layout,
@@ -15,13 +16,14 @@ round, and the tables give medians over the rounds: this machine's rate drifts
 by tens of percent within minutes.
 
 The sum of those times is what the step would take if nothing but its matrix
-products ran: no softmax outside the flash kernel, no masks, gathers, LayerNorm,
+products ran: no softmax outside the attention kernels, no masks, gathers, LayerNorm,
 hashing, sorting, optimizer or Python. The model FLOPs of the step (counted as
 in compare.py: 3x the forward, nothing computed again) over that time, as a
 share of the 4096^3 matmul rate, is the ceiling of the issue's target 3 for this
 algorithm on this machine. It is optimistic: the replayed operands stay in
 cache, and the flash kernel runs under a mask of zeros (the real masks' -1e9
-entries take exp's slow path). The flash kernel's time includes its softmax.
+entries take exp's slow path). The attention kernels' times include their
+softmax (and, for the native backward, the score gradients).
 
 It also checks compare.py's analytic count of the FLOPs a step executes against
 the products recorded (written beside the table, and to ceiling.json).
@@ -131,8 +133,8 @@ def report(results: list[dict], length: int, command: str) -> str:
              "minutes).\n",
              "Model FLOPs as in compare.py (3x the forward; what the step computes again not counted). "
              "`products alone`: every matrix-product call of one step, run again alone on fresh operands of the "
-             "same layout, as often as the step calls it (the flash kernel with its softmax). The ceiling is the "
-             "model FLOP/s if the step did nothing else. Target 3 (half the matmul rate) needs the step time in "
+             "same layout, as often as the step calls it (the attention kernels with their softmax). The ceiling is "
+             "the model FLOP/s if the step did nothing else. Target 3 (half the matmul rate) needs the step time in "
              "`50% needs`; the column after it is what that leaves for everything but the products, against "
              "what it takes now.\n",
              "| reversible_keep_attention | layers kept | matmul rate (GFLOP/s), median | step (s) "

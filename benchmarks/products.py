@@ -3,8 +3,10 @@
 Used by benchmarks/ceiling.py (which runs each distinct call again alone) and
 benchmarks/profile_step.py (which counts each part's FLOPs from the products
 made inside it). Products: `mm`, `addmm`, `bmm`, `baddbmm` (their in-place and
-out= forms) and PyTorch's CPU flash-attention kernel, whose FLOPs are its q.k
-and p.v products.
+out= forms), PyTorch's CPU flash-attention kernel, whose FLOPs are its q.k
+and p.v products, and our native window kernel's operators (forward: q.k and
+p.v; backward: q.k, dO.v, dS.k, dS^T.q and P^T.dO), which include their softmax
+as the flash kernel does.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import reformer.attention.window_kernel  # noqa: F401  (registers torch.ops.reformer.window_block_*)
+
 aten = torch.ops.aten
 PRODUCTS = {aten.mm.default: "mm", aten.mm.out: "mm", aten.addmm.default: "addmm", aten.addmm.out: "addmm",
             aten.addmm_.default: "addmm", aten.bmm.default: "bmm", aten.bmm.out: "bmm",
             aten.baddbmm.default: "baddbmm", aten.baddbmm.out: "baddbmm", aten.baddbmm_.default: "baddbmm",
-            aten._scaled_dot_product_flash_attention_for_cpu.default: "flash attention"}
+            aten._scaled_dot_product_flash_attention_for_cpu.default: "flash attention",
+            torch.ops.reformer.window_block_forward.default: "window kernel, forward",
+            torch.ops.reformer.window_block_backward.default: "window kernel, backward"}
+WINDOW_PRODUCTS = {"window kernel, forward": 2, "window kernel, backward": 5}  # (c, w, d) products per chunk
 
 
 def layout(value):
@@ -45,6 +52,10 @@ def product_flops(func, args: tuple) -> int:
     if name == "baddbmm":
         (b, m, k), (_, _, n) = shapes[1:3]
         return 2 * b * m * k * n
+    if name in WINDOW_PRODUCTS:  # q (G, c, d) is the first tensor of the forward, the second of the backward
+        g, c, d = shapes[0] if name == "window kernel, forward" else shapes[1]
+        w = shapes[-1][-1]  # mask (G, c, w), the last tensor
+        return WINDOW_PRODUCTS[name] * 2 * g * c * w * d
     q, k = shapes[:2]  # flash: (B, H, Lq, d), (B, H, Lk, d): q.k and p.v
     return 4 * q[0] * q[1] * q[2] * k[2] * q[3]
 

@@ -6,7 +6,7 @@ warm-up step, then:
 
 - by operator: one step under torch.profiler, operators listed by their own CPU time;
 - by part: --steps unprofiled steps with wall-clock timers around the library's
-  parts (the feed-forward, the flash kernels, the gathers, the masks, hashing, ...),
+  parts (the feed-forward, the window kernels, the gathers, the masks, hashing, ...),
   each part's own time without the parts it calls; then one more step under a
   dispatch mode (`benchmarks/products.py`) gives the FLOPs of the matrix
   products made inside each part, hence its FLOP rate.
@@ -45,7 +45,7 @@ OTHER = "everything else (embedding, optimizer, Python)"
 PARTS = [
     (feed_forward.FeedForward, "chunk", "feed-forward (forward and its recompute)"),
     (reversible, "_feed_forward_backward", "feed-forward backward"),
-    (fused_chunks, "_FLASH", "flash kernel, forward"),
+    (fused_chunks, "window_block_forward", "window kernel, forward"),
     (fused_chunks, "window_block_backward", "window kernel, backward"),
     (fused_chunks, "_block_rows", "gathers of q, k, v per block"),
     (fused_chunks.MaskRecipe, "block", "block masks"),
@@ -184,7 +184,8 @@ def main(argv=None) -> None:
             f"## By part ({args.steps} steps, {wall:.2f} s per step)\n\n"
             "FLOP rates: the FLOPs of the matrix products made inside each part (not in the parts it calls), "
             "recorded in one more step under a dispatch mode (`benchmarks/products.py`: `mm`, `addmm`, `bmm`, "
-            "`baddbmm`, and the flash kernel's q.k and p.v), over the part's own time.\n\n"
+            "`baddbmm`, the flash kernel's q.k and p.v, and the native window kernels' products), over the part's "
+            "own time.\n\n"
             + "\n".join(parts)
             + f"\n\n## By operator (one profiled step, {profiled:.1f} s: the profiler adds a little)\n\n"
             + "\n".join(operators) + "\n")

@@ -99,6 +99,36 @@ def test_float32_matches_float64_and_masked_weights_are_exactly_zero(window_bloc
     assert torch.equal(dv[~seen], torch.zeros_like(dv[~seen]))
 
 
+@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (3, 5, 2, 4), (4, 3, 3, 2), (64, 16, 2, 8)])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_forward_matches_an_explicit_softmax(g, c, parts, d, implementation, monkeypatch):
+    if implementation == "native":
+        needs_native()
+    else:
+        monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+    q, k, v, mask = (x.detach() for x in make_block(g, c, parts, d, torch.float64, seed=g + 2 * c))
+    expected_out, expected_lse = explicit_block(q, k, v, mask, 0.37)
+    real = mask.amax(-1) > -1e8  # a query that sees nothing: its output is a mean of rounded logits (zeroed later)
+    for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        out, lse = window_kernel.window_block_forward(*(x.to(dtype) for x in (q, k, v, mask)), 0.37)
+        assert out.dtype == lse.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:2]
+        assert_close(out[real].double(), expected_out[real], atol, f"out {dtype}")
+        magnitude = expected_lse[real].abs().clamp(min=1.0)  # the self logit -1e5 is 0.0078 coarse in float32
+        assert_close(lse[real].double() / magnitude, expected_lse[real] / magnitude, atol, f"lse {dtype}")
+
+
+def test_native_forward_matches_pytorchs_flash_kernel_in_float32(monkeypatch):
+    needs_native()
+    q, k, v, mask = (x.detach().float() for x in make_block(64, 64, 2, 64, torch.float64, seed=9))
+    got = window_kernel.window_block_forward(q, k, v, mask, 0.125)
+    monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+    expected = window_kernel.window_block_forward(q, k, v, mask, 0.125)
+    real = mask.amax(-1) > -1e8
+    assert_close(got[0][real], expected[0][real], 1e-5, "out")
+    magnitude = expected[1][real].abs().clamp(min=1.0)
+    assert_close(got[1][real] / magnitude, expected[1][real] / magnitude, 1e-6, "lse")
+
+
 def block_arguments(g, c, parts, d, dtype, seed, scale=0.37):
     q, k, v, mask = make_block(g, c, parts, d, torch.float64, seed)
     out, lse = explicit_block(q, k, v, mask, scale)
@@ -112,7 +142,7 @@ def test_native_kernel_matches_the_batched_one(g, c, parts, d):
     for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         arguments = block_arguments(g, c, parts, d, dtype, seed=g + c + parts)
         expected = window_block_backward_batched(*arguments)
-        got = window_kernel._native_block_backward(native.library(), *arguments)
+        got = torch.ops.reformer.window_block_backward(*arguments)
         for name, a, b in zip(("dq", "dk", "dv"), got, expected):
             assert a.dtype == dtype
             assert_close(a, b, atol, f"{name} {dtype}")
@@ -124,7 +154,7 @@ def test_native_kernel_takes_strided_inputs_and_a_float32_mask_for_float64_rows(
     expected = window_block_backward_batched(*arguments)
     grad, q = (torch.stack([x, x], dim=-1)[..., 0] for x in arguments[:2])  # the same values, strided
     assert not q.is_contiguous()
-    got = window_kernel._native_block_backward(native.library(), grad, q, *arguments[2:6],
+    got = torch.ops.reformer.window_block_backward(grad, q, *arguments[2:6],
                                                arguments[6].float(), arguments[7])
     for a, b in zip(got, expected):
         assert_close(a, b, 1e-12)
@@ -136,9 +166,9 @@ def test_native_kernel_is_the_same_bit_for_bit_with_one_thread_or_two():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = window_kernel._native_block_backward(native.library(), *arguments)
+        one = torch.ops.reformer.window_block_backward(*arguments)
         torch.set_num_threads(2)
-        two = window_kernel._native_block_backward(native.library(), *arguments)
+        two = torch.ops.reformer.window_block_backward(*arguments)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
@@ -148,7 +178,7 @@ def test_native_kernel_refuses_keys_that_do_not_cover_the_windows():
     needs_native()
     grad, q, k, v, out, lse, mask, scale = block_arguments(3, 4, 2, 5, torch.float64, seed=2)
     with pytest.raises(ValueError, match="do not cover 3 chunks of 4 with windows of 8"):
-        window_kernel._native_block_backward(native.library(), grad, q, k[:-1], v[:-1], out, lse, mask, scale)
+        torch.ops.reformer.window_block_backward(grad, q, k[:-1], v[:-1], out, lse, mask, scale)
 
 
 def test_native_library_is_built_once_into_the_cache_directory(tmp_path, monkeypatch):
@@ -182,7 +212,12 @@ def test_without_a_working_compiler_the_batched_path_runs_and_a_warning_says_why
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once: the failure is remembered
             got = window_kernel.window_block_backward(*arguments)
+            out, lse = window_kernel.window_block_forward(*arguments[1:4], arguments[6], arguments[7])
         assert all(torch.equal(a, b) for a, b in zip(got, window_block_backward_batched(*arguments)))
+        key_windows = (window_kernel.windows(x[None], 3, 4, 8) for x in arguments[2:4])  # (1, G, w, d)
+        flash = window_kernel._FLASH(arguments[1][None], *key_windows, 0.0, False, attn_mask=arguments[6][None],
+                                     scale=arguments[7])
+        assert torch.equal(out, flash[0][0]) and torch.equal(lse, flash[1][0])
         assert list(tmp_path.iterdir()) == []  # nothing half-built is left
     finally:
         native._load.cache_clear()

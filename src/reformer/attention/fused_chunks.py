@@ -7,21 +7,22 @@ around in front and the `after` chunks behind.
 
 The inputs are the rows of the projections, untouched; a `Plan` says which
 rows each block of chunks gathers: its queries, and its keys and values over
-its extended slots. Each chunk's window is an overlapping strided view of those.
+its extended slots. Each chunk's window is a run of consecutive extended rows.
 
 Everything is written in slot order, never scattered by position. The work
 runs in blocks of chunks of one head row (across rounds). Forward, per block:
-PyTorch's CPU flash-attention kernel attends each chunk's queries to its window
-under an additive mask built for that block only (0 allowed, `self_value` for
-the query itself, -1e9 not allowed) and returns outputs and log-sum-exps, which
-are copied into the head row's slots. After its last block, a head row's rounds
+the window kernel (`window_kernel`: native, or PyTorch's CPU flash attention)
+attends each chunk's queries to its window under an additive mask built for
+that block only (0 allowed, `self_value` for the query itself, -1e9 not
+allowed) and returns outputs and log-sum-exps, which are copied into the head
+row's slots. After its last block, a head row's rounds
 are combined position by position: each round's slots are gathered by rank and
 weighted by exp(lse_r - lse), with lse their log-sum-exp, kept in float64 (near
 the -1e5 self logit float32 is 0.0078 coarse), so the rounds combine exactly as
 one softmax. A plan in position order (local attention) writes its blocks
 straight into the output.
 
-Backward, per block, in batched matrix products (`window_kernel`): the
+Backward, per block, by the window kernel's backward: the
 gradient of a round's logits under the joint softmax is
 P_r * w_r * (dO . v - dO . o), with w_r the round's share exp(lse_r - lse) and
 o the combined output; that is the flash-attention backward given
@@ -45,9 +46,8 @@ import torch
 
 from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, mask_values, neighbour_mask,
                         unit_length_keys)
-from .window_kernel import window_block_backward
+from .window_kernel import window_block_backward, window_block_forward, windows
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 BLOCK_ELEMENTS = 1 << 19  # mask elements per block (2 MiB in float32): 64 chunks of 64 with a 128-key window
 BLOCKED = float(1 << 30)  # the position of a key no query may see (exact in float32 and float64)
 POSITION_SCALE = float(1 << 30)  # the mask recipe's positions are scaled by this (exact), see MaskRecipe
@@ -56,15 +56,6 @@ EXACT_FLOAT32 = 1 << 24  # positions below this are exact integers in float32
 
 def fused_kernel_available(device: torch.device) -> bool:
     return device.type == "cpu"
-
-
-def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
-    """Overlapping chunk windows of extended rows: (bh, e, *rest) -> (bh, g, w, *rest), a strided view.
-
-    `unfold` rather than `as_strided`: the same view, without reading strides in Python (a graph break
-    for torch.compile).
-    """
-    return extended.unfold(1, w, c).movedim(-1, 2)[:, :g]  # (bh, g, *rest, w) -> (bh, g, w, *rest)
 
 
 @dataclass
@@ -266,11 +257,11 @@ class ChunkedAttention(torch.autograd.Function):
         for row in range(bh):
             target = plan.head_row(out, row) if plan.rank is None else out_slots  # (g * c, d) in slot order
             for start, end in blocks(g, c, w):
-                q, k, v = _block_inputs(plan, row, start, end, q_rows, k_rows, v_rows)
-                out_block, lse_block = _FLASH(q, k, v, 0.0, False, attn_mask=plan.recipe.block(row, start, end),
-                                              scale=plan.scale)  # (1, G, c, d) in q's (contiguous) layout, (1, G, c)
-                target[start * c:end * c] = out_block[0].view(-1, d)
-                lse_slots[row, start:end] = lse_block[0]
+                q, k_extended, v_extended, _ = _block_rows(plan, row, start, end, q_rows, k_rows, v_rows)
+                out_block, lse_block = window_block_forward(q, k_extended, v_extended,
+                                                            plan.recipe.block(row, start, end)[0], plan.scale)
+                target[start * c:end * c] = out_block.view(-1, d)  # (G, c, d) -> slots
+                lse_slots[row, start:end] = lse_block
             if plan.rank is None:
                 plan.head_row(lse, row).copy_(lse_slots[row].view(-1))
             else:
@@ -417,13 +408,6 @@ class _PositionSlots:
 
     def end(self) -> None:
         _add_wrapped(self.main, self.edges[:self.before], self.edges[self.before:])
-
-
-def _block_inputs(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows):
-    """Queries (1, G, c, d) and window views (1, G, w, d) of keys and values of chunks start..end (the forward)."""
-    g, c, w = end - start, plan.rows.shape[2], plan.recipe.k_pos.shape[-1]
-    q, k_extended, v_extended, _ = _block_rows(plan, row, start, end, q_rows, k_rows, v_rows)
-    return q[None], windows(k_extended[None], g, c, w), windows(v_extended[None], g, c, w)
 
 
 def _block_rows(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows, dtype=None):

@@ -1,4 +1,4 @@
-"""The native CPU kernel (`window_kernel.cpp`): compiled on first use, loaded with ctypes.
+"""The native CPU kernels (`window_kernel.cpp`): compiled on first use, loaded with ctypes.
 
 The source is plain C++ with a C interface; it is compiled once per machine
 (a second or two with g++, no PyTorch headers) into the cache directory, under
@@ -32,10 +32,13 @@ import torch
 SOURCE = Path(__file__).with_name("window_kernel.cpp")
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
-VERSION = 1  # reformer_window_kernel_version() of the source this module speaks to
+VERSION = 2  # reformer_window_kernel_version() of the source this module speaks to
 
 _POINTER = ctypes.c_void_p
-_BLOCK_BACKWARD_ARGS = [ctypes.c_int] * 4 + [_POINTER] * 7 + [None] * 3 + [_POINTER] * 5  # None: the scalars' type
+_SIGNATURES = {  # None: the dtype's scalar type
+    "forward": [ctypes.c_int] * 4 + [_POINTER] * 4 + [None] * 3 + [_POINTER] * 2,
+    "backward": [ctypes.c_int] * 4 + [_POINTER] * 7 + [None] * 3 + [_POINTER] * 5,
+}
 
 
 def enabled() -> bool:
@@ -103,11 +106,11 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _warn(str(error))
         return None
-    for name, scalar in (("reformer_window_block_backward_f32", ctypes.c_float),
-                         ("reformer_window_block_backward_f64", ctypes.c_double)):
-        function = getattr(lib, name)
-        function.argtypes = [scalar if kind is None else kind for kind in _BLOCK_BACKWARD_ARGS]
-        function.restype = None
+    for kind, signature in _SIGNATURES.items():
+        for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+            function = getattr(lib, f"reformer_window_block_{kind}_{suffix}")
+            function.argtypes = [scalar if argument is None else argument for argument in signature]
+            function.restype = None
     return lib
 
 

@@ -1,4 +1,4 @@
-// The backward of one block of chunk-window attention, fused chunk by chunk (see window_kernel.py).
+// One block of chunk-window attention, forward and backward, fused chunk by chunk (see window_kernel.py).
 //
 // Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds in a
 // second or two. Matrix products call the BLAS that PyTorch itself uses (`sgemm_`, `dgemm_` from
@@ -9,7 +9,10 @@
 //   grad, q, out: (G, c, d)   k, v: (E, d)   lse: (G, c)   mask: (G, c, w) additive
 //   dq: (G, c, d)   dk, dv: (E, d)   probabilities, d_scores: (G, c, w) workspace
 //
-// Phase 1, chunk by chunk (in parallel): P = exp(max(scale*q.k + mask - lse, floor)), 0 below p_floor;
+// Forward, chunk by chunk (in parallel): x = scale*q.k + mask; lse = max + log(sum exp(max(x - max, floor)));
+// out = (exp(max(x - max, floor)), 0 below p_floor) . v / sum.
+//
+// Backward, phase 1, chunk by chunk (in parallel): P = exp(max(scale*q.k + mask - lse, floor)), 0 below p_floor;
 // dS = P * (dO.v - rowsum(dO*o)); dq = scale * dS.k.
 // Phase 2, extended chunk by extended chunk (in parallel): dk_j = scale * sum_p dS_{j-p}[part p]^T q_{j-p},
 // dv_j = sum_p P_{j-p}[part p]^T dO_{j-p}, over p = 0 .. m-1 in that order (each extended chunk is written
@@ -101,6 +104,61 @@ void score_gradients_tile(T *dp, const T *p, const T *grad, const T *out, int c,
     }
 }
 
+// One (c, w) tile of logits s -> unnormalised weights exp(max(x - rowmax, floor)), 0 below p_floor, with
+// x = scale * s + mask, written over s; lse[r] = rowmax + log(rowsum), inv_sum[r] = 1 / rowsum.
+template <typename T>
+void softmax_tile(T *s, const T *mask, int c, int w, T scale, T floor, T p_floor, T *lse, T *inv_sum) {
+    for (int r = 0; r < c; ++r) {
+        T *row = s + static_cast<int64_t>(r) * w;
+        const T *mask_row = mask + static_cast<int64_t>(r) * w;
+        T top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (int j = 0; j < w; ++j) {
+            row[j] = mask_row[j] + scale * row[j];
+            top = row[j] > top ? row[j] : top;
+        }
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < w; ++j) {
+            T x = row[j] - top;
+            x = x < floor ? floor : x;
+            T p = exp_poly(x);
+            p = p < p_floor ? T(0) : p;
+            row[j] = p;
+            sum += p;
+        }
+        lse[r] = top + std::log(sum);
+        inv_sum[r] = T(1) / sum;
+    }
+}
+
+template <typename T>
+void block_forward(int G, int c, int d, int m, const T *q, const T *k, const T *v, const T *mask, T scale, T floor,
+                   T p_floor, T *out, T *lse) {
+    const int w = m * c;
+    const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
+#pragma omp parallel
+    {
+        T *weights = new T[tile + c];  // this thread's (c, w) tile and its c inverse sums
+        T *inv_sum = weights + tile;
+#pragma omp for schedule(static)
+        for (int i = 0; i < G; ++i) {
+            T *out_i = out + i * rows;
+            gemm<T>(false, true, c, w, d, T(1), q + i * rows, d, k + i * rows, d, T(0), weights, w);  // q.k^T
+            softmax_tile(weights, mask + i * tile, c, w, scale, floor, p_floor, lse + static_cast<int64_t>(i) * c,
+                         inv_sum);
+            gemm<T>(false, false, c, d, w, T(1), weights, w, v + i * rows, d, T(0), out_i, d);  // P.v (c, d)
+            for (int r = 0; r < c; ++r) {
+                T *o = out_i + static_cast<int64_t>(r) * d;
+                const T factor = inv_sum[r];
+#pragma omp simd
+                for (int j = 0; j < d; ++j) o[j] *= factor;
+            }
+        }
+        delete[] weights;
+    }
+}
+
 template <typename T>
 void block_backward(int G, int c, int d, int m, const T *grad, const T *q, const T *k, const T *v, const T *out,
                     const T *lse, const T *mask, T scale, T floor, T p_floor, T *dq, T *dk, T *dv, T *probabilities,
@@ -140,7 +198,19 @@ void block_backward(int G, int c, int d, int m, const T *grad, const T *q, const
 
 extern "C" {
 
-int reformer_window_kernel_version() { return 1; }
+int reformer_window_kernel_version() { return 2; }
+
+void reformer_window_block_forward_f32(int G, int c, int d, int m, const float *q, const float *k, const float *v,
+                                       const float *mask, float scale, float floor, float p_floor, float *out,
+                                       float *lse) {
+    block_forward<float>(G, c, d, m, q, k, v, mask, scale, floor, p_floor, out, lse);
+}
+
+void reformer_window_block_forward_f64(int G, int c, int d, int m, const double *q, const double *k, const double *v,
+                                       const double *mask, double scale, double floor, double p_floor, double *out,
+                                       double *lse) {
+    block_forward<double>(G, c, d, m, q, k, v, mask, scale, floor, p_floor, out, lse);
+}
 
 void reformer_window_block_backward_f32(int G, int c, int d, int m, const float *grad, const float *q, const float *k,
                                         const float *v, const float *out, const float *lse, const float *mask,

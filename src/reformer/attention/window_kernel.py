@@ -1,40 +1,45 @@
-"""The backward of one block of chunk-window attention, in batched matrix products (the fused kernel's, on CPU).
+"""One block of chunk-window attention on the CPU: its forward and its backward (the fused kernel's).
 
 Legend: G chunks of c queries, d head width; the window of a chunk is m = w / c
 consecutive chunks of the block's extended rows, of which there are
 (G + m - 1) * c: chunk i sees extended chunks i, ..., i + m - 1 (window part p
 is extended chunk i + p).
 
-Given a round's softmax over each window (recomputed from its log-sum-exps),
-the gradient of its logits is the flash-attention one,
+Forward: each chunk's queries attend to their window under an additive mask
+(0 allowed, -1e9 not, the self value for the query itself); it returns the
+outputs and the log-sum-exps of the logits, which the rounds' combination and
+the backward need.
+
+Backward: given a round's softmax over each window (recomputed from its
+log-sum-exps), the gradient of its logits is the flash-attention one,
     dS = P * (dO . v - delta),    delta = rowsum(dO * o),
 with o the output the forward returned for the query and dO its gradient
 (`fused_chunks` passes the combined output and dO scaled by the round's share,
 which gives the gradient under the joint softmax over rounds).
 
-The work runs window part by window part, so that no window of keys or values
-is ever copied: part p of every chunk's scores is one batched product of the
-queries with extended chunks p .. p + G - 1, and the key and value gradients of
-part p are added onto those same extended chunks by `baddbmm_`, folding the
-overlapping windows as they are computed. PyTorch's CPU flash-attention
-backward, which this replaces, copies every window and returns window gradients
-to fold afterwards (`benchmarks/profile_step.py` times this kernel as a part of
-the step).
+Two implementations of each:
+- native (`window_kernel.cpp`, built on first use by `native.py`), for float32
+  and float64 rows: chunk by chunk, two or three small products per chunk
+  with the softmax (and the score gradients) done on a tile that stays in
+  cache; the key and value gradients of the overlapping windows are folded
+  extended chunk by extended chunk. It is registered as the operators
+  `torch.ops.reformer.window_block_forward` and `window_block_backward`, so
+  that dispatch modes (the benchmarks' product recorder) see it.
+- PyTorch, when the native kernel is unavailable (REFORMER_NATIVE=0, no
+  compiler, or bfloat16 rows): the forward is PyTorch's CPU flash-attention
+  kernel over strided window views; the backward
+  (`window_block_backward_batched`) runs window part by window part in batched
+  products, so that no window is ever copied: part p of every chunk's scores
+  is one batched product of the queries with extended chunks p .. p + G - 1,
+  and the key and value gradients of part p are added onto those same extended
+  chunks by `baddbmm_`.
+Tests hold the two to each other in float64.
 
 Underflow: exp of a masked logit (-1e9) takes a slow path of the vectorised exp,
 and a probability that is nearly zero but not quite makes the products that use
 it denormal, which is slower still. So the logits are clamped at `EXP_FLOOR`
 before exp and probabilities below `PROBABILITY_FLOOR` are set to exactly 0:
 the change is below 1e-30 per weight, of weights that sum to one.
-
-Two implementations compute this. `window_block_backward` takes the native
-kernel (`window_kernel.cpp`, built on first use by `native.py`) for float32
-and float64 on the CPU: it runs chunk by chunk, each chunk's scores, softmax
-and score gradients in one pass over a tile that stays in cache, where the
-batched version below makes seven passes over the whole block's. Without the
-native kernel (REFORMER_NATIVE=0, no compiler) it runs
-`window_block_backward_batched`, the same math in batched PyTorch products;
-tests hold the two to each other in float64.
 """
 
 from __future__ import annotations
@@ -46,6 +51,38 @@ from . import native
 
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}  # exp of these is a normal number in that dtype
 PROBABILITY_FLOOR = {torch.float32: 1e-30, torch.float64: 1e-290}  # above exp(EXP_FLOOR); smaller is set to 0
+NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
+    """Overlapping chunk windows of extended rows: (bh, e, *rest) -> (bh, g, w, *rest), a strided view.
+
+    `unfold` rather than `as_strided`: the same view, without reading strides in Python (a graph break
+    for torch.compile).
+    """
+    return extended.unfold(1, w, c).movedim(-1, 2)[:, :g]  # (bh, g, *rest, w) -> (bh, g, w, *rest)
+
+
+def native_available(rows: torch.Tensor) -> bool:
+    """Whether the native kernel runs blocks of these rows (CPU, float32 or float64, and it could be built)."""
+    return rows.device.type == "cpu" and rows.dtype in NATIVE_DTYPES and native.library() is not None
+
+
+def window_block_forward(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor, mask: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (G, c, d) and log-sum-exps (G, c) of one block.
+
+    q: (G, c, d); k_extended, v_extended: ((G + m - 1) * c, d); mask: (G, c, w) additive. The log-sum-exps are
+    float32 for bfloat16 rows, else in the rows' dtype.
+    """
+    if native_available(q):
+        return torch.ops.reformer.window_block_forward(q, k_extended, v_extended, mask, scale)
+    g, c, _ = q.shape
+    w = mask.shape[-1]
+    out, lse = _FLASH(q[None], windows(k_extended[None], g, c, w), windows(v_extended[None], g, c, w), 0.0, False,
+                      attn_mask=mask[None], scale=scale)  # (1, G, c, d), (1, G, c)
+    return out[0], lse[0]
 
 
 def window_block_backward(grad: torch.Tensor, q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor,
@@ -56,31 +93,69 @@ def window_block_backward(grad: torch.Tensor, q: torch.Tensor, k_extended: torch
     grad, q, out: (G, c, d); k_extended, v_extended: ((G + m - 1) * c, d); lse: (G, c), the log-sum-exps of
     scale * q.k + mask over each window; mask: (G, c, w) additive. All float32 or float64.
     """
-    lib = native.library() if q.device.type == "cpu" and q.dtype in _NATIVE_FUNCTIONS else None
-    if lib is None:
-        return window_block_backward_batched(grad, q, k_extended, v_extended, out, lse, mask, scale)
-    return _native_block_backward(lib, grad, q, k_extended, v_extended, out, lse, mask, scale)
+    if native_available(q):
+        return torch.ops.reformer.window_block_backward(grad, q, k_extended, v_extended, out, lse, mask, scale)
+    return window_block_backward_batched(grad, q, k_extended, v_extended, out, lse, mask, scale)
 
 
-_NATIVE_FUNCTIONS = {torch.float32: "reformer_window_block_backward_f32",
-                     torch.float64: "reformer_window_block_backward_f64"}
+# --- the native kernel, as operators ----------------------------------------------------------------
 
-
-def _native_block_backward(lib, grad, q, k_extended, v_extended, out, lse, mask, scale):
-    """`window_block_backward` by the native kernel: the same arguments and results."""
+def _check_block(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor, mask: torch.Tensor) -> int:
+    """The window parts m of a block, after checking that its shapes agree."""
     g, c, d = q.shape
     w = mask.shape[-1]
+    if w % c or mask.shape != (g, c, w):
+        raise ValueError(f"window kernel: the mask {tuple(mask.shape)} is not (G, c, w) for queries "
+                         f"{tuple(q.shape)} with w a multiple of c")
+    if k_extended.shape != ((g + w // c - 1) * c, d) or v_extended.shape != k_extended.shape:
+        raise ValueError(f"window kernel: keys {tuple(k_extended.shape)} and values {tuple(v_extended.shape)} "
+                         f"do not cover {g} chunks of {c} with windows of {w}")
+    return w // c
+
+
+def _native_function(kind: str, dtype: torch.dtype):
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError("the native window kernel is unavailable (see the warning above); "
+                           "call window_kernel.window_block_forward/backward, which fall back to PyTorch")
+    return getattr(lib, f"reformer_window_block_{kind}_{NATIVE_DTYPES[dtype]}")
+
+
+def _native_block_forward(q, k_extended, v_extended, mask, scale):
+    parts = _check_block(q, k_extended, v_extended, mask)
+    g, c, d = q.shape
+    dtype = q.dtype
+    inputs = [t.to(dtype).contiguous() for t in (q, k_extended, v_extended, mask)]
+    out, lse = q.new_empty(g, c, d), q.new_empty(g, c)
+    _native_function("forward", dtype)(g, c, d, parts, *(t.data_ptr() for t in inputs), scale, EXP_FLOOR[dtype],
+                                       PROBABILITY_FLOOR[dtype], out.data_ptr(), lse.data_ptr())
+    return out, lse
+
+
+def _native_block_backward(grad, q, k_extended, v_extended, out, lse, mask, scale):
+    parts = _check_block(q, k_extended, v_extended, mask)
+    g, c, d = q.shape
     dtype = q.dtype
     inputs = [t.to(dtype).contiguous() for t in (grad, q, k_extended, v_extended, out, lse, mask)]
-    if k_extended.shape != ((g + w // c - 1) * c, d) or v_extended.shape != k_extended.shape or w % c:
-        raise ValueError(f"window_block_backward: keys {tuple(k_extended.shape)} and values "
-                         f"{tuple(v_extended.shape)} do not cover {g} chunks of {c} with windows of {w}")
-    dq, dk, dv = torch.empty_like(inputs[1]), torch.empty_like(inputs[2]), torch.empty_like(inputs[3])
-    probabilities, d_scores = q.new_empty(g, c, w), q.new_empty(g, c, w)  # workspace
-    getattr(lib, _NATIVE_FUNCTIONS[dtype])(g, c, d, w // c, *(t.data_ptr() for t in inputs), scale,
-                                           EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype],
-                                           *(t.data_ptr() for t in (dq, dk, dv, probabilities, d_scores)))
+    dq, dk, dv = (torch.empty_like(t) for t in inputs[1:4])
+    probabilities, d_scores = q.new_empty(g, c, parts * c), q.new_empty(g, c, parts * c)  # workspace
+    _native_function("backward", dtype)(g, c, d, parts, *(t.data_ptr() for t in inputs), scale, EXP_FLOOR[dtype],
+                                        PROBABILITY_FLOOR[dtype],
+                                        *(t.data_ptr() for t in (dq, dk, dv, probabilities, d_scores)))
     return dq, dk, dv
+
+
+_OPERATORS = torch.library.Library("reformer", "DEF")
+_OPERATORS.define("window_block_forward(Tensor q, Tensor k_extended, Tensor v_extended, Tensor mask, float scale) "
+                  "-> (Tensor, Tensor)")
+_OPERATORS.define("window_block_backward(Tensor grad, Tensor q, Tensor k_extended, Tensor v_extended, Tensor out, "
+                  "Tensor lse, Tensor mask, float scale) -> (Tensor, Tensor, Tensor)")
+_OPERATORS.impl("window_block_forward", _native_block_forward, "CPU")
+_OPERATORS.impl("window_block_backward", _native_block_backward, "CPU")
+_OPERATORS.impl("window_block_forward", lambda q, k, v, mask, scale: (torch.empty_like(q), q.new_empty(q.shape[:2])),
+                "Meta")
+_OPERATORS.impl("window_block_backward", lambda grad, q, k, v, out, lse, mask, scale: (
+    torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)), "Meta")
 
 
 def window_block_backward_batched(grad: torch.Tensor, q: torch.Tensor, k_extended: torch.Tensor,
