@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from reformer.attention import hash_vectors, lsh_attention, n_buckets_for_length, rotation_size, total_buckets
-from reformer.attention.lsh import first_signed_argmax
+from reformer.attention import native
+from reformer.attention.lsh import first_signed_argmax, signed_argmax
 from reformer.attention.reference import lsh_attention_reference
 from tests.conftest import assert_close, seeded
 
@@ -135,16 +136,25 @@ def test_bucket_is_argmax_of_rotated_and_negated():
         assert torch.equal(buckets[0, 0, r], torch.cat([rotated, -rotated], -1).argmax(-1))
 
 
-def test_signed_argmax_is_argmax_of_both_signs_first_on_ties():
+@pytest.mark.parametrize("implementation", ["first_signed_argmax", "native"])
+def test_signed_argmax_is_argmax_of_both_signs_first_on_ties(implementation):
+    if implementation == "native" and native.library() is None:
+        pytest.skip("the native kernel is unavailable here")
+    argmax = signed_argmax if implementation == "native" else first_signed_argmax
     gen = seeded(5)
-    y = torch.randn(3, 7, 40, generator=gen).round()  # many exact ties, also between y and -y
+    y = torch.randn(3, 7, 300, generator=gen).round()  # many exact ties, also between y and -y; > 256 positions
     y[0, :, :5] = 0.0  # all equal: index 0
     y[1, 2, 5] = y[1, 4, 5] = 10.0  # the first positive maximum
     y[1, :, 6] = 1.0
     y[1, 3, 6] = -2.0  # only a negated maximum: 7 + 3
     expected = torch.cat([y, -y], dim=1).argmax(dim=1)
-    assert torch.equal(first_signed_argmax(y), expected)
-    assert torch.equal(first_signed_argmax(y.double()), expected)
+    assert torch.equal(argmax(y), expected)
+    assert torch.equal(argmax(y.double()), expected)
+    wide = torch.randn(2, 3, 11, 300, generator=gen)  # a slice of the rotations, as _hash_piece takes it
+    part = wide[:, :, 4:9]
+    assert torch.equal(argmax(part), torch.cat([part, -part], dim=2).argmax(dim=2))
+    assert torch.equal(argmax(part.transpose(-1, -2).contiguous().transpose(-1, -2)),  # positions strided
+                       torch.cat([part, -part], dim=2).argmax(dim=2))
 
 
 def test_factorised_buckets_first_factor_least_significant():

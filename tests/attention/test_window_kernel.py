@@ -199,7 +199,7 @@ def test_native_library_is_built_once_into_the_cache_directory(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("compiler, reason", [("no-such-compiler-here", "no C\\+\\+ compiler found"),
-                                              ("false", "compiling window_kernel.cpp failed")])
+                                              ("false", "compiling window_kernel.cpp and hash_kernel.cpp failed")])
 def test_without_a_working_compiler_the_batched_path_runs_and_a_warning_says_why(compiler, reason, tmp_path,
                                                                                  monkeypatch):
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))

@@ -50,6 +50,7 @@ from ._chunking import (
 from ..config import validate_n_buckets
 from .fused_chunks import (ChunkedAttention, KernelReplay, cached_plan, chunk_plan, fused_kernel_available,
                            projection_rows)
+from . import native
 from .lsh_causal_window import attend_causal_window, check_causal_window
 from ..rng import dropout as seeded_dropout
 
@@ -140,10 +141,27 @@ def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) ->
     buckets = torch.zeros(rotated.shape[:3] + rotated.shape[4:], dtype=torch.int64, device=x.device)  # (b, h, r, m)
     offset, stride = 0, 1
     for factor in bucket_factors(n_buckets):
-        buckets += first_signed_argmax(rotated[..., offset:offset + factor // 2, :]) * stride
+        buckets += signed_argmax(rotated[..., offset:offset + factor // 2, :]) * stride
         offset += factor // 2
         stride *= factor
     return buckets
+
+
+def signed_argmax(y: torch.Tensor) -> torch.Tensor:
+    """`first_signed_argmax`, by the native kernel (`hash_kernel.cpp`, one pass) for float32 and float64 on the
+    CPU when it could be built; else by `first_signed_argmax`. (A NaN is never the maximum here.)"""
+    suffix = {torch.float32: "f32", torch.float64: "f64"}.get(y.dtype)
+    lib = native.library() if y.device.type == "cpu" and suffix is not None else None
+    if lib is None:
+        return first_signed_argmax(y)
+    *outer, k, m = y.shape
+    rows = y.reshape(-1, k, m)  # (P, k, m): a view for a slice of the rotations of a contiguous tensor
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    digits = torch.empty(rows.shape[0], m, dtype=torch.int64)
+    getattr(lib, f"reformer_signed_argmax_{suffix}")(rows.shape[0], k, m, rows.data_ptr(), rows.stride(0),
+                                                     rows.stride(1), digits.data_ptr())
+    return digits.view(*outer, m)
 
 
 def first_signed_argmax(y: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""The native CPU kernels (`window_kernel.cpp`): compiled on first use, loaded with ctypes.
+"""The native CPU kernels (`window_kernel.cpp`, `hash_kernel.cpp`): compiled on first use, loaded with ctypes.
 
-The source is plain C++ with a C interface; it is compiled once per machine
-(a second or two with g++, no PyTorch headers) into the cache directory, under
-a name that hashes the source, the compiler command, PyTorch's version and the
+The sources are plain C++ with a C interface; they are compiled once per machine
+(a second or two with g++, no PyTorch headers) into one library in the cache
+directory, under a name that hashes the sources, the compiler command, PyTorch's version and the
 CPU's flags, and written atomically (compiled to a temporary name, then
 renamed). Its matrix products call the BLAS inside libtorch_cpu, which it
 links against; its threads are PyTorch's OpenMP threads (`torch.set_num_threads`).
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("window_kernel.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("window_kernel.cpp", "hash_kernel.cpp"))
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
 VERSION = 2  # reformer_window_kernel_version() of the source this module speaks to
@@ -39,6 +39,7 @@ _SIGNATURES = {  # None: the dtype's scalar type
     "forward": [ctypes.c_int] * 4 + [_POINTER] * 4 + [None] * 3 + [_POINTER] * 2,
     "backward": [ctypes.c_int] * 4 + [_POINTER] * 7 + [None] * 3 + [_POINTER] * 5,
 }
+_SIGNED_ARGMAX = [ctypes.c_int64] * 3 + [_POINTER] + [ctypes.c_int64] * 2 + [_POINTER]
 
 
 def enabled() -> bool:
@@ -76,15 +77,16 @@ def _cpu_flags() -> str:
 
 def _command(compiler: str, output: Path) -> list[str]:
     lib = _torch_lib()
-    return [compiler, *FLAGS, str(SOURCE), "-o", str(output), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+    return [compiler, *FLAGS, *map(str, SOURCES), "-o", str(output), f"-L{lib}", "-ltorch_cpu",
+            f"-Wl,-rpath,{lib}"]
 
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_command(compiler, Path("out"))).encode(), torch.__version__.encode(),
+    for part in (*(source.read_bytes() for source in SOURCES), " ".join(_command(compiler, Path("out"))).encode(), torch.__version__.encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
-    return cache_dir() / f"window_kernel-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +113,9 @@ def _load() -> ctypes.CDLL | None:
             function = getattr(lib, f"reformer_window_block_{kind}_{suffix}")
             function.argtypes = [scalar if argument is None else argument for argument in signature]
             function.restype = None
+    for suffix in ("f32", "f64"):
+        signed_argmax = getattr(lib, f"reformer_signed_argmax_{suffix}")
+        signed_argmax.argtypes, signed_argmax.restype = _SIGNED_ARGMAX, None
     return lib
 
 
@@ -120,7 +125,8 @@ def _build(compiler: str, path: Path) -> None:
         partial = Path(scratch) / path.name
         result = subprocess.run(_command(compiler, partial), capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {' and '.join(source.name for source in SOURCES)} failed:\n"
+                               f"{result.stderr[-2000:]}")
         os.replace(partial, path)  # atomic: another process sees the whole library or none
 
 
