@@ -83,7 +83,8 @@ def _command(compiler: str, output: Path) -> list[str]:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), " ".join(_command(compiler, Path("out"))).encode(), torch.__version__.encode(),
+    command = " ".join(_command(compiler, Path("out")))
+    for part in (*(source.read_bytes() for source in SOURCES), command.encode(), torch.__version__.encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
     return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
