@@ -39,6 +39,9 @@ matrix products in the same run, in the precision of the run.
 output and plan of the latest layers that fit in 64 MiB for the backward (all 6 layers up to 4,096
 tokens, 2 at 16,384, none from 65,536: each cell reports `kept_layers` and `kept_mib`). `ours_keep` is our model with
 `reversible_keep_attention=True` (every layer's), in the default run beside `ours`.
+`ours_pytorch` is `ours` with the native CPU kernels off (REFORMER_NATIVE=0: PyTorch's flash kernel,
+batched products and float passes instead; `--tag native` writes compare_native.md); each of our cells
+reports `native`, whether the native kernels ran.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
 keys per round); `--tag prefix` writes its table apart (compare_prefix.md), beside `ours`.
 
@@ -50,6 +53,7 @@ writes compare_bf16.md and its plots; the matmul rate is then bfloat16's.
     python benchmarks/compare.py --lengths 1024 4096 --contenders ours sdpa --repeats 1
     python benchmarks/compare.py --precision bf16 --lengths 1024 4096 16384 --contenders ours sdpa --rounds 3
     python benchmarks/compare.py --contenders ours ours_prefix --lengths 1024 4096 16384 65536 --tag prefix
+    python benchmarks/compare.py --contenders ours ours_pytorch sdpa --lengths 4096 16384 --rounds 3 --tag native
     python benchmarks/compare.py --rounds 2 | tee run.log   # interrupted? the same options and --resume run.log
 """
 
@@ -67,11 +71,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa", "ours_prefix")
+CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa", "ours_prefix", "ours_pytorch")
 DEFAULT_CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa")  # ours_prefix: see --tag prefix
 LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
           "sdpa": "Transformer + SDPA", "ours_prefix": "ours, prefix-consistent LSH",
-          "ours_keep": "ours, reversible_keep_attention=True"}
+          "ours_keep": "ours, reversible_keep_attention=True",
+          "ours_pytorch": "ours without the native kernels (REFORMER_NATIVE=0)"}
 PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
               "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
@@ -190,7 +195,16 @@ def build_sdpa(length: int, device):
 
 BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reformer_pytorch, "sdpa": build_sdpa,
             "ours_prefix": lambda length, device: build_ours(length, device, prefix_consistent=True),
-            "ours_keep": lambda length, device: build_ours(length, device, keep_attention=True)}
+            "ours_keep": lambda length, device: build_ours(length, device, keep_attention=True),
+            "ours_pytorch": lambda length, device: build_ours_pytorch(length, device)}
+
+
+def build_ours_pytorch(length: int, device):
+    """Ours with the native CPU kernels off: PyTorch's flash kernel and batched products instead."""
+    import os
+
+    os.environ["REFORMER_NATIVE"] = "0"  # this worker process is this contender's alone
+    return build_ours(length, device)
 
 
 def worker(contender: str, length: int, repeats: int, budget_s: float, device_name: str,
@@ -226,8 +240,11 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
     cell = {"contender": contender, "length": length, "warmup_s": warm, "step_s": statistics.median(times),
             "steps": len(times), "times": times, "peak_mib": peak}
     if reports_kept:
+        from reformer.attention import native
+
         kept = model.kept_attention_bytes
         cell["kept_layers"], cell["kept_mib"] = len(kept), sum(kept) / 2**20
+        cell["native"] = device.type == "cpu" and native.library() is not None
     return cell
 
 
