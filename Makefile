@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast demo demo-text bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
-	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-ceiling clean
+	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-ceiling bench-kernels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-million: $(STAMP)  ## one training step at 1,048,576 tokens (about 6 minut
 
 bench-ceiling: $(STAMP)  ## a 16,384-token step's matrix products alone: the most FLOP/s it could reach (about 4 minutes; writes benchmarks/results/ceiling.md)
 	$(PY) benchmarks/ceiling.py
+
+bench-kernels: $(STAMP)  ## the native CPU kernels beside their PyTorch paths, call by call (about a minute; writes benchmarks/results/kernels.md)
+	$(PY) benchmarks/kernels.py
 
 bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (writes benchmarks/results/memory.md)
 	$(PY) benchmarks/memory.py

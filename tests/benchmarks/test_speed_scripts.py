@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,15 +115,44 @@ def test_compare_runs_the_prefix_consistent_variant_under_a_tag(tmp_path):
     assert "ours, prefix-consistent LSH" in (tmp_path / "compare_prefix.md").read_text()
 
 
+@pytest.mark.slow
+def test_compare_runs_ours_without_the_native_kernels_beside_ours(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--lengths", "256",
+                    "--contenders", "ours", "ours_pytorch", "--repeats", "1", "--tag", "native", "--out-dir",
+                    str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
+    assert "ours without the native kernels (REFORMER_NATIVE=0)" in (tmp_path / "compare_native.md").read_text()
+    cells = {cell["contender"]: cell for cell in json.loads((tmp_path / "compare_native.json").read_text())["results"]}
+    assert cells["ours_pytorch"]["native"] is False
+    assert cells["ours"]["native"] is (native.library() is not None)
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("sliding.py", ["--repeats", "0"], "--repeats and --lengths must be at least 1"),
     ("prefix_lsh.py", ["--dup-steps", "0"], "--dup-steps and --text-steps must be at least 1"),
     ("ceiling.py", ["--rounds", "0"], "--repeats, --rounds and --length must be at least 1"),
+    ("kernels.py", ["--calls", "0"], "--rounds and --calls must be at least 1"),
 ])
 def test_new_benchmarks_refuse_zero_counts(script, args, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_kernels_quick_run_writes_a_table_of_both_paths(tmp_path):
+    if native.library() is None:
+        pytest.skip("the native kernels are unavailable here")
+    out = tmp_path / "kernels.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--rounds", "1", "--calls", "1",
+                    "--lengths", "512", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    text = out.read_text()
+    assert "| window kernel, backward (one block) |" in text and "| LSH hashing, one layer at 512 tokens" in text
+    assert "--calls 1" in text and out.with_suffix(".json").is_file()
+
+
+def test_kernels_benchmark_says_when_there_is_nothing_to_compare(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--out", str(tmp_path / "k.md")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "REFORMER_NATIVE": "0"})
+    assert done.returncode == 2 and "the native kernels are unavailable here" in done.stderr
 
 
 @pytest.mark.slow
