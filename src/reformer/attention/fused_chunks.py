@@ -15,15 +15,15 @@ the window kernel (`window_kernel`: native, or PyTorch's CPU flash attention)
 attends each chunk's queries to its window under an additive mask built for
 that block only (0 allowed, `self_value` for the query itself, -1e9 not
 allowed) and returns outputs and log-sum-exps, which are copied into the head
-row's slots. After its last block, a head row's rounds
-are combined position by position: each round's slots are gathered by rank and
-weighted by exp(lse_r - lse), with lse their log-sum-exp, kept in float64 (near
-the -1e5 self logit float32 is 0.0078 coarse), so the rounds combine exactly as
-one softmax. A plan in position order (local attention) writes its blocks
-straight into the output.
+row's slots. After its last block, a head row's rounds are combined position
+by position: each round's slots are gathered by rank and weighted by
+exp(lse_r - lse), with lse their log-sum-exp, kept in float64 (near the -1e5
+self logit float32 is 0.0078 coarse), so the rounds combine exactly as one
+softmax. A plan in position order (local attention) writes its blocks straight
+into the output.
 
-Backward, per block, by the window kernel's backward: the
-gradient of a round's logits under the joint softmax is
+Backward, per block, by the window kernel's backward: the gradient of a
+round's logits under the joint softmax is
 P_r * w_r * (dO . v - dO . o), with w_r the round's share exp(lse_r - lse) and
 o the combined output; that is the flash-attention backward given
 dout = w_r * dO and out = o. Query gradients are added onto the head row's

@@ -150,7 +150,7 @@ def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) ->
 def signed_argmax(y: torch.Tensor) -> torch.Tensor:
     """`first_signed_argmax`, by the native kernel (`hash_kernel.cpp`, one pass) for float32 and float64 on the
     CPU when it could be built; else by `first_signed_argmax`. (A NaN is never the maximum here.)"""
-    suffix = {torch.float32: "f32", torch.float64: "f64"}.get(y.dtype)
+    suffix = native.SUFFIXES.get(y.dtype)
     lib = native.library() if y.device.type == "cpu" and suffix is not None else None
     if lib is None:
         return first_signed_argmax(y)

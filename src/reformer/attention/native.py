@@ -32,6 +32,7 @@ import torch
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("window_kernel.cpp", "hash_kernel.cpp"))
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
+SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels take, and their names' suffix
 VERSION = 2  # reformer_window_kernel_version() of the source this module speaks to
 
 _POINTER = ctypes.c_void_p
@@ -110,11 +111,12 @@ def _load() -> ctypes.CDLL | None:
         _warn(str(error))
         return None
     for kind, signature in _SIGNATURES.items():
-        for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        for dtype, suffix in SUFFIXES.items():
+            scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
             function = getattr(lib, f"reformer_window_block_{kind}_{suffix}")
             function.argtypes = [scalar if argument is None else argument for argument in signature]
             function.restype = None
-    for suffix in ("f32", "f64"):
+    for suffix in SUFFIXES.values():
         signed_argmax = getattr(lib, f"reformer_signed_argmax_{suffix}")
         signed_argmax.argtypes, signed_argmax.restype = _SIGNED_ARGMAX, None
     return lib

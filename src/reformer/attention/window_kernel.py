@@ -51,7 +51,6 @@ from . import native
 
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}  # exp of these is a normal number in that dtype
 PROBABILITY_FLOOR = {torch.float32: 1e-30, torch.float64: 1e-290}  # above exp(EXP_FLOOR); smaller is set to 0
-NATIVE_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -66,7 +65,7 @@ def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
 
 def native_available(rows: torch.Tensor) -> bool:
     """Whether the native kernel runs blocks of these rows (CPU, float32 or float64, and it could be built)."""
-    return rows.device.type == "cpu" and rows.dtype in NATIVE_DTYPES and native.library() is not None
+    return rows.device.type == "cpu" and rows.dtype in native.SUFFIXES and native.library() is not None
 
 
 def window_block_forward(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor, mask: torch.Tensor,
@@ -118,7 +117,7 @@ def _native_function(kind: str, dtype: torch.dtype):
     if lib is None:
         raise RuntimeError("the native window kernel is unavailable (see the warning above); "
                            "call window_kernel.window_block_forward/backward, which fall back to PyTorch")
-    return getattr(lib, f"reformer_window_block_{kind}_{NATIVE_DTYPES[dtype]}")
+    return getattr(lib, f"reformer_window_block_{kind}_{native.SUFFIXES[dtype]}")
 
 
 def _native_block_forward(q, k_extended, v_extended, mask, scale):
