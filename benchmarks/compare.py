@@ -41,7 +41,7 @@ tokens, 2 at 16,384, none from 65,536: each cell reports `kept_layers` and `kept
 `reversible_keep_attention=True` (every layer's), in the default run beside `ours`.
 `ours_pytorch` is `ours` with the native CPU kernels off (REFORMER_NATIVE=0: PyTorch's flash kernel,
 batched products and float passes instead; `--tag native` writes compare_native.md); each of our cells
-reports `native`, whether the native kernels ran.
+reports `native`, whether the native kernels were on.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
 keys per round); `--tag prefix` writes its table apart (compare_prefix.md), beside `ours`.
 

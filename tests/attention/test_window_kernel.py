@@ -174,11 +174,15 @@ def test_native_kernel_is_the_same_bit_for_bit_with_one_thread_or_two():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
-def test_native_kernel_refuses_keys_that_do_not_cover_the_windows():
+def test_native_kernel_refuses_keys_or_masks_that_do_not_fit_the_queries():
     needs_native()
     grad, q, k, v, out, lse, mask, scale = block_arguments(3, 4, 2, 5, torch.float64, seed=2)
     with pytest.raises(ValueError, match="do not cover 3 chunks of 4 with windows of 8"):
         torch.ops.reformer.window_block_backward(grad, q, k[:-1], v[:-1], out, lse, mask, scale)
+    with pytest.raises(ValueError, match=r"the mask \(3, 4, 7\) is not \(G, c, w\)"):
+        torch.ops.reformer.window_block_forward(q, k, v, mask[..., :7], scale)
+    with pytest.raises(ValueError, match=r"the mask \(2, 4, 8\) is not \(G, c, w\)"):
+        torch.ops.reformer.window_block_backward(grad, q, k, v, out, lse, mask[:2], scale)
 
 
 def test_native_library_is_built_once_into_the_cache_directory(tmp_path, monkeypatch):

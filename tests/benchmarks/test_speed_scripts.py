@@ -108,22 +108,18 @@ def test_prefix_lsh_quick_run_writes_a_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_runs_the_prefix_consistent_variant_under_a_tag(tmp_path):
+@pytest.mark.parametrize("variant, tag, label", [
+    ("ours_prefix", "prefix", "ours, prefix-consistent LSH"),
+    ("ours_pytorch", "native", "ours without the native kernels (REFORMER_NATIVE=0)"),
+])
+def test_compare_runs_a_variant_of_ours_beside_ours_under_a_tag(variant, tag, label, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--lengths", "256",
-                    "--contenders", "ours", "ours_prefix", "--repeats", "1", "--tag", "prefix", "--out-dir",
+                    "--contenders", "ours", variant, "--repeats", "1", "--tag", tag, "--out-dir",
                     str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
-    assert "ours, prefix-consistent LSH" in (tmp_path / "compare_prefix.md").read_text()
-
-
-@pytest.mark.slow
-def test_compare_runs_ours_without_the_native_kernels_beside_ours(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--lengths", "256",
-                    "--contenders", "ours", "ours_pytorch", "--repeats", "1", "--tag", "native", "--out-dir",
-                    str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
-    assert "ours without the native kernels (REFORMER_NATIVE=0)" in (tmp_path / "compare_native.md").read_text()
-    cells = {cell["contender"]: cell for cell in json.loads((tmp_path / "compare_native.json").read_text())["results"]}
-    assert cells["ours_pytorch"]["native"] is False
+    assert label in (tmp_path / f"compare_{tag}.md").read_text()
+    cells = {cell["contender"]: cell for cell in json.loads((tmp_path / f"compare_{tag}.json").read_text())["results"]}
     assert cells["ours"]["native"] is (native.library() is not None)
+    assert cells[variant]["native"] is (variant != "ours_pytorch" and native.library() is not None)
 
 
 @pytest.mark.parametrize("script, args, message", [

@@ -150,8 +150,7 @@ def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) ->
 def signed_argmax(y: torch.Tensor) -> torch.Tensor:
     """`first_signed_argmax`, by the native kernel (`hash_kernel.cpp`, one pass) for float32 and float64 on the
     CPU when it could be built; else by `first_signed_argmax`. (A NaN is never the maximum here.)"""
-    suffix = native.SUFFIXES.get(y.dtype)
-    lib = native.library() if y.device.type == "cpu" and suffix is not None else None
+    lib = native.library_for(y)
     if lib is None:
         return first_signed_argmax(y)
     *outer, k, m = y.shape
@@ -159,8 +158,8 @@ def signed_argmax(y: torch.Tensor) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     digits = torch.empty(rows.shape[0], m, dtype=torch.int64)
-    getattr(lib, f"reformer_signed_argmax_{suffix}")(rows.shape[0], k, m, rows.data_ptr(), rows.stride(0),
-                                                     rows.stride(1), digits.data_ptr())
+    function = getattr(lib, f"reformer_signed_argmax_{native.SUFFIXES[y.dtype]}")
+    function(rows.shape[0], k, m, rows.data_ptr(), rows.stride(0), rows.stride(1), digits.data_ptr())
     return digits.view(*outer, m)
 
 

@@ -1,7 +1,7 @@
 """The native CPU kernels (`window_kernel.cpp`, `hash_kernel.cpp`): compiled on first use, loaded with ctypes.
 
 The sources are plain C++ with a C interface; they are compiled once per machine
-(a second or two with g++, no PyTorch headers) into one library in the cache
+(with g++, no PyTorch headers) into one library in the cache
 directory, under a name that hashes the sources, the compiler command, PyTorch's version and the
 CPU's flags, and written atomically (compiled to a temporary name, then
 renamed). Its matrix products call the BLAS inside libtorch_cpu, which it
@@ -50,6 +50,13 @@ def enabled() -> bool:
 def library() -> ctypes.CDLL | None:
     """The native kernel's library, built on first use; None when disabled or unavailable."""
     return _load() if enabled() else None
+
+
+def library_for(rows: torch.Tensor) -> ctypes.CDLL | None:
+    """The library when its kernels take these rows (on the CPU, float32 or float64), else None."""
+    if rows.device.type != "cpu" or rows.dtype not in SUFFIXES:
+        return None
+    return library()
 
 
 def cache_dir() -> Path:

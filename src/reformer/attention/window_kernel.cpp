@@ -1,7 +1,6 @@
 // One block of chunk-window attention, forward and backward, fused chunk by chunk (see window_kernel.py).
 //
-// Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds in a
-// second or two. Matrix products call the BLAS that PyTorch itself uses (`sgemm_`, `dgemm_` from
+// Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds quickly. Matrix products call the BLAS that PyTorch itself uses (`sgemm_`, `dgemm_` from
 // libtorch_cpu); the elementwise work runs on each chunk's (c, w) tile while it is in cache.
 //
 // Legend (row-major, contiguous): G chunks of c queries, d head width, m window parts, w = m * c keys

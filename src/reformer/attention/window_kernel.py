@@ -63,11 +63,6 @@ def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
     return extended.unfold(1, w, c).movedim(-1, 2)[:, :g]  # (bh, g, *rest, w) -> (bh, g, w, *rest)
 
 
-def native_available(rows: torch.Tensor) -> bool:
-    """Whether the native kernel runs blocks of these rows (CPU, float32 or float64, and it could be built)."""
-    return rows.device.type == "cpu" and rows.dtype in native.SUFFIXES and native.library() is not None
-
-
 def window_block_forward(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor, mask: torch.Tensor,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs (G, c, d) and log-sum-exps (G, c) of one block.
@@ -75,7 +70,7 @@ def window_block_forward(q: torch.Tensor, k_extended: torch.Tensor, v_extended: 
     q: (G, c, d); k_extended, v_extended: ((G + m - 1) * c, d); mask: (G, c, w) additive. The log-sum-exps are
     float32 for bfloat16 rows, else in the rows' dtype.
     """
-    if native_available(q):
+    if native.library_for(q) is not None:
         return torch.ops.reformer.window_block_forward(q, k_extended, v_extended, mask, scale)
     g, c, _ = q.shape
     w = mask.shape[-1]
@@ -92,7 +87,7 @@ def window_block_backward(grad: torch.Tensor, q: torch.Tensor, k_extended: torch
     grad, q, out: (G, c, d); k_extended, v_extended: ((G + m - 1) * c, d); lse: (G, c), the log-sum-exps of
     scale * q.k + mask over each window; mask: (G, c, w) additive. All float32 or float64.
     """
-    if native_available(q):
+    if native.library_for(q) is not None:
         return torch.ops.reformer.window_block_backward(grad, q, k_extended, v_extended, out, lse, mask, scale)
     return window_block_backward_batched(grad, q, k_extended, v_extended, out, lse, mask, scale)
 
