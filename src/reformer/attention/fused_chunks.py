@@ -11,11 +11,14 @@ its extended slots. Each chunk's window is a run of consecutive extended rows.
 
 Everything is written in slot order, never scattered by position. The work
 runs in blocks of chunks of one head row (across rounds). Forward, per block:
-the window kernel (`window_kernel`: native, or PyTorch's CPU flash attention)
-attends each chunk's queries to its window under an additive mask built for
-that block only (0 allowed, `self_value` for the query itself, -1e9 not
-allowed) and returns outputs and log-sum-exps, which are copied into the head
-row's slots. After its last block, a head row's rounds are combined position
+the window kernel attends each chunk's queries to its window under an additive
+mask for that block only (0 allowed, `self_value` for the query itself, -1e9
+not allowed) and returns outputs and log-sum-exps into the head row's slots.
+The native kernel (float32 and float64 rows) reads the block's rows through
+the plan's indices and builds the mask from its recipe chunk by chunk, in
+cache (`window_kernel.gathered_block_forward`); otherwise the rows are gathered
+(`_block_rows`), the mask is built (`MaskRecipe.block`) and PyTorch's CPU flash
+attention runs on them, as it does for bfloat16. After its last block, a head row's rounds are combined position
 by position: each round's slots are gathered by rank and weighted by
 exp(lse_r - lse), with lse their log-sum-exp, kept in float64 (near the -1e5
 self logit float32 is 0.0078 coarse), so the rounds combine exactly as one
@@ -29,7 +32,8 @@ o the combined output; that is the flash-attention backward given
 dout = w_r * dO and out = o. Query gradients are added onto the head row's
 slots, key and value gradients (folded over the overlapping windows as they are
 computed) onto its extended slots; the slots are gathered back into position
-order once per head row. Nothing of size (chunks, c, w) outlives a block.
+order once per head row (the native kernel reads the rows and adds onto the
+slot buffers itself). Nothing of size (chunks, c, w) outlives a block.
 
 bfloat16 rows (autocast): the forward kernel runs in bfloat16 (faster than
 float32 on CPUs with AMX); masks, log-sum-exps, the rounds' combination and
@@ -46,7 +50,9 @@ import torch
 
 from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, mask_values, neighbour_mask,
                         unit_length_keys)
-from .window_kernel import window_block_backward, window_block_forward, windows
+from . import native
+from .window_kernel import (BlockMask, GatheredBlock, gathered_block_backward, gathered_block_forward,
+                            window_block_backward, window_block_forward, windows)
 
 BLOCK_ELEMENTS = 1 << 19  # mask elements per block (2 MiB in float32): 64 chunks of 64 with a 128-key window
 BLOCKED = float(1 << 30)  # the position of a key no query may see (exact in float32 and float64)
@@ -97,6 +103,16 @@ class MaskRecipe:
             else:
                 additive.masked_fill_(k_pos == q_pos, self.self_value)
         return additive
+
+    def native_block(self, row: int, start: int, end: int) -> BlockMask:
+        """What the native kernel builds the mask of chunks start..end of head row `row` from (the same values)."""
+        self_mode = 0 if self.self_value is None else (1 if self.self_on_diagonal else 2)
+        return BlockMask(q_pos=self.q_pos[row, start:end].to(torch.float64),
+                         k_pos=self.k_pos[row, start:end].to(torch.float64),
+                         bias=None if self.causal else self.bias[row, start:end], causal=self.causal, band=self.band,
+                         self_mode=self_mode, diagonal=self.diagonal,
+                         self_value=0.0 if self.self_value is None else self.self_value,
+                         masked_value=self.masked_value)
 
     def _band_block(self, q_pos, k_pos, row: int, start: int, end: int) -> torch.Tensor:
         """(1, G, c, w) additive mask of a band: a key more than `band` away (or, causal, later) is masked.
@@ -254,9 +270,15 @@ class ChunkedAttention(torch.autograd.Function):
         lse = q_rows.new_empty((plan.n_rows,), dtype=torch.float64)  # float64: exact near -1e5
         lse_slots = q_rows.new_empty(bh, g, c, dtype=accumulation_dtype(q_rows.dtype))  # as the kernel returns it
         out_slots = None if plan.rank is None else q_rows.new_empty(g * c, d)  # one head row's, reused
+        gathered = _gathers_natively(plan, q_rows, k_rows, v_rows)
         for row in range(bh):
             target = plan.head_row(out, row) if plan.rank is None else out_slots  # (g * c, d) in slot order
             for start, end in blocks(g, c, w):
+                if gathered:  # straight from the rows into out (position order) or the slots
+                    block = _gathered_block(plan, row, start, end, q_rows, k_rows, v_rows)
+                    into, index = (out, block.q_index) if plan.rank is None else (out_slots[start * c:end * c], None)
+                    gathered_block_forward(block, into, index, lse_slots[row, start:end])
+                    continue
                 q, k_extended, v_extended, _ = _block_rows(plan, row, start, end, q_rows, k_rows, v_rows)
                 out_block, lse_block = window_block_forward(q, k_extended, v_extended,
                                                             plan.recipe.block(row, start, end)[0], plan.scale)
@@ -279,9 +301,15 @@ class ChunkedAttention(torch.autograd.Function):
         grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
         work = accumulation_dtype(q_rows.dtype)  # bfloat16: the kernel's float32 backward is the faster one
         grad_out = grad_out.contiguous()
+        gathered = _gathers_natively(plan, q_rows, k_rows, v_rows) and grad_out.dtype == q_rows.dtype
         for row in range(bh):
             grads.begin(row)
             for start, end in blocks(g, c, w):
+                if gathered:
+                    block = _gathered_block(plan, row, start, end, q_rows, k_rows, v_rows)
+                    grads.add_gathered(block, start, end, grad_out, out, lse_slots[row, start:end],
+                                       None if one_round else lse)
+                    continue
                 q, k_extended, v_extended, raw = _block_rows(plan, row, start, end, q_rows, k_rows, v_rows, work)
                 rows = plan.rows[row, start:end].reshape(-1)  # (G * c,)
                 lse_block = lse_slots[row, start:end]  # (G, c)
@@ -342,6 +370,25 @@ class _SlotGradients:
         else:
             self.k_slots.add(start, dk)
         self.v_slots.add(start, dv)
+
+    def add_gathered(self, block: GatheredBlock, start: int, end: int, grad_rows, out_rows, lse_block,
+                     lse_rows) -> None:
+        """Block start..end's gradients by the native kernel, straight onto the slot buffers (sorted plans), or
+        dq onto the query rows and the key and value gradients folded as in `add` (position order)."""
+        c, extended, d = block.q_index.shape[1], block.kv_index.shape[0], block.q_rows.shape[1]
+        if self.q_slots is None:
+            dk, dv = (block.q_rows.new_empty(extended, d) for _ in range(2))
+            gathered_block_backward(block, grad_rows, out_rows, lse_block, lse_rows, self.q, block.q_index, False,
+                                    dk, dv, False)
+            self.k_slots.add(start, dk)
+            self.v_slots.add(start, dv)
+            return
+        own = self.plan.window[0] * c  # the queries' own slots follow the `before` chunks of the extended slots
+        span = slice(start * c, start * c + extended)
+        dk = (self.q_slots if self.shared else self.k_slots).buffer[span]
+        gathered_block_backward(block, grad_rows, out_rows, lse_block, lse_rows,
+                                self.q_slots.buffer[own + start * c:own + end * c], None, True, dk,
+                                self.v_slots.buffer[span], True)
 
     def end(self) -> None:
         for slots in (self.q_slots, self.k_slots, self.v_slots):
@@ -408,6 +455,21 @@ class _PositionSlots:
 
     def end(self) -> None:
         _add_wrapped(self.main, self.edges[:self.before], self.edges[self.before:])
+
+
+def _gathers_natively(plan: Plan, q_rows, k_rows, v_rows) -> bool:
+    """Can the native kernel read this call's blocks straight from its rows (float32 or float64 on the CPU)?"""
+    rows = [t for t in (q_rows, k_rows, v_rows) if t is not None]
+    return (native.library_for(q_rows) is not None and plan.recipe.dtype == q_rows.dtype
+            and all(t.dtype == q_rows.dtype and t.is_contiguous() for t in rows))
+
+
+def _gathered_block(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows) -> GatheredBlock:
+    """Chunks start..end of head row `row` for the native kernel: indices into the rows, and the mask's recipe."""
+    c, w = plan.rows.shape[2], plan.recipe.k_pos.shape[-1]
+    return GatheredBlock(q_rows=q_rows, k_rows=k_rows, v_rows=v_rows, q_index=plan.rows[row, start:end],
+                         kv_index=plan.kv_source[row, start * c:(end - 1) * c + w],
+                         mask=plan.recipe.native_block(row, start, end), scale=plan.scale)
 
 
 def _block_rows(plan: Plan, row: int, start: int, end: int, q_rows, k_rows, v_rows, dtype=None):

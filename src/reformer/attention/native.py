@@ -33,13 +33,26 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("window_kernel.cpp",
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels take, and their names' suffix
-VERSION = 2  # reformer_window_kernel_version() of the source this module speaks to
+VERSION = 3  # reformer_window_kernel_version() of the source this module speaks to
 
 _POINTER = ctypes.c_void_p
 _SIGNATURES = {  # None: the dtype's scalar type
-    "forward": [ctypes.c_int] * 4 + [_POINTER] * 4 + [None] * 3 + [_POINTER] * 2,
-    "backward": [ctypes.c_int] * 4 + [_POINTER] * 7 + [None] * 3 + [_POINTER] * 5,
+    "forward": [ctypes.c_int] * 4 + [_POINTER] * 6 + [None] * 4 + [_POINTER] * 3,
+    "backward": [ctypes.c_int] * 4 + [_POINTER] * 6 + [None] * 4 + [_POINTER] * 6 + [ctypes.c_int] + [_POINTER] * 2
+    + [ctypes.c_int] + [_POINTER] * 4,
+    "mask": [ctypes.c_int] * 3 + [_POINTER] * 2,
 }
+
+
+class MaskSpec(ctypes.Structure):
+    """window_kernel.cpp's MaskSpec: a block's additive mask, dense or as the recipe of fused_chunks.MaskRecipe."""
+
+    _fields_ = [("dense", _POINTER), ("q_pos", _POINTER), ("k_pos", _POINTER), ("bias", _POINTER),
+                ("causal", ctypes.c_int32), ("self_mode", ctypes.c_int32), ("diagonal", ctypes.c_int32),
+                ("has_band", ctypes.c_int32), ("band", ctypes.c_double), ("self_value", ctypes.c_double),
+                ("masked_value", ctypes.c_double)]
+
+
 _SIGNED_ARGMAX = [ctypes.c_int64] * 3 + [_POINTER] + [ctypes.c_int64] * 2 + [_POINTER]
 
 
@@ -120,7 +133,7 @@ def _load() -> ctypes.CDLL | None:
     for kind, signature in _SIGNATURES.items():
         for dtype, suffix in SUFFIXES.items():
             scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
-            function = getattr(lib, f"reformer_window_block_{kind}_{suffix}")
+            function = getattr(lib, f"reformer_window_{kind}_{suffix}")
             function.argtypes = [scalar if argument is None else argument for argument in signature]
             function.restype = None
     for suffix in SUFFIXES.values():

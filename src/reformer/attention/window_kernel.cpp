@@ -1,21 +1,28 @@
-// One block of chunk-window attention, forward and backward, fused chunk by chunk (see window_kernel.py).
+// Blocks of chunk-window attention, forward and backward, fused chunk by chunk (see window_kernel.py and
+// fused_chunks.py).
 //
-// Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds quickly. Matrix products call the BLAS that PyTorch itself uses (`sgemm_`, `dgemm_` from
-// libtorch_cpu); the elementwise work runs on each chunk's (c, w) tile while it is in cache.
+// Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds quickly. Matrix
+// products call the BLAS that PyTorch itself uses (`sgemm_`, `dgemm_` from libtorch_cpu); the gathers, the mask
+// and the elementwise work run on each chunk's tiles while they are in cache.
 //
-// Legend (row-major, contiguous): G chunks of c queries, d head width, m window parts, w = m * c keys
-// per window, E = (G + m - 1) * c extended rows; chunk i's window is extended rows i*c .. i*c + w.
-//   grad, q, out: (G, c, d)   k, v: (E, d)   lse: (G, c)   mask: (G, c, w) additive
-//   dq: (G, c, d)   dk, dv: (E, d)   probabilities, d_scores: (G, c, w) workspace
+// Legend (row-major): G chunks of c queries, d head width, m window parts, w = m * c keys per window,
+// E = (G + m - 1) * c extended rows; chunk i's window is extended rows i*c .. i*c + w.
+//   rows: (N, d) contiguous, read through indices: query slot s of the block is row q_index[s] (G * c of them),
+//   extended row t is row kv_index[t] (E of them) of the key rows and of the value rows. Shared query-keys
+//   (no key rows): the keys are the query rows at kv_index scaled to unit length, x * rsqrt(|x|^2 / d + eps) /
+//   sqrt(d).
+//   mask (MaskSpec): a dense (G, c, w) additive tensor, or its recipe: positions per query and per window key.
 //
 // Forward, chunk by chunk (in parallel): x = scale*q.k + mask; lse = max + log(sum exp(max(x - max, floor)));
-// out = (exp(max(x - max, floor)), 0 below p_floor) . v / sum.
+// out = (exp(max(x - max, floor)), 0 below p_floor) . v / sum, written to the out rows (in order or by index).
 //
-// Backward, phase 1, chunk by chunk (in parallel): P = exp(max(scale*q.k + mask - lse, floor)), 0 below p_floor;
-// dS = P * (dO.v - rowsum(dO*o)); dq = scale * dS.k.
+// Backward, phase 1, chunk by chunk (in parallel): dO = the gradient rows, times the round's share
+// exp(lse_slot - lse_row) when rounds are combined; P = exp(max(scale*q.k + mask - lse, floor)), 0 below p_floor;
+// dS = P * (dO.v - rowsum(dO*o)); dq = scale * dS.k, added to (or written into) the dq rows.
 // Phase 2, extended chunk by extended chunk (in parallel): dk_j = scale * sum_p dS_{j-p}[part p]^T q_{j-p},
-// dv_j = sum_p P_{j-p}[part p]^T dO_{j-p}, over p = 0 .. m-1 in that order (each extended chunk is written
-// by one thread, in a fixed order: the result does not depend on the number of threads).
+// dv_j = sum_p P_{j-p}[part p]^T dO_{j-p}, over p = 0 .. m-1 in that order; shared query-keys: dk_j goes
+// through the unit-length scaling. Each extended chunk is written by one thread, in a fixed order: the result
+// does not depend on the number of threads.
 
 #include <cmath>
 #include <cstdint>
@@ -131,65 +138,279 @@ void softmax_tile(T *s, const T *mask, int c, int w, T scale, T floor, T p_floor
     }
 }
 
-template <typename T>
-void block_forward(int G, int c, int d, int m, const T *q, const T *k, const T *v, const T *mask, T scale, T floor,
-                   T p_floor, T *out, T *lse) {
-    const int w = m * c;
-    const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
-#pragma omp parallel
-    {
-        T *weights = new T[tile + c];  // this thread's (c, w) tile and its c inverse sums
-        T *inv_sum = weights + tile;
-#pragma omp for schedule(static)
-        for (int i = 0; i < G; ++i) {
-            T *out_i = out + i * rows;
-            gemm<T>(false, true, c, w, d, T(1), q + i * rows, d, k + i * rows, d, T(0), weights, w);  // q.k^T
-            softmax_tile(weights, mask + i * tile, c, w, scale, floor, p_floor, lse + static_cast<int64_t>(i) * c,
-                         inv_sum);
-            gemm<T>(false, false, c, d, w, T(1), weights, w, v + i * rows, d, T(0), out_i, d);  // P.v (c, d)
-            for (int r = 0; r < c; ++r) {
-                T *o = out_i + static_cast<int64_t>(r) * d;
-                const T factor = inv_sum[r];
+// The additive mask of a block (fused_chunks.MaskRecipe): a dense (G, c, w) tensor, or built chunk by chunk from
+// the (scaled) positions of its queries and window keys, as the recipe's float passes build it: every value is
+// 0, masked, 2 * masked or the self value.
+struct MaskSpec {
+    const void *dense;    // (G, c, w) of T, or null: built from what follows
+    const double *q_pos;  // (G, c)
+    const double *k_pos;  // (G, w): a key no query may see sits after every query
+    const void *bias;     // (G, w) of T, 0 or masked (non-causal masks), or null
+    int32_t causal;       // a later key is masked
+    int32_t self_mode;    // 0: none; 1: the query's own key is window column diagonal + row; 2: where positions match
+    int32_t diagonal;
+    int32_t has_band;
+    double band;  // a key farther than this from the query is masked
+    double self_value, masked_value;
+};
+
+inline double clamp_logit(double x, double masked) {
+    x = x < masked ? masked : x;
+    return x > 0.0 ? 0.0 : x;
+}
+
+enum class MaskKind { band_causal, band, causal, bias };
+
+// One row of the mask (w values) of the query at position q, for one kind of mask (the loop vectorises).
+template <MaskKind kind, typename T>
+void mask_row(T *row, double q, const double *k_pos, const T *bias, int w, double band, double masked) {
 #pragma omp simd
-                for (int j = 0; j < d; ++j) o[j] *= factor;
-            }
+    for (int j = 0; j < w; ++j) {
+        const double offset = q - k_pos[j];
+        double value;
+        if constexpr (kind == MaskKind::band_causal) {
+            value = clamp_logit(band - offset, masked) + clamp_logit(offset, masked);
+        } else if constexpr (kind == MaskKind::band) {
+            value = clamp_logit(band - (offset < 0.0 ? -offset : offset), masked) + static_cast<double>(bias[j]);
+        } else if constexpr (kind == MaskKind::causal) {
+            value = clamp_logit(offset, masked);
+        } else {
+            value = static_cast<double>(bias[j]);
         }
-        delete[] weights;
+        row[j] = static_cast<T>(value);
     }
 }
 
+template <MaskKind kind, typename T>
+void mask_rows(T *tile, const double *q_pos, const double *k_pos, const T *bias, int c, int w, double band,
+               double masked) {
+    for (int r = 0; r < c; ++r)
+        mask_row<kind>(tile + static_cast<int64_t>(r) * w, q_pos[r], k_pos, bias, w, band, masked);
+}
+
+// Chunk i's (c, w) tile of the additive mask: the dense one's, or built into `tile`.
 template <typename T>
-void block_backward(int G, int c, int d, int m, const T *grad, const T *q, const T *k, const T *v, const T *out,
-                    const T *lse, const T *mask, T scale, T floor, T p_floor, T *dq, T *dk, T *dv, T *probabilities,
-                    T *d_scores) {
-    const int w = m * c;
-    const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < G; ++i) {
-        const T *q_i = q + i * rows, *grad_i = grad + i * rows;
-        const T *k_window = k + i * rows, *v_window = v + i * rows;  // w rows from extended row i * c
-        T *p = probabilities + i * tile, *ds = d_scores + i * tile;
-        gemm<T>(false, true, c, w, d, T(1), q_i, d, k_window, d, T(0), p, w);  // q.k^T (c, w)
-        probabilities_tile(p, mask + i * tile, lse + static_cast<int64_t>(i) * c, c, w, scale, floor, p_floor);
-        gemm<T>(false, true, c, w, d, T(1), grad_i, d, v_window, d, T(0), ds, w);  // dO.v^T (c, w)
-        score_gradients_tile(ds, p, grad_i, out + i * rows, c, w, d);
-        gemm<T>(false, false, c, d, w, scale, ds, w, k_window, d, T(0), dq + i * rows, d);  // scale dS.k (c, d)
+const T *mask_tile(const MaskSpec &spec, int i, int c, int w, T *tile) {
+    if (spec.dense != nullptr) return static_cast<const T *>(spec.dense) + static_cast<int64_t>(i) * c * w;
+    const double *q_pos = spec.q_pos + static_cast<int64_t>(i) * c, *k_pos = spec.k_pos + static_cast<int64_t>(i) * w;
+    const T *bias = spec.bias == nullptr ? nullptr : static_cast<const T *>(spec.bias) + static_cast<int64_t>(i) * w;
+    const double masked = spec.masked_value, band = spec.band;
+    if (spec.has_band && spec.causal) {
+        mask_rows<MaskKind::band_causal>(tile, q_pos, k_pos, bias, c, w, band, masked);
+    } else if (spec.has_band) {
+        mask_rows<MaskKind::band>(tile, q_pos, k_pos, bias, c, w, band, masked);
+    } else if (spec.causal) {
+        mask_rows<MaskKind::causal>(tile, q_pos, k_pos, bias, c, w, band, masked);
+    } else {
+        mask_rows<MaskKind::bias>(tile, q_pos, k_pos, bias, c, w, band, masked);
     }
-    const int extended_chunks = G + m - 1;
-#pragma omp parallel for schedule(static)
-    for (int j = 0; j < extended_chunks; ++j) {
-        T *dk_j = dk + j * rows, *dv_j = dv + j * rows;
-        bool first = true;
-        for (int part = 0; part < m; ++part) {
-            const int i = j - part;
-            if (i < 0 || i >= G) continue;
-            const T beta = first ? T(0) : T(1);
-            const T *p_part = probabilities + i * tile + static_cast<int64_t>(part) * c;  // (c, c), row stride w
-            const T *ds_part = d_scores + i * tile + static_cast<int64_t>(part) * c;
-            gemm<T>(true, false, c, d, c, T(1), p_part, w, grad + i * rows, d, beta, dv_j, d);  // P^T dO
-            gemm<T>(true, false, c, d, c, scale, ds_part, w, q + i * rows, d, beta, dk_j, d);  // scale dS^T q
-            first = false;
+    const T self_value = static_cast<T>(spec.self_value);
+    for (int r = 0; r < c; ++r) {
+        T *row = tile + static_cast<int64_t>(r) * w;
+        if (spec.self_mode == 1 && spec.diagonal + r < w) {
+            row[spec.diagonal + r] = self_value;
+        } else if (spec.self_mode == 2) {
+            for (int j = 0; j < w; ++j)
+                if (k_pos[j] == q_pos[r]) row[j] = self_value;
         }
+    }
+    return tile;
+}
+
+template <typename T>
+void gather_rows(const T *rows, const int64_t *index, int count, int d, T *out) {
+    for (int t = 0; t < count; ++t)
+        std::memcpy(out + static_cast<int64_t>(t) * d, rows + index[t] * d, sizeof(T) * d);
+}
+
+// s = rsqrt(|x|^2 / d + eps) / sqrt(d) of one row: its unit-length key is x * s.
+template <typename T>
+T key_scale(const T *x, int d, T eps) {
+    T square = 0;
+#pragma omp simd reduction(+ : square)
+    for (int j = 0; j < d; ++j) square += x[j] * x[j];
+    return T(1) / std::sqrt(square / T(d) + eps) / std::sqrt(T(d));
+}
+
+template <typename T>
+void gather_unit_keys(const T *rows, const int64_t *index, int count, int d, T eps, T *out) {
+    for (int t = 0; t < count; ++t) {
+        const T *x = rows + index[t] * d;
+        const T s = key_scale(x, d, eps);
+        T *k = out + static_cast<int64_t>(t) * d;
+#pragma omp simd
+        for (int j = 0; j < d; ++j) k[j] = x[j] * s;
+    }
+}
+
+// into += the gradient through the unit-length scaling at x, given the key's gradient g: g s - x s^3 (g . x).
+template <typename T>
+void add_unit_key_backward(T *into, const T *x, const T *g, int d, T eps) {
+    const T s = key_scale(x, d, eps);
+    T along = 0;
+#pragma omp simd reduction(+ : along)
+    for (int j = 0; j < d; ++j) along += g[j] * x[j];
+    along *= s * s * s;
+#pragma omp simd
+    for (int j = 0; j < d; ++j) into[j] += g[j] * s - x[j] * along;
+}
+
+// values (c, d) times factors (per row; null: 1) into rows first .. first + c of base, or rows index[first ..].
+template <typename T>
+void put_rows(T *base, const int64_t *index, int64_t first, int c, int d, const T *values, bool accumulate,
+              const T *factors = nullptr) {
+    for (int r = 0; r < c; ++r) {
+        T *target = base + (index == nullptr ? first + r : index[first + r]) * d;
+        const T *value = values + static_cast<int64_t>(r) * d;
+        const T factor = factors == nullptr ? T(1) : factors[r];
+        if (accumulate) {
+#pragma omp simd
+            for (int j = 0; j < d; ++j) target[j] += value[j] * factor;
+        } else {
+#pragma omp simd
+            for (int j = 0; j < d; ++j) target[j] = value[j] * factor;
+        }
+    }
+}
+
+// A block's inputs: rows and the indices that pick its queries and its extended rows.
+template <typename T>
+struct Block {
+    int G, c, d, m;
+    const T *q_rows, *k_rows, *v_rows;  // k_rows null: shared query-keys
+    const int64_t *q_index, *kv_index;  // (G * c), (E)
+    T scale, floor, p_floor, key_eps;
+
+    int w() const { return m * c; }
+    void queries(int i, T *out) const { gather_rows(q_rows, q_index + static_cast<int64_t>(i) * c, c, d, out); }
+    void keys(int i, T *out) const {  // chunk i's w window keys
+        const int64_t *index = kv_index + static_cast<int64_t>(i) * c;
+        if (k_rows == nullptr) {
+            gather_unit_keys(q_rows, index, w(), d, key_eps, out);
+        } else {
+            gather_rows(k_rows, index, w(), d, out);
+        }
+    }
+    void values(int i, T *out) const { gather_rows(v_rows, kv_index + static_cast<int64_t>(i) * c, w(), d, out); }
+};
+
+template <typename T>
+void block_forward(const Block<T> &b, const MaskSpec &spec, T *out, const int64_t *out_index, T *lse) {
+    const int c = b.c, d = b.d, w = b.w();
+    const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
+    const int64_t window_rows = static_cast<int64_t>(w) * d;
+#pragma omp parallel
+    {
+        T *buffer = new T[2 * tile + 2 * rows + 2 * window_rows + c];  // this thread's tiles
+        T *weights = buffer, *mask = weights + tile, *q = mask + tile, *o = q + rows, *k = o + rows;
+        T *v = k + window_rows, *inv_sum = v + window_rows;
+#pragma omp for schedule(static)
+        for (int i = 0; i < b.G; ++i) {
+            b.queries(i, q);
+            b.keys(i, k);
+            b.values(i, v);
+            gemm<T>(false, true, c, w, d, T(1), q, d, k, d, T(0), weights, w);  // q.k^T (c, w)
+            softmax_tile(weights, mask_tile(spec, i, c, w, mask), c, w, b.scale, b.floor, b.p_floor,
+                         lse + static_cast<int64_t>(i) * c, inv_sum);
+            gemm<T>(false, false, c, d, w, T(1), weights, w, v, d, T(0), o, d);  // P.v (c, d)
+            put_rows(out, out_index, static_cast<int64_t>(i) * c, c, d, o, false, inv_sum);
+        }
+        delete[] buffer;
+    }
+}
+
+// The backward's inputs besides the block: the output's gradient and the output, read at the query rows; the
+// block's log-sum-exps (G * c); and, when rounds are combined, every row's combined one (float64).
+template <typename T>
+struct Gradient {
+    const T *grad_rows, *out_rows, *lse;
+    const double *lse_rows;  // null: one round, whose share is 1
+};
+
+// Where the gradients go: dq rows (in order from dq, or at dq_index), added or written; dk, dv: the E extended
+// rows in order, added or written (shared query-keys: dk through the unit-length scaling, always added).
+template <typename T>
+struct Targets {
+    T *dq;
+    const int64_t *dq_index;
+    bool dq_accumulate;
+    T *dk, *dv;
+    bool kv_accumulate;
+};
+
+// Phase 1: chunk i's score tiles P, dS (kept for phase 2, with its queries and scaled dO) and its dq.
+template <typename T>
+void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &gradient, const Targets<T> &targets,
+                    int i, T *p, T *ds, T *grad_i, T *q_i, T *scratch) {
+    const int c = b.c, d = b.d, w = b.w();
+    const int64_t first = static_cast<int64_t>(i) * c, rows = static_cast<int64_t>(c) * d;
+    T *mask = scratch, *o = mask + static_cast<int64_t>(c) * w, *dq = o + rows, *k = dq + rows;
+    T *v = k + static_cast<int64_t>(w) * d;
+    b.queries(i, q_i);
+    gather_rows(gradient.grad_rows, b.q_index + first, c, d, grad_i);
+    if (gradient.lse_rows != nullptr) {  // dO times the round's share of the joint softmax
+        for (int r = 0; r < c; ++r) {
+            const double lse_row = gradient.lse_rows[b.q_index[first + r]];
+            const T share = static_cast<T>(std::exp(static_cast<double>(gradient.lse[first + r]) - lse_row));
+            T *g = grad_i + static_cast<int64_t>(r) * d;
+#pragma omp simd
+            for (int j = 0; j < d; ++j) g[j] *= share;
+        }
+    }
+    gather_rows(gradient.out_rows, b.q_index + first, c, d, o);
+    b.keys(i, k);
+    b.values(i, v);
+    gemm<T>(false, true, c, w, d, T(1), q_i, d, k, d, T(0), p, w);  // q.k^T (c, w)
+    probabilities_tile(p, mask_tile(spec, i, c, w, mask), gradient.lse + first, c, w, b.scale, b.floor, b.p_floor);
+    gemm<T>(false, true, c, w, d, T(1), grad_i, d, v, d, T(0), ds, w);  // dO.v^T (c, w)
+    score_gradients_tile(ds, p, grad_i, o, c, w, d);
+    gemm<T>(false, false, c, d, w, b.scale, ds, w, k, d, T(0), dq, d);  // scale dS.k (c, d)
+    put_rows(targets.dq, targets.dq_index, first, c, d, dq, targets.dq_accumulate);
+}
+
+template <typename T>
+void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &gradient, const Targets<T> &targets,
+                    T *probabilities, T *d_scores, T *grads, T *queries) {
+    const int c = b.c, d = b.d, m = b.m, w = b.w();
+    const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
+#pragma omp parallel
+    {
+        T *scratch = new T[tile + 2 * rows + 2 * static_cast<int64_t>(w) * d];  // mask, o, dq, k, v
+#pragma omp for schedule(static)
+        for (int i = 0; i < b.G; ++i)
+            chunk_backward(b, spec, gradient, targets, i, probabilities + i * tile, d_scores + i * tile,
+                           grads + i * rows, queries + i * rows, scratch);
+        delete[] scratch;
+    }
+    const int extended_chunks = b.G + m - 1;
+#pragma omp parallel
+    {
+        T *buffer = new T[2 * rows];
+        T *dk = buffer, *dv = buffer + rows;
+#pragma omp for schedule(static)
+        for (int j = 0; j < extended_chunks; ++j) {
+            bool first = true;
+            for (int part = 0; part < m; ++part) {
+                const int i = j - part;
+                if (i < 0 || i >= b.G) continue;
+                const T beta = first ? T(0) : T(1);
+                const T *p_part = probabilities + i * tile + static_cast<int64_t>(part) * c;  // (c, c), row stride w
+                const T *ds_part = d_scores + i * tile + static_cast<int64_t>(part) * c;
+                gemm<T>(true, false, c, d, c, T(1), p_part, w, grads + i * rows, d, beta, dv, d);  // P^T dO
+                gemm<T>(true, false, c, d, c, b.scale, ds_part, w, queries + i * rows, d, beta, dk, d);  // dS^T q
+                first = false;
+            }
+            const int64_t at = static_cast<int64_t>(j) * c;
+            put_rows<T>(targets.dv, nullptr, at, c, d, dv, targets.kv_accumulate);
+            if (b.k_rows != nullptr) {
+                put_rows<T>(targets.dk, nullptr, at, c, d, dk, targets.kv_accumulate);
+            } else {
+                for (int r = 0; r < c; ++r)
+                    add_unit_key_backward(targets.dk + (at + r) * d, b.q_rows + b.kv_index[at + r] * d,
+                                          dk + static_cast<int64_t>(r) * d, d, b.key_eps);
+            }
+        }
+        delete[] buffer;
     }
 }
 
@@ -197,34 +418,41 @@ void block_backward(int G, int c, int d, int m, const T *grad, const T *q, const
 
 extern "C" {
 
-int reformer_window_kernel_version() { return 2; }
+int reformer_window_kernel_version() { return 3; }
 
-void reformer_window_block_forward_f32(int G, int c, int d, int m, const float *q, const float *k, const float *v,
-                                       const float *mask, float scale, float floor, float p_floor, float *out,
-                                       float *lse) {
-    block_forward<float>(G, c, d, m, q, k, v, mask, scale, floor, p_floor, out, lse);
-}
+#define REFORMER_WINDOW_KERNELS(T, SUFFIX)                                                                          \
+    void reformer_window_forward_##SUFFIX(int G, int c, int d, int m, const T *q_rows, const T *k_rows,            \
+                                          const T *v_rows, const int64_t *q_index, const int64_t *kv_index,        \
+                                          const MaskSpec *mask, T scale, T floor, T p_floor, T key_eps, T *out,    \
+                                          const int64_t *out_index, T *lse) {                                      \
+        const Block<T> block{G, c, d, m, q_rows, k_rows, v_rows, q_index, kv_index, scale, floor, p_floor, key_eps}; \
+        block_forward<T>(block, *mask, out, out_index, lse);                                                       \
+    }                                                                                                              \
+    void reformer_window_backward_##SUFFIX(int G, int c, int d, int m, const T *q_rows, const T *k_rows,           \
+                                           const T *v_rows, const int64_t *q_index, const int64_t *kv_index,       \
+                                           const MaskSpec *mask, T scale, T floor, T p_floor, T key_eps,           \
+                                           const T *grad_rows, const T *out_rows, const T *lse,                    \
+                                           const double *lse_rows, T *dq, const int64_t *dq_index,                 \
+                                           int dq_accumulate, T *dk, T *dv, int kv_accumulate, T *probabilities,   \
+                                           T *d_scores, T *grads, T *queries) {                                    \
+        const Block<T> block{G, c, d, m, q_rows, k_rows, v_rows, q_index, kv_index, scale, floor, p_floor, key_eps}; \
+        const Gradient<T> gradient{grad_rows, out_rows, lse, lse_rows};                                            \
+        const Targets<T> targets{dq, dq_index, dq_accumulate != 0, dk, dv, kv_accumulate != 0};                    \
+        block_backward<T>(block, *mask, gradient, targets, probabilities, d_scores, grads, queries);               \
+    }
 
-void reformer_window_block_forward_f64(int G, int c, int d, int m, const double *q, const double *k, const double *v,
-                                       const double *mask, double scale, double floor, double p_floor, double *out,
-                                       double *lse) {
-    block_forward<double>(G, c, d, m, q, k, v, mask, scale, floor, p_floor, out, lse);
-}
+#define REFORMER_WINDOW_MASK(T, SUFFIX)                                                                             \
+    void reformer_window_mask_##SUFFIX(int G, int c, int w, const MaskSpec *mask, T *out) {                        \
+        for (int i = 0; i < G; ++i) {                                                                              \
+            T *tile = out + static_cast<int64_t>(i) * c * w;                                                       \
+            const T *built = mask_tile(*mask, i, c, w, tile);                                                      \
+            if (built != tile) std::memcpy(tile, built, sizeof(T) * c * w);                                        \
+        }                                                                                                          \
+    }
 
-void reformer_window_block_backward_f32(int G, int c, int d, int m, const float *grad, const float *q, const float *k,
-                                        const float *v, const float *out, const float *lse, const float *mask,
-                                        float scale, float floor, float p_floor, float *dq, float *dk, float *dv,
-                                        float *probabilities, float *d_scores) {
-    block_backward<float>(G, c, d, m, grad, q, k, v, out, lse, mask, scale, floor, p_floor, dq, dk, dv,
-                          probabilities, d_scores);
-}
-
-void reformer_window_block_backward_f64(int G, int c, int d, int m, const double *grad, const double *q,
-                                        const double *k, const double *v, const double *out, const double *lse,
-                                        const double *mask, double scale, double floor, double p_floor, double *dq,
-                                        double *dk, double *dv, double *probabilities, double *d_scores) {
-    block_backward<double>(G, c, d, m, grad, q, k, v, out, lse, mask, scale, floor, p_floor, dq, dk, dv,
-                           probabilities, d_scores);
-}
+REFORMER_WINDOW_KERNELS(float, f32)
+REFORMER_WINDOW_KERNELS(double, f64)
+REFORMER_WINDOW_MASK(float, f32)  // the mask alone, for the tests
+REFORMER_WINDOW_MASK(double, f64)
 
 }  // extern "C"

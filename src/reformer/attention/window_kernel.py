@@ -22,9 +22,13 @@ Two implementations of each:
   and float64 rows: chunk by chunk, two or three small products per chunk
   with the softmax (and the score gradients) done on a tile that stays in
   cache; the key and value gradients of the overlapping windows are folded
-  extended chunk by extended chunk. It is registered as the operators
-  `torch.ops.reformer.window_block_forward` and `window_block_backward`, so
-  that dispatch modes (the benchmarks' product recorder) see it.
+  extended chunk by extended chunk. It reads a block's rows through indices
+  and builds its mask from the recipe (`BlockMask`) chunk by chunk: that is
+  `gathered_block_forward` / `gathered_block_backward`, which fused_chunks
+  calls; a dense block (`window_block_forward`, ...) is the same kernel over
+  identity indices under a dense mask. It is registered as the operators
+  `torch.ops.reformer.window_block_*` and `window_gathered_*`, so that
+  dispatch modes (the benchmarks' product recorder) see it.
 - PyTorch, when the native kernel is unavailable (REFORMER_NATIVE=0, no
   compiler, or bfloat16 rows): the forward is PyTorch's CPU flash-attention
   kernel over strided window views; the backward
@@ -44,10 +48,14 @@ the change is below 1e-30 per weight, of weights that sum to one.
 
 from __future__ import annotations
 
+import ctypes
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from . import native
+from ._chunking import KEY_EPS
 
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}  # exp of these is a normal number in that dtype
 PROBABILITY_FLOOR = {torch.float32: 1e-30, torch.float64: 1e-290}  # above exp(EXP_FLOOR); smaller is set to 0
@@ -94,6 +102,84 @@ def window_block_backward(grad: torch.Tensor, q: torch.Tensor, k_extended: torch
 
 # --- the native kernel, as operators ----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class BlockMask:
+    """A block's additive mask as the recipe the native kernel builds it from, chunk by chunk.
+
+    Each value, as `fused_chunks.MaskRecipe.block` computes it from positions scaled so that every
+    nonzero difference is at least 2^30: with offset = q_pos - k_pos,
+    band and causal: clamp(band - offset) + clamp(offset); band: clamp(band - |offset|) + bias;
+    causal: clamp(offset); otherwise bias; clamp(x) = min(max(x, masked_value), 0). Then the self
+    value on the query's own key: self_mode 1, window column `diagonal` + row; 2, where the
+    positions are equal.
+    """
+
+    q_pos: torch.Tensor  # (G, c) float64
+    k_pos: torch.Tensor  # (G, w) float64
+    bias: torch.Tensor | None  # (G, w) in the rows' dtype, or None (causal masks)
+    causal: bool
+    band: float | None
+    self_mode: int  # 0 none, 1 diagonal, 2 equal positions
+    diagonal: int
+    self_value: float
+    masked_value: float
+
+
+@dataclass(frozen=True)
+class GatheredBlock:
+    """Chunks of a head row read straight from the rows: q_index (G, c) and kv_index (E,) pick its query rows
+    and its extended rows; k_rows None: shared query-keys, the keys are the query rows at unit length."""
+
+    q_rows: torch.Tensor  # (N, d), contiguous
+    k_rows: torch.Tensor | None
+    v_rows: torch.Tensor
+    q_index: torch.Tensor  # (G, c) int64
+    kv_index: torch.Tensor  # ((G + m - 1) * c,) int64
+    mask: BlockMask
+    scale: float
+
+
+def gathered_block_forward(block: GatheredBlock, out: torch.Tensor, out_index: torch.Tensor | None,
+                           lse: torch.Tensor) -> None:
+    """The block's outputs into out (its G * c rows in order, or rows out_index of it) and log-sum-exps into
+    lse (G, c), by the native kernel (`native.library_for(block.q_rows)` must not be None)."""
+    torch.ops.reformer.window_gathered_forward(*_gathered_arguments(block), out, out_index, lse)
+
+
+def gathered_block_backward(block: GatheredBlock, grad_rows: torch.Tensor, out_rows: torch.Tensor, lse: torch.Tensor,
+                            lse_rows: torch.Tensor | None, dq: torch.Tensor, dq_index: torch.Tensor | None,
+                            dq_accumulate: bool, dk: torch.Tensor, dv: torch.Tensor, kv_accumulate: bool) -> None:
+    """The block's gradients, by the native kernel.
+
+    grad_rows, out_rows (N, d): the output's gradient and the output, read at the query rows; lse (G, c): the
+    block's log-sum-exps; lse_rows (N,) float64: every row's log-sum-exp over the combined rounds (None: one
+    round). dq: the G * c query gradients' rows in order, or rows dq_index of it, added or written; dk, dv: the
+    E extended rows in order, added or written (shared query-keys: dk is the query-key gradient through the
+    unit-length scaling, always added).
+    """
+    torch.ops.reformer.window_gathered_backward(*_gathered_arguments(block), grad_rows, out_rows, lse, lse_rows, dq,
+                                                dq_index, dq_accumulate, dk, dv, kv_accumulate)
+
+
+def native_block_mask(mask: BlockMask, dtype: torch.dtype) -> torch.Tensor:
+    """The (G, c, w) additive mask the native kernel builds from `mask` (to test it against the recipe's)."""
+    g, c = mask.q_pos.shape
+    w = mask.k_pos.shape[1]
+    out = mask.q_pos.new_empty(g, c, w, dtype=dtype)
+    bias = None if mask.bias is None else mask.bias.to(dtype)
+    _check_mask(mask.q_pos, mask.k_pos, bias, c, dtype)
+    spec = _mask_spec(None, mask.q_pos, mask.k_pos, bias, mask.causal, mask.band, mask.self_mode, mask.diagonal,
+                      mask.self_value, mask.masked_value)  # holds pointers: the tensors stay referenced here
+    _native_function("mask", dtype)(g, c, w, ctypes.byref(spec), out.data_ptr())
+    return out
+
+
+def _gathered_arguments(block: GatheredBlock) -> tuple:
+    m = block.mask
+    return (block.q_rows, block.k_rows, block.v_rows, block.q_index, block.kv_index, m.q_pos, m.k_pos, m.bias,
+            m.causal, m.band, m.self_mode, m.diagonal, m.self_value, m.masked_value, block.scale)
+
+
 def _check_block(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor, mask: torch.Tensor) -> int:
     """The window parts m of a block, after checking that its shapes agree."""
     g, c, d = q.shape
@@ -107,49 +193,171 @@ def _check_block(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Te
     return w // c
 
 
+def _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias) -> tuple[int, int, int, int]:
+    """(G, c, d, m) of a gathered block, after checking what the kernel would read out of bounds."""
+    g, c = q_index.shape
+    d, w = q_rows.shape[1], k_pos.shape[-1]
+    rows = [t for t in (q_rows, k_rows, v_rows) if t is not None]
+    _check_mask(q_pos, k_pos, bias, c, q_rows.dtype)
+    if q_pos.shape[0] != g:
+        raise ValueError(f"window kernel: mask positions for {q_pos.shape[0]} chunks, queries for {g}")
+    if kv_index.shape != ((g + w // c - 1) * c,):
+        raise ValueError(f"window kernel: {kv_index.shape[0]} extended rows do not cover {g} chunks of {c} with "
+                         f"windows of {w}")
+    if any(t.dim() != 2 or t.shape[1] != d or not t.is_contiguous() or t.dtype != q_rows.dtype for t in rows):
+        raise ValueError("window kernel: the rows must be contiguous (N, d) tensors of one dtype")
+    keys = q_rows if k_rows is None else k_rows
+    if not (_indexes(q_index, q_rows.shape[0]) and _indexes(kv_index, min(keys.shape[0], v_rows.shape[0]))):
+        raise ValueError("window kernel: q_index and kv_index must be contiguous int64 indices of rows they read")
+    return g, c, d, w // c
+
+
+def _check_mask(q_pos, k_pos, bias, c: int, dtype) -> None:
+    """q_pos (G, c) and k_pos (G, w) contiguous float64, w a multiple of c; bias None or (G, w) in dtype."""
+    g, w = k_pos.shape if k_pos.dim() == 2 else (-1, -1)
+    shapes = q_pos.shape == (g, c) and w > 0 and w % c == 0 and (bias is None or bias.shape == (g, w))
+    if not shapes:
+        raise ValueError(f"window kernel: mask positions {tuple(q_pos.shape)}, {tuple(k_pos.shape)} do not fit "
+                         f"chunks of {c} queries with windows of a multiple of {c} keys")
+    layouts = [(t, torch.float64) for t in (q_pos, k_pos)] + ([] if bias is None else [(bias, dtype)])
+    if any(t.dtype != wanted or not t.is_contiguous() for t, wanted in layouts):
+        raise ValueError(f"window kernel: mask positions must be contiguous float64, the bias contiguous {dtype}")
+
+
+def _indexes(index: torch.Tensor, count: int) -> bool:
+    """Is index a contiguous int64 tensor of values in [0, count)?"""
+    return index.dtype == torch.int64 and index.is_contiguous() and (
+        index.numel() == 0 or (int(index.min()) >= 0 and int(index.max()) < count))
+
+
 def _native_function(kind: str, dtype: torch.dtype):
     lib = native.library()
     if lib is None:
         raise RuntimeError("the native window kernel is unavailable (see the warning above); "
                            "call window_kernel.window_block_forward/backward, which fall back to PyTorch")
-    return getattr(lib, f"reformer_window_block_{kind}_{native.SUFFIXES[dtype]}")
+    return getattr(lib, f"reformer_window_{kind}_{native.SUFFIXES[dtype]}")
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _mask_spec(dense, q_pos, k_pos, bias, causal, band, self_mode, diagonal, self_value,
+               masked_value) -> native.MaskSpec:
+    return native.MaskSpec(_pointer(dense), _pointer(q_pos), _pointer(k_pos), _pointer(bias), int(causal), self_mode,
+                           diagonal, band is not None, 0.0 if band is None else band, self_value, masked_value)
+
+
+def _native_gathered_forward(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias, causal, band, self_mode,
+                             diagonal, self_value, masked_value, scale, out, out_index, lse, dense=None):
+    g, c, d, m = _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias)
+    dtype = q_rows.dtype
+    spec = _mask_spec(dense, q_pos, k_pos, bias, causal, band, self_mode, diagonal, self_value, masked_value)
+    _check_outputs(g * c, d, dtype, [(out, out_index)], [lse])
+    _native_function("forward", dtype)(g, c, d, m, *map(_pointer, (q_rows, k_rows, v_rows, q_index, kv_index)),
+                                       ctypes.byref(spec), scale, EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype], KEY_EPS,
+                                       *map(_pointer, (out, out_index, lse)))
+
+
+def _native_gathered_backward(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias, causal, band,
+                              self_mode, diagonal, self_value, masked_value, scale, grad_rows, out_rows, lse,
+                              lse_rows, dq, dq_index, dq_accumulate, dk, dv, kv_accumulate, dense=None):
+    g, c, d, m = _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias)
+    dtype = q_rows.dtype
+    spec = _mask_spec(dense, q_pos, k_pos, bias, causal, band, self_mode, diagonal, self_value, masked_value)
+    extended = kv_index.shape[0]
+    _check_outputs(g * c, d, dtype, [(dq, dq_index)], [lse])
+    _check_outputs(extended, d, dtype, [(dk, None), (dv, None)], [])
+    for rows in (grad_rows, out_rows):
+        if rows.shape != q_rows.shape or rows.dtype != dtype or not rows.is_contiguous():
+            raise ValueError("window kernel: grad_rows and out_rows must be contiguous, shaped as the query rows")
+    if lse_rows is not None and (lse_rows.shape != q_rows.shape[:1] or lse_rows.dtype != torch.float64):
+        raise ValueError("window kernel: lse_rows must be one float64 per query row")
+    workspace = [q_rows.new_empty(g, c, m * c), q_rows.new_empty(g, c, m * c), q_rows.new_empty(g, c, d),
+                 q_rows.new_empty(g, c, d)]  # P, dS, scaled dO, queries
+    _native_function("backward", dtype)(g, c, d, m, *map(_pointer, (q_rows, k_rows, v_rows, q_index, kv_index)),
+                                        ctypes.byref(spec), scale, EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype], KEY_EPS,
+                                        *map(_pointer, (grad_rows, out_rows, lse, lse_rows, dq, dq_index)),
+                                        int(dq_accumulate), _pointer(dk), _pointer(dv), int(kv_accumulate),
+                                        *map(_pointer, workspace))
+
+
+def _check_outputs(count: int, d: int, dtype, targets, per_query) -> None:
+    """Each (tensor, index) target holds `count` rows in order (index None) or rows at index; per_query: count
+    contiguous values each."""
+    for tensor, index in targets:
+        fits = tensor.dtype == dtype and tensor.is_contiguous() and tensor.dim() == 2 and tensor.shape[1] == d
+        if index is None:
+            fits = fits and tensor.shape[0] == count
+        else:
+            fits = fits and index.numel() == count and _indexes(index, tensor.shape[0])
+        if not fits:
+            raise ValueError(f"window kernel: an output must be a contiguous ({count}, {d}) {dtype} tensor, or rows "
+                             f"of one at an int64 index")
+    for tensor in per_query:
+        if tensor.numel() != count or tensor.dtype != dtype or not tensor.is_contiguous():
+            raise ValueError(f"window kernel: the log-sum-exps must be {count} contiguous {dtype} values")
+
+
+def _dense_block(q, k_extended, v_extended, mask):
+    """A dense block as a gathered one: its rows in order, through identity indices, under its dense mask."""
+    parts = _check_block(q, k_extended, v_extended, mask)
+    g, c, d = q.shape
+    dtype = q.dtype
+    q_rows, k_rows, v_rows = (t.to(dtype).reshape(-1, d).contiguous() for t in (q, k_extended, v_extended))
+    extended = k_rows.shape[0]
+    positions = q_rows.new_zeros((g, c), dtype=torch.float64), q_rows.new_zeros((g, parts * c), dtype=torch.float64)
+    index = torch.arange(max(g * c, extended), device=q.device)
+    rows = (q_rows, k_rows, v_rows, index[:g * c].view(g, c), index[:extended], *positions, None)
+    return rows, mask.to(dtype).contiguous()
+
+
+def _mask_free(dense):
+    return dict(causal=False, band=None, self_mode=0, diagonal=0, self_value=0.0, masked_value=0.0, dense=dense)
 
 
 def _native_block_forward(q, k_extended, v_extended, mask, scale):
-    parts = _check_block(q, k_extended, v_extended, mask)
+    rows, dense = _dense_block(q, k_extended, v_extended, mask)
     g, c, d = q.shape
-    dtype = q.dtype
-    inputs = [t.to(dtype).contiguous() for t in (q, k_extended, v_extended, mask)]
-    out, lse = q.new_empty(g, c, d), q.new_empty(g, c)
-    _native_function("forward", dtype)(g, c, d, parts, *(t.data_ptr() for t in inputs), scale, EXP_FLOOR[dtype],
-                                       PROBABILITY_FLOOR[dtype], out.data_ptr(), lse.data_ptr())
-    return out, lse
+    out, lse = rows[0].new_empty(g * c, d), rows[0].new_empty(g, c)
+    _native_gathered_forward(*rows, scale=scale, out=out, out_index=None, lse=lse, **_mask_free(dense))
+    return out.view(g, c, d), lse
 
 
 def _native_block_backward(grad, q, k_extended, v_extended, out, lse, mask, scale):
-    parts = _check_block(q, k_extended, v_extended, mask)
+    rows, dense = _dense_block(q, k_extended, v_extended, mask)
     g, c, d = q.shape
-    dtype = q.dtype
-    inputs = [t.to(dtype).contiguous() for t in (grad, q, k_extended, v_extended, out, lse, mask)]
-    dq, dk, dv = (torch.empty_like(t) for t in inputs[1:4])
-    probabilities, d_scores = q.new_empty(g, c, parts * c), q.new_empty(g, c, parts * c)  # workspace
-    _native_function("backward", dtype)(g, c, d, parts, *(t.data_ptr() for t in inputs), scale, EXP_FLOOR[dtype],
-                                        PROBABILITY_FLOOR[dtype],
-                                        *(t.data_ptr() for t in (dq, dk, dv, probabilities, d_scores)))
-    return dq, dk, dv
+    dtype = rows[0].dtype
+    dq, dk, dv = torch.empty_like(rows[0]), torch.empty_like(rows[1]), torch.empty_like(rows[2])
+    _native_gathered_backward(*rows, scale=scale, grad_rows=grad.to(dtype).reshape(-1, d).contiguous(),
+                              out_rows=out.to(dtype).reshape(-1, d).contiguous(), lse=lse.to(dtype).contiguous(),
+                              lse_rows=None, dq=dq, dq_index=None, dq_accumulate=False, dk=dk, dv=dv,
+                              kv_accumulate=False, **_mask_free(dense))
+    return dq.view(g, c, d), dk, dv
 
 
+_GATHERED = ("Tensor q_rows, Tensor? k_rows, Tensor v_rows, Tensor q_index, Tensor kv_index, Tensor q_pos, "
+             "Tensor k_pos, Tensor? bias, bool causal, float? band, int self_mode, int diagonal, float self_value, "
+             "float masked_value, float scale")
 _OPERATORS = torch.library.Library("reformer", "DEF")
 _OPERATORS.define("window_block_forward(Tensor q, Tensor k_extended, Tensor v_extended, Tensor mask, float scale) "
                   "-> (Tensor, Tensor)")
 _OPERATORS.define("window_block_backward(Tensor grad, Tensor q, Tensor k_extended, Tensor v_extended, Tensor out, "
                   "Tensor lse, Tensor mask, float scale) -> (Tensor, Tensor, Tensor)")
+_OPERATORS.define(f"window_gathered_forward({_GATHERED}, Tensor(a!) out, Tensor? out_index, Tensor(b!) lse) -> ()")
+_OPERATORS.define(f"window_gathered_backward({_GATHERED}, Tensor grad_rows, Tensor out_rows, Tensor lse, "
+                  "Tensor? lse_rows, Tensor(a!) dq, Tensor? dq_index, bool dq_accumulate, Tensor(b!) dk, "
+                  "Tensor(c!) dv, bool kv_accumulate) -> ()")
 _OPERATORS.impl("window_block_forward", _native_block_forward, "CPU")
 _OPERATORS.impl("window_block_backward", _native_block_backward, "CPU")
+_OPERATORS.impl("window_gathered_forward", _native_gathered_forward, "CPU")
+_OPERATORS.impl("window_gathered_backward", _native_gathered_backward, "CPU")
 _OPERATORS.impl("window_block_forward", lambda q, k, v, mask, scale: (torch.empty_like(q), q.new_empty(q.shape[:2])),
                 "Meta")
 _OPERATORS.impl("window_block_backward", lambda grad, q, k, v, out, lse, mask, scale: (
     torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)), "Meta")
+_OPERATORS.impl("window_gathered_forward", lambda *args: None, "Meta")
+_OPERATORS.impl("window_gathered_backward", lambda *args: None, "Meta")
 
 
 def window_block_backward_batched(grad: torch.Tensor, q: torch.Tensor, k_extended: torch.Tensor,
