@@ -23,7 +23,9 @@ share of the 4096^3 matmul rate, is the ceiling of the issue's target 3 for this
 algorithm on this machine. It is optimistic: the replayed operands stay in
 cache, and the flash kernel runs under a mask of zeros (the real masks' -1e9
 entries take exp's slow path). The attention kernels' times include their
-softmax (and, for the native backward, the score gradients).
+softmax (and, for the native backward, the score gradients); the native ones
+read their rows through indices (all of row 0 here, in cache) and build their
+masks from positions.
 
 It also checks compare.py's analytic count of the FLOPs a step executes against
 the products recorded (written beside the table, and to ceiling.json).
@@ -54,13 +56,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fresh(spec, generator: torch.Generator):
-    """A new operand of the recorded layout (random values; an additive mask of zeros)."""
+    """A new operand of the recorded layout (random values; an additive mask of zeros; indices of row 0)."""
     if spec[0] != "tensor":
         return spec[1]
     _, shape, stride, dtype = spec
     tensor = torch.empty_strided(shape, stride, dtype=dtype)
     if dtype.is_floating_point:
         tensor.copy_(torch.randn(shape, generator=generator, dtype=dtype) * 0.1)
+    else:
+        tensor.zero_()  # the native kernel's row indices: valid for any rows
     return tensor
 
 

@@ -6,7 +6,7 @@ made inside it). Products: `mm`, `addmm`, `bmm`, `baddbmm` (their in-place and
 out= forms), PyTorch's CPU flash-attention kernel, whose FLOPs are its q.k
 and p.v products, and our native window kernel's operators (forward: q.k and
 p.v; backward: q.k, dO.v, dS.k, dS^T.q and P^T.dO), which include their softmax
-as the flash kernel does.
+as the flash kernel does (and, read through indices, their gathers and masks).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import reformer.attention.window_kernel  # noqa: F401  (registers torch.ops.reformer.window_block_*)
+import reformer.attention.window_kernel  # noqa: F401  (registers torch.ops.reformer.window_*)
 
 aten = torch.ops.aten
 PRODUCTS = {aten.mm.default: "mm", aten.mm.out: "mm", aten.addmm.default: "addmm", aten.addmm.out: "addmm",
@@ -25,7 +25,10 @@ PRODUCTS = {aten.mm.default: "mm", aten.mm.out: "mm", aten.addmm.default: "addmm
             aten.baddbmm.default: "baddbmm", aten.baddbmm.out: "baddbmm", aten.baddbmm_.default: "baddbmm",
             aten._scaled_dot_product_flash_attention_for_cpu.default: "flash attention",
             torch.ops.reformer.window_block_forward.default: "window kernel, forward",
-            torch.ops.reformer.window_block_backward.default: "window kernel, backward"}
+            torch.ops.reformer.window_block_backward.default: "window kernel, backward",
+            torch.ops.reformer.window_gathered_forward.default: "window kernel, forward",
+            torch.ops.reformer.window_gathered_backward.default: "window kernel, backward"}
+GATHERED = {torch.ops.reformer.window_gathered_forward.default, torch.ops.reformer.window_gathered_backward.default}
 WINDOW_PRODUCTS = {"window kernel, forward": 2, "window kernel, backward": 5}  # (c, w, d) products per chunk
 
 
@@ -40,6 +43,9 @@ def product_flops(func, args: tuple) -> int:
     """Multiply-adds x 2 of one call, from its operands' layouts."""
     shapes = [a[1] for a in args if a[0] == "tensor"]
     name = PRODUCTS[func]
+    if func in GATHERED:  # q_rows (N, d), ..., q_index (G, c) 4th, ..., k_pos (G, w) 7th (k_rows may be None)
+        (_, d), (g, c), (_, w) = args[0][1], args[3][1], args[6][1]
+        return WINDOW_PRODUCTS[name] * 2 * g * c * w * d
     if name == "mm":
         (m, k), (_, n) = shapes[:2]
         return 2 * m * k * n

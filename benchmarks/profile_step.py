@@ -47,6 +47,8 @@ PARTS = [
     (reversible, "_feed_forward_backward", "feed-forward backward"),
     (fused_chunks, "window_block_forward", "window kernel, forward"),
     (fused_chunks, "window_block_backward", "window kernel, backward"),
+    (fused_chunks, "gathered_block_forward", "window kernel, forward"),
+    (fused_chunks, "gathered_block_backward", "window kernel, backward"),
     (fused_chunks, "_block_rows", "gathers of q, k, v per block"),
     (fused_chunks.MaskRecipe, "block", "block masks"),
     (fused_chunks, "_combine_rounds", "combining the rounds"),

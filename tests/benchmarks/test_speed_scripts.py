@@ -62,7 +62,7 @@ def test_profile_quick_run_writes_both_tables(tmp_path):
     for part in ("feed-forward backward", "window kernel, forward", "window kernel, backward",
                  "hashing", "projections backward"):  # products recorded inside them
         assert "%)" in rates[part], (part, rates[part])
-    assert "%)" not in rates["block masks"]  # no products there
+    assert "%)" not in rates["sorting"]  # no products there
 
 
 def test_profile_refuses_zero_steps():
