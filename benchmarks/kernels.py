@@ -1,8 +1,9 @@
 """The native CPU kernels beside their PyTorch paths, call by call, at the benchmark model's shapes.
 
-Three calls, each with the native kernels on and off (REFORMER_NATIVE=1 / 0, in
-alternation within one process, --rounds rounds of --calls calls each; the table
-gives medians over the rounds of the mean time per call):
+Four calls, each with the native kernels on and off (REFORMER_NATIVE=1 / 0, in
+alternation within one process, --rounds rounds of --calls calls each, and
+--layer-calls for the whole layer; the table gives medians over the rounds of the
+mean time per call):
 - the window kernel's forward on one block: 64 chunks of 64 queries, d 64,
   windows of 2 chunks (the block of benchmarks/compare.py's model: LSH chunks of
   64, one chunk looked back), 30% of the keys masked; PyTorch's path is its CPU
@@ -11,7 +12,13 @@ gives medians over the rounds of the mean time per call):
   `window_block_backward_batched`;
 - LSH hashing (`hash_vectors`) of one layer: 4 heads x d 64, 4 rounds, the
   buckets the model takes (n_buckets=None: 2n / 64, factorised), at each
-  --lengths; PyTorch's path is `first_signed_argmax`'s float passes.
+  --lengths; PyTorch's path is `first_signed_argmax`'s float passes;
+- the causal LSH attention of one layer (`lsh_attention`, the same heads, rounds
+  and buckets, chunks of 64), forward and backward, at each --lengths: the
+  native kernel reads each block's rows through the plan's indices and builds
+  its mask in cache; PyTorch's path gathers the rows, builds the mask and runs
+  the flash kernel and the batched backward. It includes the hashing, sorting,
+  plans and the rounds' combination, which both paths share.
 FLOP rates count the forward's 2 and the backward's 5 (c, w, d) products per
 chunk, against the matmul rate (4096^3, float32) measured at the start of each
 round.
@@ -77,7 +84,23 @@ def calls(lengths: list[int]) -> dict:
         rotations = torch.randn(HEADS, D_HEAD, HASHES, lsh.rotation_size(buckets), generator=gen)
         table[f"LSH hashing, one layer at {length:,} tokens ({buckets} buckets)"] = (
             lambda x=x, rotations=rotations, buckets=buckets: lsh.hash_vectors(x, rotations, buckets), None)
+    for length in lengths:
+        table[f"LSH attention of one layer at {length:,} tokens, forward and backward"] = (
+            lsh_layer(length, gen), None, "layer")
     return table
+
+
+def lsh_layer(length: int, gen: torch.Generator):
+    """One causal LSH attention call of the benchmark model's layer shape and its backward."""
+    qk, v = (torch.randn(1, HEADS, length, D_HEAD, generator=gen, requires_grad=True) for _ in range(2))
+    buckets = lsh.n_buckets_for_length(length, CHUNK)
+    rotations = torch.randn(HEADS, D_HEAD, HASHES, lsh.rotation_size(buckets), generator=gen)
+    grad = torch.randn(1, HEADS, length, D_HEAD, generator=gen)
+
+    def call():
+        out, _ = lsh.lsh_attention(qk, v, rotations, n_buckets=buckets, chunk_size=CHUNK, causal=True)
+        out.backward(grad)
+    return call
 
 
 def time_calls(function, count: int) -> float:
@@ -88,14 +111,14 @@ def time_calls(function, count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
-def measure(table: dict, rounds: int, count: int) -> tuple[list[float], dict]:
+def measure(table: dict, rounds: int, count: int, layer_count: int) -> tuple[list[float], dict]:
     rates, seconds = [], {(name, setting): [] for name in table for setting in SETTINGS}
     for _ in range(rounds):
         rates.append(matmul_gflops("cpu"))
-        for name, (function, _) in table.items():
+        for name, (function, _, *kind) in table.items():
             for setting, value in SETTINGS.items():
                 os.environ[native.ENABLE_VARIABLE] = value
-                seconds[(name, setting)].append(time_calls(function, count))
+                seconds[(name, setting)].append(time_calls(function, layer_count if kind else count))
     os.environ.pop(native.ENABLE_VARIABLE, None)
     return rates, seconds
 
@@ -110,7 +133,7 @@ def report(table: dict, rates: list[float], seconds: dict, command: str) -> str:
              "| call | native (ms) | PyTorch (ms) | speed-up | native GFLOP/s (share of the matmul rate) "
              "| PyTorch GFLOP/s (share) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name, (_, flops) in table.items():
+    for name, (_, flops, *_) in table.items():
         fast, slow = (statistics.median(seconds[(name, s)]) for s in SETTINGS)
         rates_text = [f"{flops / t / 1e9:.0f} ({flops / t / 1e9 / rate:.0%})" if flops else "" for t in (fast, slow)]
         lines.append(f"| {name} | {fast * 1e3:.2f} | {slow * 1e3:.2f} | {slow / fast:.2f}x | {rates_text[0]} "
@@ -122,15 +145,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=50, help="calls per path per round")
+    p.add_argument("--layer-calls", type=int, default=3, help="calls of the whole layer per path per round")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384], help="hashing lengths")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.md")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.calls < 1:
-        p.error("--rounds and --calls must be at least 1")
+    if args.rounds < 1 or args.calls < 1 or args.layer_calls < 1:
+        p.error("--rounds, --calls and --layer-calls must be at least 1")
     if native.library() is None:
         p.error("the native kernels are unavailable here (no C++ compiler, or REFORMER_NATIVE=0): nothing to compare")
     table = calls(args.lengths)
-    rates, seconds = measure(table, args.rounds, args.calls)
+    rates, seconds = measure(table, args.rounds, args.calls, args.layer_calls)
     command = "python benchmarks/kernels.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = report(table, rates, seconds, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,8 @@ def test_compare_runs_a_variant_of_ours_beside_ours_under_a_tag(variant, tag, la
     ("sliding.py", ["--repeats", "0"], "--repeats and --lengths must be at least 1"),
     ("prefix_lsh.py", ["--dup-steps", "0"], "--dup-steps and --text-steps must be at least 1"),
     ("ceiling.py", ["--rounds", "0"], "--repeats, --rounds and --length must be at least 1"),
-    ("kernels.py", ["--calls", "0"], "--rounds and --calls must be at least 1"),
+    ("kernels.py", ["--calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
+    ("kernels.py", ["--layer-calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
 ])
 def test_new_benchmarks_refuse_zero_counts(script, args, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
@@ -139,9 +140,10 @@ def test_kernels_quick_run_writes_a_table_of_both_paths(tmp_path):
         pytest.skip("the native kernels are unavailable here")
     out = tmp_path / "kernels.md"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--rounds", "1", "--calls", "1",
-                    "--lengths", "512", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+                    "--layer-calls", "1", "--lengths", "512", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
     text = out.read_text()
     assert "| window kernel, backward (one block) |" in text and "| LSH hashing, one layer at 512 tokens" in text
+    assert "| LSH attention of one layer at 512 tokens, forward and backward |" in text
     assert "--calls 1" in text and out.with_suffix(".json").is_file()
 
 
