@@ -8,9 +8,9 @@
 // Legend (row-major): G chunks of c queries, d head width, m window parts, w = m * c keys per window,
 // E = (G + m - 1) * c extended rows; chunk i's window is extended rows i*c .. i*c + w.
 //   rows: (N, d) contiguous, read through indices: query slot s of the block is row q_index[s] (G * c of them),
-//   extended row t is row kv_index[t] (E of them) of the key rows and of the value rows. Shared query-keys
-//   (no key rows): the keys are the query rows at kv_index scaled to unit length, x * rsqrt(|x|^2 / d + eps) /
-//   sqrt(d).
+//   extended row t is row kv_index[t] (E of them) of the key rows and of the value rows; without indices the
+//   rows are the block's in order, read in place. Shared query-keys (no key rows, indices needed): the keys are
+//   the query rows at kv_index scaled to unit length, x * rsqrt(|x|^2 / d + eps) / sqrt(d).
 //   mask (MaskSpec): a dense (G, c, w) additive tensor, or its recipe: positions per query and per window key.
 //
 // Forward, chunk by chunk (in parallel): x = scale*q.k + mask; lse = max + log(sum exp(max(x - max, floor)));
@@ -273,7 +273,8 @@ void put_rows(T *base, const int64_t *index, int64_t first, int c, int d, const 
     }
 }
 
-// A block's inputs: rows and the indices that pick its queries and its extended rows.
+// A block's inputs: rows and the indices that pick its queries and its extended rows (null: the rows in order,
+// read in place).
 template <typename T>
 struct Block {
     int G, c, d, m;
@@ -282,16 +283,26 @@ struct Block {
     T scale, floor, p_floor, key_eps;
 
     int w() const { return m * c; }
-    void queries(int i, T *out) const { gather_rows(q_rows, q_index + static_cast<int64_t>(i) * c, c, d, out); }
-    void keys(int i, T *out) const {  // chunk i's w window keys
-        const int64_t *index = kv_index + static_cast<int64_t>(i) * c;
-        if (k_rows == nullptr) {
-            gather_unit_keys(q_rows, index, w(), d, key_eps, out);
-        } else {
-            gather_rows(k_rows, index, w(), d, out);
-        }
+    // Chunk i's c queries, w window keys, w window values: in `buffer` (c or w rows), or in place.
+    const T *queries(int i, T *buffer) const {
+        if (q_index == nullptr) return q_rows + static_cast<int64_t>(i) * c * d;
+        gather_rows(q_rows, q_index + static_cast<int64_t>(i) * c, c, d, buffer);
+        return buffer;
     }
-    void values(int i, T *out) const { gather_rows(v_rows, kv_index + static_cast<int64_t>(i) * c, w(), d, out); }
+    const T *keys(int i, T *buffer) const {
+        if (k_rows == nullptr) {
+            gather_unit_keys(q_rows, kv_index + static_cast<int64_t>(i) * c, w(), d, key_eps, buffer);
+            return buffer;
+        }
+        return window(k_rows, i, buffer);
+    }
+    const T *values(int i, T *buffer) const { return window(v_rows, i, buffer); }
+    const T *window(const T *rows, int i, T *buffer) const {
+        if (kv_index == nullptr) return rows + static_cast<int64_t>(i) * c * d;
+        gather_rows(rows, kv_index + static_cast<int64_t>(i) * c, w(), d, buffer);
+        return buffer;
+    }
+    int64_t query_row(int64_t slot) const { return q_index == nullptr ? slot : q_index[slot]; }
 };
 
 template <typename T>
@@ -306,13 +317,10 @@ void block_forward(const Block<T> &b, const MaskSpec &spec, T *out, const int64_
         T *v = k + window_rows, *inv_sum = v + window_rows;
 #pragma omp for schedule(static)
         for (int i = 0; i < b.G; ++i) {
-            b.queries(i, q);
-            b.keys(i, k);
-            b.values(i, v);
-            gemm<T>(false, true, c, w, d, T(1), q, d, k, d, T(0), weights, w);  // q.k^T (c, w)
+            gemm<T>(false, true, c, w, d, T(1), b.queries(i, q), d, b.keys(i, k), d, T(0), weights, w);  // q.k^T
             softmax_tile(weights, mask_tile(spec, i, c, w, mask), c, w, b.scale, b.floor, b.p_floor,
                          lse + static_cast<int64_t>(i) * c, inv_sum);
-            gemm<T>(false, false, c, d, w, T(1), weights, w, v, d, T(0), o, d);  // P.v (c, d)
+            gemm<T>(false, false, c, d, w, T(1), weights, w, b.values(i, v), d, T(0), o, d);  // P.v (c, d)
             put_rows(out, out_index, static_cast<int64_t>(i) * c, c, d, o, false, inv_sum);
         }
         delete[] buffer;
@@ -346,25 +354,31 @@ void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
     const int64_t first = static_cast<int64_t>(i) * c, rows = static_cast<int64_t>(c) * d;
     T *mask = scratch, *o = mask + static_cast<int64_t>(c) * w, *dq = o + rows, *k = dq + rows;
     T *v = k + static_cast<int64_t>(w) * d;
-    b.queries(i, q_i);
-    gather_rows(gradient.grad_rows, b.q_index + first, c, d, grad_i);
+    const T *queries = b.queries(i, q_i);
+    if (queries != q_i) std::memcpy(q_i, queries, sizeof(T) * rows);  // phase 2 reads them from q_i
+    for (int r = 0; r < c; ++r)
+        std::memcpy(grad_i + static_cast<int64_t>(r) * d, gradient.grad_rows + b.query_row(first + r) * d,
+                    sizeof(T) * d);
     if (gradient.lse_rows != nullptr) {  // dO times the round's share of the joint softmax
         for (int r = 0; r < c; ++r) {
-            const double lse_row = gradient.lse_rows[b.q_index[first + r]];
+            const double lse_row = gradient.lse_rows[b.query_row(first + r)];
             const T share = static_cast<T>(std::exp(static_cast<double>(gradient.lse[first + r]) - lse_row));
             T *g = grad_i + static_cast<int64_t>(r) * d;
 #pragma omp simd
             for (int j = 0; j < d; ++j) g[j] *= share;
         }
     }
-    gather_rows(gradient.out_rows, b.q_index + first, c, d, o);
-    b.keys(i, k);
-    b.values(i, v);
-    gemm<T>(false, true, c, w, d, T(1), q_i, d, k, d, T(0), p, w);  // q.k^T (c, w)
+    const T *outputs = gradient.out_rows + first * d;
+    if (b.q_index != nullptr) {
+        gather_rows(gradient.out_rows, b.q_index + first, c, d, o);
+        outputs = o;
+    }
+    const T *keys = b.keys(i, k), *values = b.values(i, v);
+    gemm<T>(false, true, c, w, d, T(1), q_i, d, keys, d, T(0), p, w);  // q.k^T (c, w)
     probabilities_tile(p, mask_tile(spec, i, c, w, mask), gradient.lse + first, c, w, b.scale, b.floor, b.p_floor);
-    gemm<T>(false, true, c, w, d, T(1), grad_i, d, v, d, T(0), ds, w);  // dO.v^T (c, w)
-    score_gradients_tile(ds, p, grad_i, o, c, w, d);
-    gemm<T>(false, false, c, d, w, b.scale, ds, w, k, d, T(0), dq, d);  // scale dS.k (c, d)
+    gemm<T>(false, true, c, w, d, T(1), grad_i, d, values, d, T(0), ds, w);  // dO.v^T (c, w)
+    score_gradients_tile(ds, p, grad_i, outputs, c, w, d);
+    gemm<T>(false, false, c, d, w, b.scale, ds, w, keys, d, T(0), dq, d);  // scale dS.k (c, d)
     put_rows(targets.dq, targets.dq_index, first, c, d, dq, targets.dq_accumulate);
 }
 
@@ -405,7 +419,7 @@ void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
             if (b.k_rows != nullptr) {
                 put_rows<T>(targets.dk, nullptr, at, c, d, dk, targets.kv_accumulate);
             } else {
-                for (int r = 0; r < c; ++r)
+                for (int r = 0; r < c; ++r)  // shared query-keys always come with indices
                     add_unit_key_backward(targets.dk + (at + r) * d, b.q_rows + b.kv_index[at + r] * d,
                                           dk + static_cast<int64_t>(r) * d, d, b.key_eps);
             }

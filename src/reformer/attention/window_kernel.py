@@ -194,20 +194,32 @@ def _check_block(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Te
 
 
 def _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias) -> tuple[int, int, int, int]:
-    """(G, c, d, m) of a gathered block, after checking what the kernel would read out of bounds."""
-    g, c = q_index.shape
-    d, w = q_rows.shape[1], k_pos.shape[-1]
+    """(G, c, d, m) of a gathered block, after checking what the kernel would read out of bounds.
+
+    Without indices (None), the rows are the block's own in order: G * c query rows, E key and value rows.
+    """
+    g, c = q_pos.shape if q_pos.dim() == 2 else (-1, 1)
+    d, w = q_rows.shape[-1], k_pos.shape[-1]
     rows = [t for t in (q_rows, k_rows, v_rows) if t is not None]
     _check_mask(q_pos, k_pos, bias, c, q_rows.dtype)
-    if q_pos.shape[0] != g:
-        raise ValueError(f"window kernel: mask positions for {q_pos.shape[0]} chunks, queries for {g}")
-    if kv_index.shape != ((g + w // c - 1) * c,):
-        raise ValueError(f"window kernel: {kv_index.shape[0]} extended rows do not cover {g} chunks of {c} with "
-                         f"windows of {w}")
+    extended = (g + w // c - 1) * c
     if any(t.dim() != 2 or t.shape[1] != d or not t.is_contiguous() or t.dtype != q_rows.dtype for t in rows):
         raise ValueError("window kernel: the rows must be contiguous (N, d) tensors of one dtype")
+    if q_index is None:
+        if q_rows.shape[0] != g * c:
+            raise ValueError(f"window kernel: without q_index, the {g} chunks of {c} queries are the query rows")
+    elif q_index.shape != (g, c) or not _indexes(q_index, q_rows.shape[0]):
+        raise ValueError("window kernel: q_index and kv_index must be contiguous int64 indices of rows they read, "
+                         f"q_index ({g}, {c})")
     keys = q_rows if k_rows is None else k_rows
-    if not (_indexes(q_index, q_rows.shape[0]) and _indexes(kv_index, min(keys.shape[0], v_rows.shape[0]))):
+    if kv_index is None:
+        if k_rows is None or k_rows.shape[0] != extended or v_rows.shape[0] != extended:
+            raise ValueError(f"window kernel: without kv_index, the key and value rows are the {extended} extended "
+                             "rows (and shared query-keys need indices)")
+    elif kv_index.shape != (extended,):
+        raise ValueError(f"window kernel: {kv_index.shape[0]} extended rows do not cover {g} chunks of {c} with "
+                         f"windows of {w}")
+    elif not _indexes(kv_index, min(keys.shape[0], v_rows.shape[0])):
         raise ValueError("window kernel: q_index and kv_index must be contiguous int64 indices of rows they read")
     return g, c, d, w // c
 
@@ -265,7 +277,7 @@ def _native_gathered_backward(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, 
     g, c, d, m = _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias)
     dtype = q_rows.dtype
     spec = _mask_spec(dense, q_pos, k_pos, bias, causal, band, self_mode, diagonal, self_value, masked_value)
-    extended = kv_index.shape[0]
+    extended = (g + m - 1) * c
     _check_outputs(g * c, d, dtype, [(dq, dq_index)], [lse])
     _check_outputs(extended, d, dtype, [(dk, None), (dv, None)], [])
     for rows in (grad_rows, out_rows):
@@ -300,16 +312,13 @@ def _check_outputs(count: int, d: int, dtype, targets, per_query) -> None:
 
 
 def _dense_block(q, k_extended, v_extended, mask):
-    """A dense block as a gathered one: its rows in order, through identity indices, under its dense mask."""
+    """A dense block as a gathered one: its rows in order (no indices), under its dense mask."""
     parts = _check_block(q, k_extended, v_extended, mask)
     g, c, d = q.shape
     dtype = q.dtype
     q_rows, k_rows, v_rows = (t.to(dtype).reshape(-1, d).contiguous() for t in (q, k_extended, v_extended))
-    extended = k_rows.shape[0]
     positions = q_rows.new_zeros((g, c), dtype=torch.float64), q_rows.new_zeros((g, parts * c), dtype=torch.float64)
-    index = torch.arange(max(g * c, extended), device=q.device)
-    rows = (q_rows, k_rows, v_rows, index[:g * c].view(g, c), index[:extended], *positions, None)
-    return rows, mask.to(dtype).contiguous()
+    return (q_rows, k_rows, v_rows, None, None, *positions, None), mask.to(dtype).contiguous()
 
 
 def _mask_free(dense):
@@ -336,7 +345,7 @@ def _native_block_backward(grad, q, k_extended, v_extended, out, lse, mask, scal
     return dq.view(g, c, d), dk, dv
 
 
-_GATHERED = ("Tensor q_rows, Tensor? k_rows, Tensor v_rows, Tensor q_index, Tensor kv_index, Tensor q_pos, "
+_GATHERED = ("Tensor q_rows, Tensor? k_rows, Tensor v_rows, Tensor? q_index, Tensor? kv_index, Tensor q_pos, "
              "Tensor k_pos, Tensor? bias, bool causal, float? band, int self_mode, int diagonal, float self_value, "
              "float masked_value, float scale")
 _OPERATORS = torch.library.Library("reformer", "DEF")
