@@ -18,8 +18,9 @@ The native kernel (float32 and float64 rows) reads the block's rows through
 the plan's indices and builds the mask from its recipe chunk by chunk, in
 cache (`window_kernel.gathered_block_forward`); otherwise the rows are gathered
 (`_block_rows`), the mask is built (`MaskRecipe.block`) and PyTorch's CPU flash
-attention runs on them, as it does for bfloat16. After its last block, a head row's rounds are combined position
-by position: each round's slots are gathered by rank and weighted by
+attention runs on them, as it does for bfloat16. After its last block, a head
+row's rounds are combined position by position: each round's slots are
+gathered by rank and weighted by
 exp(lse_r - lse), with lse their log-sum-exp, kept in float64 (near the -1e5
 self logit float32 is 0.0078 coarse), so the rounds combine exactly as one
 softmax. A plan in position order (local attention) writes its blocks straight
