@@ -284,11 +284,17 @@ struct Block {
 
     int w() const { return m * c; }
     // Chunk i's c queries, w window keys, w window values: in `buffer` (c or w rows), or in place.
-    const T *queries(int i, T *buffer) const {
-        if (q_index == nullptr) return q_rows + static_cast<int64_t>(i) * c * d;
-        gather_rows(q_rows, q_index + static_cast<int64_t>(i) * c, c, d, buffer);
+    // Chunk i's c rows of `rows` (laid out as the query rows) at its queries: in place, or gathered into buffer.
+    const T *query_rows(const T *rows, int i, T *buffer) const {
+        if (q_index == nullptr) return rows + static_cast<int64_t>(i) * c * d;
+        gather_rows(rows, q_index + static_cast<int64_t>(i) * c, c, d, buffer);
         return buffer;
     }
+    void copy_query_rows(const T *rows, int i, T *out) const {
+        const T *found = query_rows(rows, i, out);
+        if (found != out) std::memcpy(out, found, sizeof(T) * c * d);
+    }
+    const T *queries(int i, T *buffer) const { return query_rows(q_rows, i, buffer); }
     const T *keys(int i, T *buffer) const {
         if (k_rows == nullptr) {
             gather_unit_keys(q_rows, kv_index + static_cast<int64_t>(i) * c, w(), d, key_eps, buffer);
@@ -354,11 +360,8 @@ void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
     const int64_t first = static_cast<int64_t>(i) * c, rows = static_cast<int64_t>(c) * d;
     T *mask = scratch, *o = mask + static_cast<int64_t>(c) * w, *dq = o + rows, *k = dq + rows;
     T *v = k + static_cast<int64_t>(w) * d;
-    const T *queries = b.queries(i, q_i);
-    if (queries != q_i) std::memcpy(q_i, queries, sizeof(T) * rows);  // phase 2 reads them from q_i
-    for (int r = 0; r < c; ++r)
-        std::memcpy(grad_i + static_cast<int64_t>(r) * d, gradient.grad_rows + b.query_row(first + r) * d,
-                    sizeof(T) * d);
+    b.copy_query_rows(b.q_rows, i, q_i);  // phase 2 reads the queries and the scaled dO from the workspace
+    b.copy_query_rows(gradient.grad_rows, i, grad_i);
     if (gradient.lse_rows != nullptr) {  // dO times the round's share of the joint softmax
         for (int r = 0; r < c; ++r) {
             const double lse_row = gradient.lse_rows[b.query_row(first + r)];
@@ -368,11 +371,7 @@ void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
             for (int j = 0; j < d; ++j) g[j] *= share;
         }
     }
-    const T *outputs = gradient.out_rows + first * d;
-    if (b.q_index != nullptr) {
-        gather_rows(gradient.out_rows, b.q_index + first, c, d, o);
-        outputs = o;
-    }
+    const T *outputs = b.query_rows(gradient.out_rows, i, o);
     const T *keys = b.keys(i, k), *values = b.values(i, v);
     gemm<T>(false, true, c, w, d, T(1), q_i, d, keys, d, T(0), p, w);  // q.k^T (c, w)
     probabilities_tile(p, mask_tile(spec, i, c, w, mask), gradient.lse + first, c, w, b.scale, b.floor, b.p_floor);
