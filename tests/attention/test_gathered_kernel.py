@@ -159,6 +159,7 @@ def test_gathered_backward_is_the_same_bit_for_bit_with_one_or_two_threads():
 
 
 def test_gathered_blocks_refuse_what_they_would_read_or_write_out_of_bounds():
+    """Shapes and layouts are checked before the call; index values by the kernel as it reads them."""
     plan, (q_rows, _, v_rows) = make_plan(torch.float64)
     row, start, end = next(each_block(plan))
     block = fused_chunks._gathered_block(plan, row, start, end, q_rows, None, v_rows)
@@ -175,7 +176,19 @@ def test_gathered_blocks_refuse_what_they_would_read_or_write_out_of_bounds():
         ({}, (out[:-1], None, lse), "an output must be"),
         ({}, (out, None, lse[:-1]), "log-sum-exps"),
     ]
+    negative = block.kv_index.clone()
+    negative[-1] = -1
+    far = block.q_index.clone()
+    far[-1, -1] = q_rows.shape[0]  # a row the output does not have
+    cases += [(dict(kv_index=negative), (out, None, lse), "q_index and kv_index"),
+              ({}, (torch.empty_like(q_rows), far, lse), "q_index and kv_index")]
     for changes, outputs, message in cases:
         broken = window_kernel.GatheredBlock(**{**vars(block), **changes})
         with pytest.raises(ValueError, match=message):
             window_kernel.gathered_block_forward(broken, *outputs)
+    extended = block.kv_index.shape[0]
+    gradients = [torch.zeros_like(q_rows), far, False, *(torch.zeros(extended, d, dtype=torch.float64)
+                                                          for _ in range(2)), True]
+    with pytest.raises(ValueError, match="q_index and kv_index must be indices of rows they read"):  # dq_index
+        window_kernel.gathered_block_backward(block, torch.zeros_like(q_rows), torch.zeros_like(q_rows), lse, None,
+                                              *gradients)

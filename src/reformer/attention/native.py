@@ -33,13 +33,13 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("window_kernel.cpp",
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels take, and their names' suffix
-VERSION = 3  # reformer_window_kernel_version() of the source this module speaks to
+VERSION = 4  # reformer_window_kernel_version() of the source this module speaks to
 
 _POINTER = ctypes.c_void_p
 _SIGNATURES = {  # None: the dtype's scalar type
-    "forward": [ctypes.c_int] * 4 + [_POINTER] * 6 + [None] * 4 + [_POINTER] * 3,
+    "forward": [ctypes.c_int] * 4 + [_POINTER] * 6 + [None] * 4 + [_POINTER] * 4,
     "backward": [ctypes.c_int] * 4 + [_POINTER] * 6 + [None] * 4 + [_POINTER] * 6 + [ctypes.c_int] + [_POINTER] * 2
-    + [ctypes.c_int] + [_POINTER] * 4,
+    + [ctypes.c_int] + [_POINTER] * 5,
     "mask": [ctypes.c_int] * 3 + [_POINTER] * 2,
 }
 
@@ -135,7 +135,7 @@ def _load() -> ctypes.CDLL | None:
             scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
             function = getattr(lib, f"reformer_window_{kind}_{suffix}")
             function.argtypes = [scalar if argument is None else argument for argument in signature]
-            function.restype = None
+            function.restype = None if kind == "mask" else ctypes.c_int  # 1: an index out of range
     for suffix in SUFFIXES.values():
         signed_argmax = getattr(lib, f"reformer_signed_argmax_{suffix}")
         signed_argmax.argtypes, signed_argmax.restype = _SIGNED_ARGMAX, None

@@ -24,6 +24,7 @@
 // through the unit-length scaling. Each extended chunk is written by one thread, in a fixed order: the result
 // does not depend on the number of threads.
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -217,10 +218,22 @@ const T *mask_tile(const MaskSpec &spec, int i, int c, int w, T *tile) {
     return tile;
 }
 
+// The indices come from the caller: one outside [0, limit) raises the flag (the call then reports an error) and
+// reads or writes row 0 instead, so that nothing outside the tensors is ever touched. No pass of its own.
+struct Bounds {
+    int64_t limit;
+    std::atomic<int> *bad;
+    int64_t operator()(int64_t index) const {
+        if (index >= 0 && index < limit) return index;
+        bad->store(1, std::memory_order_relaxed);
+        return 0;
+    }
+};
+
 template <typename T>
-void gather_rows(const T *rows, const int64_t *index, int count, int d, T *out) {
+void gather_rows(const T *rows, const int64_t *index, const Bounds &bounds, int count, int d, T *out) {
     for (int t = 0; t < count; ++t)
-        std::memcpy(out + static_cast<int64_t>(t) * d, rows + index[t] * d, sizeof(T) * d);
+        std::memcpy(out + static_cast<int64_t>(t) * d, rows + bounds(index[t]) * d, sizeof(T) * d);
 }
 
 // s = rsqrt(|x|^2 / d + eps) / sqrt(d) of one row: its unit-length key is x * s.
@@ -233,9 +246,9 @@ T key_scale(const T *x, int d, T eps) {
 }
 
 template <typename T>
-void gather_unit_keys(const T *rows, const int64_t *index, int count, int d, T eps, T *out) {
+void gather_unit_keys(const T *rows, const int64_t *index, const Bounds &bounds, int count, int d, T eps, T *out) {
     for (int t = 0; t < count; ++t) {
-        const T *x = rows + index[t] * d;
+        const T *x = rows + bounds(index[t]) * d;
         const T s = key_scale(x, d, eps);
         T *k = out + static_cast<int64_t>(t) * d;
 #pragma omp simd
@@ -255,12 +268,13 @@ void add_unit_key_backward(T *into, const T *x, const T *g, int d, T eps) {
     for (int j = 0; j < d; ++j) into[j] += g[j] * s - x[j] * along;
 }
 
-// values (c, d) times factors (per row; null: 1) into rows first .. first + c of base, or rows index[first ..].
+// values (c, d) times factors (per row; null: 1) into rows first .. first + c of base, or rows index[first ..]
+// (within bounds, which go with the index).
 template <typename T>
-void put_rows(T *base, const int64_t *index, int64_t first, int c, int d, const T *values, bool accumulate,
-              const T *factors = nullptr) {
+void put_rows(T *base, const int64_t *index, const Bounds *bounds, int64_t first, int c, int d, const T *values,
+              bool accumulate, const T *factors = nullptr) {
     for (int r = 0; r < c; ++r) {
-        T *target = base + (index == nullptr ? first + r : index[first + r]) * d;
+        T *target = base + (index == nullptr ? first + r : (*bounds)(index[first + r])) * d;
         const T *value = values + static_cast<int64_t>(r) * d;
         const T factor = factors == nullptr ? T(1) : factors[r];
         if (accumulate) {
@@ -281,13 +295,14 @@ struct Block {
     const T *q_rows, *k_rows, *v_rows;  // k_rows null: shared query-keys
     const int64_t *q_index, *kv_index;  // (G * c), (E)
     T scale, floor, p_floor, key_eps;
+    Bounds q_bounds, kv_bounds;  // the rows q_index and kv_index may pick
 
     int w() const { return m * c; }
     // Chunk i's c queries, w window keys, w window values: in `buffer` (c or w rows), or in place.
     // Chunk i's c rows of `rows` (laid out as the query rows) at its queries: in place, or gathered into buffer.
     const T *query_rows(const T *rows, int i, T *buffer) const {
         if (q_index == nullptr) return rows + static_cast<int64_t>(i) * c * d;
-        gather_rows(rows, q_index + static_cast<int64_t>(i) * c, c, d, buffer);
+        gather_rows(rows, q_index + static_cast<int64_t>(i) * c, q_bounds, c, d, buffer);
         return buffer;
     }
     void copy_query_rows(const T *rows, int i, T *out) const {
@@ -297,7 +312,7 @@ struct Block {
     const T *queries(int i, T *buffer) const { return query_rows(q_rows, i, buffer); }
     const T *keys(int i, T *buffer) const {
         if (k_rows == nullptr) {
-            gather_unit_keys(q_rows, kv_index + static_cast<int64_t>(i) * c, w(), d, key_eps, buffer);
+            gather_unit_keys(q_rows, kv_index + static_cast<int64_t>(i) * c, kv_bounds, w(), d, key_eps, buffer);
             return buffer;
         }
         return window(k_rows, i, buffer);
@@ -305,14 +320,15 @@ struct Block {
     const T *values(int i, T *buffer) const { return window(v_rows, i, buffer); }
     const T *window(const T *rows, int i, T *buffer) const {
         if (kv_index == nullptr) return rows + static_cast<int64_t>(i) * c * d;
-        gather_rows(rows, kv_index + static_cast<int64_t>(i) * c, w(), d, buffer);
+        gather_rows(rows, kv_index + static_cast<int64_t>(i) * c, kv_bounds, w(), d, buffer);
         return buffer;
     }
-    int64_t query_row(int64_t slot) const { return q_index == nullptr ? slot : q_index[slot]; }
+    int64_t query_row(int64_t slot) const { return q_index == nullptr ? slot : q_bounds(q_index[slot]); }
 };
 
 template <typename T>
-void block_forward(const Block<T> &b, const MaskSpec &spec, T *out, const int64_t *out_index, T *lse) {
+void block_forward(const Block<T> &b, const MaskSpec &spec, T *out, const int64_t *out_index,
+                   const Bounds &out_bounds, T *lse) {
     const int c = b.c, d = b.d, w = b.w();
     const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
     const int64_t window_rows = static_cast<int64_t>(w) * d;
@@ -327,7 +343,7 @@ void block_forward(const Block<T> &b, const MaskSpec &spec, T *out, const int64_
             softmax_tile(weights, mask_tile(spec, i, c, w, mask), c, w, b.scale, b.floor, b.p_floor,
                          lse + static_cast<int64_t>(i) * c, inv_sum);
             gemm<T>(false, false, c, d, w, T(1), weights, w, b.values(i, v), d, T(0), o, d);  // P.v (c, d)
-            put_rows(out, out_index, static_cast<int64_t>(i) * c, c, d, o, false, inv_sum);
+            put_rows(out, out_index, &out_bounds, static_cast<int64_t>(i) * c, c, d, o, false, inv_sum);
         }
         delete[] buffer;
     }
@@ -347,6 +363,7 @@ template <typename T>
 struct Targets {
     T *dq;
     const int64_t *dq_index;
+    Bounds dq_bounds;
     bool dq_accumulate;
     T *dk, *dv;
     bool kv_accumulate;
@@ -378,7 +395,7 @@ void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
     gemm<T>(false, true, c, w, d, T(1), grad_i, d, values, d, T(0), ds, w);  // dO.v^T (c, w)
     score_gradients_tile(ds, p, grad_i, outputs, c, w, d);
     gemm<T>(false, false, c, d, w, b.scale, ds, w, keys, d, T(0), dq, d);  // scale dS.k (c, d)
-    put_rows(targets.dq, targets.dq_index, first, c, d, dq, targets.dq_accumulate);
+    put_rows(targets.dq, targets.dq_index, &targets.dq_bounds, first, c, d, dq, targets.dq_accumulate);
 }
 
 template <typename T>
@@ -414,12 +431,12 @@ void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
                 first = false;
             }
             const int64_t at = static_cast<int64_t>(j) * c;
-            put_rows<T>(targets.dv, nullptr, at, c, d, dv, targets.kv_accumulate);
+            put_rows<T>(targets.dv, nullptr, nullptr, at, c, d, dv, targets.kv_accumulate);
             if (b.k_rows != nullptr) {
-                put_rows<T>(targets.dk, nullptr, at, c, d, dk, targets.kv_accumulate);
+                put_rows<T>(targets.dk, nullptr, nullptr, at, c, d, dk, targets.kv_accumulate);
             } else {
                 for (int r = 0; r < c; ++r)  // shared query-keys always come with indices
-                    add_unit_key_backward(targets.dk + (at + r) * d, b.q_rows + b.kv_index[at + r] * d,
+                    add_unit_key_backward(targets.dk + (at + r) * d, b.q_rows + b.kv_bounds(b.kv_index[at + r]) * d,
                                           dk + static_cast<int64_t>(r) * d, d, b.key_eps);
             }
         }
@@ -431,27 +448,36 @@ void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
 
 extern "C" {
 
-int reformer_window_kernel_version() { return 3; }
+int reformer_window_kernel_version() { return 4; }
 
+// limits: the rows q_index may pick (the query, gradient and output rows), the rows kv_index may pick (the key
+// and value rows), the rows out_index or dq_index may pick. Returns 0, or 1 when an index was out of range (the
+// outputs are then undefined).
 #define REFORMER_WINDOW_KERNELS(T, SUFFIX)                                                                          \
-    void reformer_window_forward_##SUFFIX(int G, int c, int d, int m, const T *q_rows, const T *k_rows,            \
-                                          const T *v_rows, const int64_t *q_index, const int64_t *kv_index,        \
-                                          const MaskSpec *mask, T scale, T floor, T p_floor, T key_eps, T *out,    \
-                                          const int64_t *out_index, T *lse) {                                      \
-        const Block<T> block{G, c, d, m, q_rows, k_rows, v_rows, q_index, kv_index, scale, floor, p_floor, key_eps}; \
-        block_forward<T>(block, *mask, out, out_index, lse);                                                       \
+    int reformer_window_forward_##SUFFIX(int G, int c, int d, int m, const T *q_rows, const T *k_rows,             \
+                                         const T *v_rows, const int64_t *q_index, const int64_t *kv_index,         \
+                                         const MaskSpec *mask, T scale, T floor, T p_floor, T key_eps, T *out,     \
+                                         const int64_t *out_index, T *lse, const int64_t *limits) {                \
+        std::atomic<int> bad{0};                                                                                   \
+        const Block<T> block{G,        c,     d,       m,       q_rows, k_rows, v_rows, q_index, kv_index, scale, \
+                             floor,    p_floor, key_eps, {limits[0], &bad}, {limits[1], &bad}};                   \
+        block_forward<T>(block, *mask, out, out_index, Bounds{limits[2], &bad}, lse);                              \
+        return bad.load();                                                                                         \
     }                                                                                                              \
-    void reformer_window_backward_##SUFFIX(int G, int c, int d, int m, const T *q_rows, const T *k_rows,           \
-                                           const T *v_rows, const int64_t *q_index, const int64_t *kv_index,       \
-                                           const MaskSpec *mask, T scale, T floor, T p_floor, T key_eps,           \
-                                           const T *grad_rows, const T *out_rows, const T *lse,                    \
-                                           const double *lse_rows, T *dq, const int64_t *dq_index,                 \
-                                           int dq_accumulate, T *dk, T *dv, int kv_accumulate, T *probabilities,   \
-                                           T *d_scores, T *grads, T *queries) {                                    \
-        const Block<T> block{G, c, d, m, q_rows, k_rows, v_rows, q_index, kv_index, scale, floor, p_floor, key_eps}; \
+    int reformer_window_backward_##SUFFIX(int G, int c, int d, int m, const T *q_rows, const T *k_rows,            \
+                                          const T *v_rows, const int64_t *q_index, const int64_t *kv_index,        \
+                                          const MaskSpec *mask, T scale, T floor, T p_floor, T key_eps,            \
+                                          const T *grad_rows, const T *out_rows, const T *lse,                     \
+                                          const double *lse_rows, T *dq, const int64_t *dq_index,                  \
+                                          int dq_accumulate, T *dk, T *dv, int kv_accumulate, T *probabilities,    \
+                                          T *d_scores, T *grads, T *queries, const int64_t *limits) {              \
+        std::atomic<int> bad{0};                                                                                   \
+        const Block<T> block{G,        c,     d,       m,       q_rows, k_rows, v_rows, q_index, kv_index, scale, \
+                             floor,    p_floor, key_eps, {limits[0], &bad}, {limits[1], &bad}};                   \
         const Gradient<T> gradient{grad_rows, out_rows, lse, lse_rows};                                            \
-        const Targets<T> targets{dq, dq_index, dq_accumulate != 0, dk, dv, kv_accumulate != 0};                    \
+        const Targets<T> targets{dq, dq_index, {limits[2], &bad}, dq_accumulate != 0, dk, dv, kv_accumulate != 0}; \
         block_backward<T>(block, *mask, gradient, targets, probabilities, d_scores, grads, queries);               \
+        return bad.load();                                                                                         \
     }
 
 #define REFORMER_WINDOW_MASK(T, SUFFIX)                                                                             \

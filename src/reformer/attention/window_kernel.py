@@ -194,7 +194,7 @@ def _check_block(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Te
 
 
 def _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias) -> tuple[int, int, int, int]:
-    """(G, c, d, m) of a gathered block, after checking what the kernel would read out of bounds.
+    """(G, c, d, m) of a gathered block, after checking its shapes and layouts (the kernel checks the index values).
 
     Without indices (None), the rows are the block's own in order: G * c query rows, E key and value rows.
     """
@@ -208,10 +208,8 @@ def _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bia
     if q_index is None:
         if q_rows.shape[0] != g * c:
             raise ValueError(f"window kernel: without q_index, the {g} chunks of {c} queries are the query rows")
-    elif q_index.shape != (g, c) or not _indexes(q_index, q_rows.shape[0]):
-        raise ValueError("window kernel: q_index and kv_index must be contiguous int64 indices of rows they read, "
-                         f"q_index ({g}, {c})")
-    keys = q_rows if k_rows is None else k_rows
+    elif q_index.shape != (g, c) or not _is_index(q_index):
+        raise ValueError(f"window kernel: q_index and kv_index must be contiguous int64 indices, q_index ({g}, {c})")
     if kv_index is None:
         if k_rows is None or k_rows.shape[0] != extended or v_rows.shape[0] != extended:
             raise ValueError(f"window kernel: without kv_index, the key and value rows are the {extended} extended "
@@ -219,9 +217,21 @@ def _check_gathered(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bia
     elif kv_index.shape != (extended,):
         raise ValueError(f"window kernel: {kv_index.shape[0]} extended rows do not cover {g} chunks of {c} with "
                          f"windows of {w}")
-    elif not _indexes(kv_index, min(keys.shape[0], v_rows.shape[0])):
-        raise ValueError("window kernel: q_index and kv_index must be contiguous int64 indices of rows they read")
+    elif not _is_index(kv_index):
+        raise ValueError("window kernel: q_index and kv_index must be contiguous int64 indices")
     return g, c, d, w // c
+
+
+def _limits(q_rows, k_rows, v_rows, targets) -> torch.Tensor:
+    """The rows q_index, kv_index and the output index may pick, for the kernel's bounds checks (as it reads)."""
+    keys = q_rows if k_rows is None else k_rows
+    return torch.tensor([q_rows.shape[0], min(keys.shape[0], v_rows.shape[0]), targets.shape[0]], dtype=torch.int64)
+
+
+def _raise_if_out_of_range(status: int) -> None:
+    if status != 0:
+        raise ValueError("window kernel: q_index and kv_index must be indices of rows they read (and out_index, "
+                         "dq_index of rows they write): one is out of range; the outputs are undefined")
 
 
 def _check_mask(q_pos, k_pos, bias, c: int, dtype) -> None:
@@ -236,10 +246,9 @@ def _check_mask(q_pos, k_pos, bias, c: int, dtype) -> None:
         raise ValueError(f"window kernel: mask positions must be contiguous float64, the bias contiguous {dtype}")
 
 
-def _indexes(index: torch.Tensor, count: int) -> bool:
-    """Is index a contiguous int64 tensor of values in [0, count)?"""
-    return index.dtype == torch.int64 and index.is_contiguous() and (
-        index.numel() == 0 or (int(index.min()) >= 0 and int(index.max()) < count))
+def _is_index(index: torch.Tensor) -> bool:
+    """A contiguous int64 tensor (its values are checked by the kernel as it reads them: no pass of their own)."""
+    return index.dtype == torch.int64 and index.is_contiguous()
 
 
 def _native_function(kind: str, dtype: torch.dtype):
@@ -266,9 +275,10 @@ def _native_gathered_forward(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k
     dtype = q_rows.dtype
     spec = _mask_spec(dense, q_pos, k_pos, bias, causal, band, self_mode, diagonal, self_value, masked_value)
     _check_outputs(g * c, d, dtype, [(out, out_index)], [lse])
-    _native_function("forward", dtype)(g, c, d, m, *map(_pointer, (q_rows, k_rows, v_rows, q_index, kv_index)),
-                                       ctypes.byref(spec), scale, EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype], KEY_EPS,
-                                       *map(_pointer, (out, out_index, lse)))
+    limits = _limits(q_rows, k_rows, v_rows, out)
+    _raise_if_out_of_range(_native_function("forward", dtype)(
+        g, c, d, m, *map(_pointer, (q_rows, k_rows, v_rows, q_index, kv_index)), ctypes.byref(spec), scale,
+        EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype], KEY_EPS, *map(_pointer, (out, out_index, lse, limits))))
 
 
 def _native_gathered_backward(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, k_pos, bias, causal, band,
@@ -287,11 +297,12 @@ def _native_gathered_backward(q_rows, k_rows, v_rows, q_index, kv_index, q_pos, 
         raise ValueError("window kernel: lse_rows must be one float64 per query row")
     workspace = [q_rows.new_empty(g, c, m * c), q_rows.new_empty(g, c, m * c), q_rows.new_empty(g, c, d),
                  q_rows.new_empty(g, c, d)]  # P, dS, scaled dO, queries
-    _native_function("backward", dtype)(g, c, d, m, *map(_pointer, (q_rows, k_rows, v_rows, q_index, kv_index)),
-                                        ctypes.byref(spec), scale, EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype], KEY_EPS,
-                                        *map(_pointer, (grad_rows, out_rows, lse, lse_rows, dq, dq_index)),
-                                        int(dq_accumulate), _pointer(dk), _pointer(dv), int(kv_accumulate),
-                                        *map(_pointer, workspace))
+    limits = _limits(q_rows, k_rows, v_rows, dq)
+    _raise_if_out_of_range(_native_function("backward", dtype)(
+        g, c, d, m, *map(_pointer, (q_rows, k_rows, v_rows, q_index, kv_index)), ctypes.byref(spec), scale,
+        EXP_FLOOR[dtype], PROBABILITY_FLOOR[dtype], KEY_EPS,
+        *map(_pointer, (grad_rows, out_rows, lse, lse_rows, dq, dq_index)), int(dq_accumulate), _pointer(dk),
+        _pointer(dv), int(kv_accumulate), *map(_pointer, workspace), limits.data_ptr()))
 
 
 def _check_outputs(count: int, d: int, dtype, targets, per_query) -> None:
@@ -302,7 +313,7 @@ def _check_outputs(count: int, d: int, dtype, targets, per_query) -> None:
         if index is None:
             fits = fits and tensor.shape[0] == count
         else:
-            fits = fits and index.numel() == count and _indexes(index, tensor.shape[0])
+            fits = fits and index.numel() == count and _is_index(index)
         if not fits:
             raise ValueError(f"window kernel: an output must be a contiguous ({count}, {d}) {dtype} tensor, or rows "
                              f"of one at an int64 index")
