@@ -160,18 +160,25 @@ def test_native_kernel_takes_strided_inputs_and_a_float32_mask_for_float64_rows(
         assert_close(a, b, 1e-12)
 
 
-def test_native_kernel_is_the_same_bit_for_bit_with_one_thread_or_two():
+@pytest.mark.parametrize("g, parts", [(9, 2), (1, 2), (2, 3), (7, 3), (5, 1)])
+def test_native_kernel_is_the_same_bit_for_bit_with_any_number_of_threads(g, parts):
+    # each thread computes the key gradients of the extended chunks inside its share of the chunks, the rest
+    # follow: shares that split a window, and more threads than chunks, must not change a bit
     needs_native()
-    arguments = block_arguments(9, 8, 2, 4, torch.float32, seed=5)
+    arguments = block_arguments(g, 8, parts, 4, torch.float32, seed=5)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = torch.ops.reformer.window_block_backward(*arguments)
-        torch.set_num_threads(2)
-        two = torch.ops.reformer.window_block_backward(*arguments)
+        for count in (1, 2, 3, 4):
+            torch.set_num_threads(count)
+            results.append(torch.ops.reformer.window_block_backward(*arguments))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], result))
+    expected = window_block_backward_batched(*arguments)
+    for name, a, b in zip(("dq", "dk", "dv"), results[0], expected):
+        assert_close(a, b, 1e-5, name)
 
 
 def test_native_kernel_refuses_keys_or_masks_that_do_not_fit_the_queries():

@@ -33,7 +33,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("window_kernel.cpp",
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels take, and their names' suffix
-VERSION = 4  # reformer_window_kernel_version() of the source this module speaks to
+VERSION = 5  # reformer_window_kernel_version() of the source this module speaks to
 
 _POINTER = ctypes.c_void_p
 _SIGNATURES = {  # None: the dtype's scalar type

@@ -19,15 +19,19 @@
 // Backward, phase 1, chunk by chunk (in parallel): dO = the gradient rows, times the round's share
 // exp(lse_slot - lse_row) when rounds are combined; P = exp(max(scale*q.k + mask - lse, floor)), 0 below p_floor;
 // dS = P * (dO.v - rowsum(dO*o)); dq = scale * dS.k, added to (or written into) the dq rows.
-// Phase 2, extended chunk by extended chunk (in parallel): dk_j = scale * sum_p dS_{j-p}[part p]^T q_{j-p},
+// Phase 2, extended chunk by extended chunk: dk_j = scale * sum_p dS_{j-p}[part p]^T q_{j-p},
 // dv_j = sum_p P_{j-p}[part p]^T dO_{j-p}, over p = 0 .. m-1 in that order; shared query-keys: dk_j goes
-// through the unit-length scaling. Each extended chunk is written by one thread, in a fixed order: the result
-// does not depend on the number of threads.
+// through the unit-length scaling. Each thread runs phase 1 on a contiguous share of the chunks, and phase 2 for
+// extended chunk j right after chunk j when all of j's chunks are in its share (their tiles are still in
+// cache); the other extended chunks (at the shares' edges, and the last m - 1) follow in parallel. Each extended
+// chunk is computed by one thread, the same way: the result does not depend on the number of threads.
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include <omp.h>
 
 extern "C" {
 void sgemm_(const char *transa, const char *transb, const int *m, const int *n, const int *k, const float *alpha,
@@ -398,49 +402,70 @@ void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
     put_rows(targets.dq, targets.dq_index, &targets.dq_bounds, first, c, d, dq, targets.dq_accumulate);
 }
 
+// Extended chunk j's dk and dv rows from the score tiles of the chunks that see it (the workspace holds them).
+template <typename T>
+void extended_chunk_backward(const Block<T> &b, const Targets<T> &targets, int j, const T *probabilities,
+                             const T *d_scores, const T *grads, const T *queries, T *dk, T *dv) {
+    const int c = b.c, d = b.d, w = b.w();
+    const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
+    bool first = true;
+    for (int part = 0; part < b.m; ++part) {
+        const int i = j - part;
+        if (i < 0 || i >= b.G) continue;
+        const T beta = first ? T(0) : T(1);
+        const T *p_part = probabilities + i * tile + static_cast<int64_t>(part) * c;  // (c, c), row stride w
+        const T *ds_part = d_scores + i * tile + static_cast<int64_t>(part) * c;
+        gemm<T>(true, false, c, d, c, T(1), p_part, w, grads + i * rows, d, beta, dv, d);        // P^T dO
+        gemm<T>(true, false, c, d, c, b.scale, ds_part, w, queries + i * rows, d, beta, dk, d);  // dS^T q
+        first = false;
+    }
+    const int64_t at = static_cast<int64_t>(j) * c;
+    put_rows<T>(targets.dv, nullptr, nullptr, at, c, d, dv, targets.kv_accumulate);
+    if (b.k_rows != nullptr) {
+        put_rows<T>(targets.dk, nullptr, nullptr, at, c, d, dk, targets.kv_accumulate);
+    } else {
+        for (int r = 0; r < c; ++r)  // shared query-keys always come with indices
+            add_unit_key_backward(targets.dk + (at + r) * d, b.q_rows + b.kv_bounds(b.kv_index[at + r]) * d,
+                                  dk + static_cast<int64_t>(r) * d, d, b.key_eps);
+    }
+}
+
+// Thread t's share of G chunks: [first_chunk(G, threads, t), first_chunk(G, threads, t + 1)).
+inline int first_chunk(int G, int threads, int t) { return static_cast<int>(static_cast<int64_t>(G) * t / threads); }
+
+// Whether the thread that owns chunk j also owns every chunk that sees extended chunk j (j - m + 1 .. j, those
+// in the block): it then computes j's dk and dv right after chunk j, while the chunks' tiles are in cache.
+inline bool owns_extended_chunk(int G, int m, int threads, int j) {
+    if (j >= G) return false;
+    int t = 0;
+    while (first_chunk(G, threads, t + 1) <= j) ++t;
+    const int oldest = j - m + 1 < 0 ? 0 : j - m + 1;
+    return oldest >= first_chunk(G, threads, t);
+}
+
 template <typename T>
 void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &gradient, const Targets<T> &targets,
                     T *probabilities, T *d_scores, T *grads, T *queries) {
     const int c = b.c, d = b.d, m = b.m, w = b.w();
     const int64_t tile = static_cast<int64_t>(c) * w, rows = static_cast<int64_t>(c) * d;
-#pragma omp parallel
-    {
-        T *scratch = new T[tile + 2 * rows + 2 * static_cast<int64_t>(w) * d];  // mask, o, dq, k, v
-#pragma omp for schedule(static)
-        for (int i = 0; i < b.G; ++i)
-            chunk_backward(b, spec, gradient, targets, i, probabilities + i * tile, d_scores + i * tile,
-                           grads + i * rows, queries + i * rows, scratch);
-        delete[] scratch;
-    }
     const int extended_chunks = b.G + m - 1;
 #pragma omp parallel
     {
-        T *buffer = new T[2 * rows];
-        T *dk = buffer, *dv = buffer + rows;
-#pragma omp for schedule(static)
-        for (int j = 0; j < extended_chunks; ++j) {
-            bool first = true;
-            for (int part = 0; part < m; ++part) {
-                const int i = j - part;
-                if (i < 0 || i >= b.G) continue;
-                const T beta = first ? T(0) : T(1);
-                const T *p_part = probabilities + i * tile + static_cast<int64_t>(part) * c;  // (c, c), row stride w
-                const T *ds_part = d_scores + i * tile + static_cast<int64_t>(part) * c;
-                gemm<T>(true, false, c, d, c, T(1), p_part, w, grads + i * rows, d, beta, dv, d);  // P^T dO
-                gemm<T>(true, false, c, d, c, b.scale, ds_part, w, queries + i * rows, d, beta, dk, d);  // dS^T q
-                first = false;
-            }
-            const int64_t at = static_cast<int64_t>(j) * c;
-            put_rows<T>(targets.dv, nullptr, nullptr, at, c, d, dv, targets.kv_accumulate);
-            if (b.k_rows != nullptr) {
-                put_rows<T>(targets.dk, nullptr, nullptr, at, c, d, dk, targets.kv_accumulate);
-            } else {
-                for (int r = 0; r < c; ++r)  // shared query-keys always come with indices
-                    add_unit_key_backward(targets.dk + (at + r) * d, b.q_rows + b.kv_bounds(b.kv_index[at + r]) * d,
-                                          dk + static_cast<int64_t>(r) * d, d, b.key_eps);
-            }
+        T *scratch = new T[tile + 4 * rows + 2 * static_cast<int64_t>(w) * d];  // mask, o, dq, k, v; dk, dv
+        T *dk = scratch + tile + 2 * rows + 2 * static_cast<int64_t>(w) * d, *dv = dk + rows;
+        const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+        for (int i = first_chunk(b.G, threads, thread); i < first_chunk(b.G, threads, thread + 1); ++i) {
+            chunk_backward(b, spec, gradient, targets, i, probabilities + i * tile, d_scores + i * tile,
+                           grads + i * rows, queries + i * rows, scratch);
+            if (owns_extended_chunk(b.G, m, threads, i))
+                extended_chunk_backward(b, targets, i, probabilities, d_scores, grads, queries, dk, dv);
         }
-        delete[] buffer;
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int j = 0; j < extended_chunks; ++j)  // the rest: their chunks span two threads' shares, or j >= G
+            if (!owns_extended_chunk(b.G, m, threads, j))
+                extended_chunk_backward(b, targets, j, probabilities, d_scores, grads, queries, dk, dv);
+        delete[] scratch;
     }
 }
 
@@ -448,7 +473,7 @@ void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
 
 extern "C" {
 
-int reformer_window_kernel_version() { return 4; }
+int reformer_window_kernel_version() { return 5; }
 
 // limits: the rows q_index may pick (the query, gradient and output rows), the rows kv_index may pick (the key
 // and value rows), the rows out_index or dq_index may pick. Returns 0, or 1 when an index was out of range (the
