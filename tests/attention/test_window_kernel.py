@@ -234,6 +234,16 @@ def test_without_a_working_compiler_the_batched_path_runs_and_a_warning_says_why
         native._load.cache_clear()
 
 
+def test_a_library_of_another_version_is_refused_with_both_versions():
+    needs_native()
+    path = native._library_path(native._compiler())
+    assert path.exists()
+    with pytest.raises(RuntimeError, match=f"is version {native.VERSION}, expected {native.VERSION + 1}"):
+        native.open_library(path, version=native.VERSION + 1)
+    assert native.open_library(path, version=None).reformer_window_kernel_version() == native.VERSION
+
+
+
 def test_reformer_native_0_never_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
     monkeypatch.setenv(native.ENABLE_VARIABLE, "0")

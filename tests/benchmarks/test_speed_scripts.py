@@ -128,6 +128,7 @@ def test_compare_runs_a_variant_of_ours_beside_ours_under_a_tag(variant, tag, la
     ("ceiling.py", ["--rounds", "0"], "--repeats, --rounds and --length must be at least 1"),
     ("kernels.py", ["--calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
     ("kernels.py", ["--layer-calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
+    ("kernel_ab.py", ["--base", "HEAD", "--rounds", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
 ])
 def test_new_benchmarks_refuse_zero_counts(script, args, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
@@ -145,6 +146,35 @@ def test_kernels_quick_run_writes_a_table_of_both_paths(tmp_path):
     assert "| window kernel, backward (one block) |" in text and "| LSH hashing, one layer at 512 tokens" in text
     assert "| LSH attention of one layer at 512 tokens, forward and backward |" in text
     assert "--calls 1" in text and out.with_suffix(".json").is_file()
+
+
+def needs_git_and_a_compiler():
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout with a commit")
+
+
+@pytest.mark.slow
+def test_kernel_ab_quick_run_times_two_revisions_in_one_table(tmp_path):
+    needs_git_and_a_compiler()
+    out = tmp_path / "ab.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--base", "HEAD", "--rounds", "2",
+                    "--calls", "1", "--layer-calls", "1", "--lengths", "512", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    text = out.read_text()
+    assert "base: HEAD (kernel version" in text and "head: the working tree (kernel version" in text
+    assert "| window kernel, backward (one block) |" in text and " of 2 |" in text  # 1 call x 2 rounds
+    assert "| LSH attention of one layer at 512 tokens, forward and backward |" in text
+    seconds = json.loads(out.with_suffix(".json").read_text())["seconds"]
+    assert len(seconds) == 6 and all(len(times) == 2 and min(times) > 0 for times in seconds.values())
+
+
+def test_kernel_ab_says_which_revision_it_cannot_read(tmp_path):
+    needs_git_and_a_compiler()
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--base", "no-such-revision",
+                           "--out", str(tmp_path / "ab.md")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "cannot read window_kernel.cpp at no-such-revision" in done.stderr
 
 
 def test_kernels_benchmark_says_when_there_is_nothing_to_compare(tmp_path):

@@ -96,9 +96,9 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _command(compiler: str, output: Path) -> list[str]:
+def _command(compiler: str, output: Path, sources: tuple[Path, ...] = SOURCES) -> list[str]:
     lib = _torch_lib()
-    return [compiler, *FLAGS, *map(str, SOURCES), "-o", str(output), f"-L{lib}", "-ltorch_cpu",
+    return [compiler, *FLAGS, *map(str, sources), "-o", str(output), f"-L{lib}", "-ltorch_cpu",
             f"-Wl,-rpath,{lib}"]
 
 
@@ -123,13 +123,19 @@ def _load() -> ctypes.CDLL | None:
     try:
         path = _library_path(compiler)
         if not path.exists():
-            _build(compiler, path)
-        lib = ctypes.CDLL(str(path))
-        if lib.reformer_window_kernel_version() != VERSION:
-            raise RuntimeError(f"{path} is version {lib.reformer_window_kernel_version()}, expected {VERSION}")
+            build(compiler, path)
+        return open_library(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _warn(str(error))
         return None
+
+
+def open_library(path: Path, version: int | None = VERSION) -> ctypes.CDLL:
+    """The built library at `path`, its functions typed; raises RuntimeError unless it is `version` (None: any
+    version, for benchmarks/kernel_ab.py, which times two revisions of the same C interface)."""
+    lib = ctypes.CDLL(str(path))
+    if version is not None and lib.reformer_window_kernel_version() != version:
+        raise RuntimeError(f"{path} is version {lib.reformer_window_kernel_version()}, expected {version}")
     for kind, signature in _SIGNATURES.items():
         for dtype, suffix in SUFFIXES.items():
             scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
@@ -142,13 +148,14 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
-def _build(compiler: str, path: Path) -> None:
+def build(compiler: str, path: Path, sources: tuple[Path, ...] = SOURCES) -> None:
+    """Compile `sources` (by default the package's) into the library at `path`, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         partial = Path(scratch) / path.name
-        result = subprocess.run(_command(compiler, partial), capture_output=True, text=True, timeout=300)
+        result = subprocess.run(_command(compiler, partial, sources), capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {' and '.join(source.name for source in SOURCES)} failed:\n"
+            raise RuntimeError(f"compiling {' and '.join(source.name for source in sources)} failed:\n"
                                f"{result.stderr[-2000:]}")
         os.replace(partial, path)  # atomic: another process sees the whole library or none
 
