@@ -7,10 +7,9 @@ cannot tell two revisions apart. This script builds the native sources
 --head (a revision, or the working tree by default) into two libraries, loads
 both, and times benchmarks/kernels.py's calls that use the window kernel (one
 block forward, one block backward, the LSH attention of one layer forward and
-backward at each --lengths) with each library in turn, call by call (a slice
-of a second or more per library let the machine's state differ between them:
-an A/A run of one revision against itself then showed 10% apart), the first
-library alternating: in every round each call runs --calls times per library
+backward at each --lengths) with each library in turn, call by call, so that
+both see the same state of the machine (run it with --base and --head the same
+revision for the noise floor), the first library alternating: in every round each call runs --calls times per library
 (--layer-calls for the layer). The table gives the median time per call, the
 median ratio of the paired calls (head / base), and in how many pairs head was
 faster. The Python around the kernels is the working tree's, so both
@@ -67,8 +66,16 @@ def library_at(revision: str | None, scratch: Path, name: str):
     if compiler is None:
         raise SystemExit("kernel_ab: no C++ compiler found (install g++ or set CXX)")
     path = scratch / f"{name}.so"
-    native.build(compiler, path, sources_at(revision, scratch / name))
-    return native.open_library(path, version=None)
+    label = revision or "the working tree"
+    try:
+        native.build(compiler, path, sources_at(revision, scratch / name))
+    except RuntimeError as error:  # the compiler's message
+        raise SystemExit(f"kernel_ab: the native sources of {label} do not build: {error}") from error
+    try:
+        return native.open_library(path, version=None)
+    except AttributeError as error:
+        raise SystemExit(f"kernel_ab: the library of {label} lacks a function that native.py declares ({error}); "
+                         "both revisions must have the working tree's C interface") from error
 
 
 def time_call(function, lib) -> float:

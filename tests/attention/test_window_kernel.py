@@ -243,7 +243,6 @@ def test_a_library_of_another_version_is_refused_with_both_versions():
     assert native.open_library(path, version=None).reformer_window_kernel_version() == native.VERSION
 
 
-
 def test_reformer_native_0_never_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
     monkeypatch.setenv(native.ENABLE_VARIABLE, "0")

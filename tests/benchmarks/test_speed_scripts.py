@@ -177,6 +177,32 @@ def test_kernel_ab_says_which_revision_it_cannot_read(tmp_path):
     assert done.returncode == 1 and "cannot read window_kernel.cpp at no-such-revision" in done.stderr
 
 
+@pytest.mark.parametrize("failure, message", [
+    ("build", "the native sources of the working tree do not build: compiling failed"),
+    ("interface", "the library of the working tree lacks a function that native.py declares"),
+])
+def test_kernel_ab_says_when_a_revision_does_not_build_or_lacks_the_interface(failure, message, tmp_path,
+                                                                              monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernel_ab
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(native, "_compiler", lambda: "g++")
+    if failure == "build":
+        def build(*_):
+            raise RuntimeError("compiling failed")
+        monkeypatch.setattr(native, "build", build)
+    else:
+        monkeypatch.setattr(native, "build", lambda *_: None)
+
+        def open_library(*_, **__):
+            raise AttributeError("reformer_window_forward_f32")
+        monkeypatch.setattr(native, "open_library", open_library)
+    with pytest.raises(SystemExit, match=message):
+        kernel_ab.library_at(None, tmp_path, "head")
+
+
 def test_kernels_benchmark_says_when_there_is_nothing_to_compare(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--out", str(tmp_path / "k.md")],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "REFORMER_NATIVE": "0"})

@@ -23,8 +23,9 @@ Two implementations of each:
   with the softmax (and the score gradients) done on a tile that stays in
   cache; the key and value gradients of the overlapping windows are folded
   extended chunk by extended chunk, most of them right after the last chunk
-  that sees them, while its tiles are in cache. It reads a block's rows through indices
-  and builds its mask from the recipe (`BlockMask`) chunk by chunk: that is
+  that sees them, while its tiles are in cache. It reads a block's rows
+  through indices and builds its mask from the recipe (`BlockMask`) chunk by
+  chunk: that is
   `gathered_block_forward` / `gathered_block_backward`, which fused_chunks
   calls; a dense block (`window_block_forward`, ...) is the same kernel over
   identity indices under a dense mask. It is registered as the operators

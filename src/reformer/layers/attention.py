@@ -305,16 +305,22 @@ class AttentionBranch(nn.Module):
         return apply_keep(self.out(attended), keep, self.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, call: LayerCall) -> torch.Tensor:
-        bounds = chunk_bounds(x.shape[1], self.chunk_size)
-        attended = self.attention.attend(self.project_chunks(x, bounds, call.global_tokens), mask, call)  # (b, n, h*d)
+        attended = self.attention.attend(self.project_chunks(x, call.global_tokens), mask, call)  # (b, n, h*d)
         return torch.cat([self.output_chunk(attended[:, start:end], call.seed, index)
-                          for index, (start, end) in enumerate(bounds)], dim=1)
+                          for index, (start, end) in enumerate(chunk_bounds(x.shape[1], self.chunk_size))], dim=1)
 
-    def project_chunks(self, x: torch.Tensor, bounds: list[tuple[int, int]],
-                       global_tokens: bool) -> tuple[torch.Tensor, ...]:
-        """The projections of x (b, n, d_model) chunk by chunk, as the reversible stack makes them: a matrix
-        product's last bits may depend on how many rows it has, so both executions give it the same rows."""
+    def project_chunks(self, x: torch.Tensor, global_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        """The projections of x (b, n, d_model), (b, n, h*d) each, made chunk by chunk into tensors of the whole
+        length. Both executions (this module's forward and the reversible stack) make them here: a matrix
+        product's last bits may depend on how many rows it has, so they must give it the same rows."""
+        bounds = chunk_bounds(x.shape[1], self.chunk_size)
         if len(bounds) == 1:
             return tuple(self.project_chunk(x, global_tokens))
-        chunks = [self.project_chunk(x[:, start:end], global_tokens) for start, end in bounds]
-        return tuple(torch.cat(parts, dim=1) for parts in zip(*chunks))
+        outputs: tuple[torch.Tensor, ...] = ()
+        for start, end in bounds:
+            parts = self.project_chunk(x[:, start:end], global_tokens)
+            if not outputs:
+                outputs = tuple(part.new_empty(x.shape[0], x.shape[1], part.shape[-1]) for part in parts)
+            for out, part in zip(outputs, parts):
+                out[:, start:end] = part
+        return outputs

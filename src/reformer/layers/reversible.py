@@ -170,7 +170,7 @@ def _block_forward(block: ReformerBlock, call: LayerCall, mask, state: torch.Ten
     """(X1, X2) -> (Y1, Y2) in place (no autograd)."""
     x1, x2 = halves(state)
     branch, ff = block.attention, block.feed_forward
-    attended = branch.attention.attend(_project(branch, x2, call.global_tokens), mask, call)  # (b, n, h*d)
+    attended = branch.attention.attend(branch.project_chunks(x2, call.global_tokens), mask, call)  # (b, n, h*d)
     for index, (start, end) in enumerate(chunk_bounds(x1.shape[1], branch.chunk_size)):
         x1[:, start:end] += branch.output_chunk(attended[:, start:end], call.seed, index)
     del attended
@@ -212,7 +212,8 @@ def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, 
     """
     bounds = chunk_bounds(x2.shape[1], branch.chunk_size)
     with torch.no_grad():
-        leaves = [p.requires_grad_() for p in _project(branch, x2, call.global_tokens)]  # (b, n, h*d) each
+        # the projection backward pairs these with the first of projection_layers(): the others get zero gradients
+        leaves = [p.requires_grad_() for p in branch.project_chunks(x2, call.global_tokens)]  # (b, n, h*d) each
     with torch.enable_grad():
         attended = branch.attention.attend(tuple(leaves), mask, call)  # (b, n, h*d)
 
@@ -262,24 +263,6 @@ def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds
         _accumulate([totals[p] for p in norm_params], grads[1:])
         del normed, grads
     return totals
-
-
-def _project(branch: AttentionBranch, x: torch.Tensor, global_tokens: bool) -> tuple[torch.Tensor, ...]:
-    """The branch's projections of x (b, n, d_model), computed chunk by chunk (no autograd): (b, n, h*d) each.
-
-    The projection backward pairs them with the first of `projection_layers()`: the others get zero gradients.
-    """
-    bounds = chunk_bounds(x.shape[1], branch.chunk_size)
-    if len(bounds) == 1:
-        return tuple(branch.project_chunk(x, global_tokens))
-    outputs: tuple[torch.Tensor, ...] = ()
-    for start, end in bounds:
-        parts = branch.project_chunk(x[:, start:end], global_tokens)
-        if not outputs:
-            outputs = tuple(p.new_empty(x.shape[0], x.shape[1], p.shape[-1]) for p in parts)
-        for out, part in zip(outputs, parts):
-            out[:, start:end] = part
-    return outputs
 
 
 def _accumulate(totals: list[torch.Tensor], grads) -> None:
