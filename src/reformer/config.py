@@ -69,7 +69,7 @@ class ReformerConfig:
     # them: faster, and about n * h * d floats (plus the plan) more per layer while a step runs. True: every
     # layer's; False: none; "auto": the latest layers' that fit in reversible_keep_attention_mib (short sequences)
     reversible_keep_attention: bool | str = "auto"
-    reversible_keep_attention_mib: float = 64.0  # the budget of "auto", in MiB, for all layers of a step together
+    reversible_keep_attention_mib: float = 256.0  # the budget of "auto", in MiB, for all layers of a step together
     ff_chunk_size: int = 0  # positions per feed-forward chunk (0 = whole sequence at once)
     loss_chunk_size: int = 4096  # positions per chunk of the LM head and loss when labels are given
     pad_to_multiple: int = 0  # right-pad inputs to a multiple of this, as HF does (lcm of its chunks); 0 = off

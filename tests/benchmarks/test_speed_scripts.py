@@ -25,7 +25,7 @@ def test_compare_quick_run_writes_a_table_and_plots(tmp_path):
     assert "| 512 | reformer (ours) (attention kept in 6 of 6 layers) |" in text  # "auto": 6 small layers fit
     cells = json.loads((tmp_path / "compare.json").read_text())["results"]
     assert {cell["contender"]: cell.get("kept_layers") for cell in cells} == {"ours": 6, "sdpa": None}
-    assert all(0 < cell["kept_mib"] <= 64 for cell in cells if cell["contender"] == "ours")
+    assert all(0 < cell["kept_mib"] <= 256 for cell in cells if cell["contender"] == "ours")
     assert (tmp_path / "time_vs_length.png").is_file() and (tmp_path / "memory_vs_length.png").is_file()
 
 

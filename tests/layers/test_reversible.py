@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reformer.attention.lsh as lsh_module
-from reformer import ReformerLM
+from reformer import ReformerConfig, ReformerLM
 from tests.conftest import assert_close, random_batch, tiny_config
 
 
@@ -170,38 +170,45 @@ import json, sys, torch
 from reformer.memory import current_rss_mib, peak_rss_mib, release_freed_memory_eagerly
 release_freed_memory_eagerly()
 from reformer import ReformerConfig, ReformerLM
-n, layers = int(sys.argv[1]), tuple(sys.argv[2].split(","))
+n, layers, keep = int(sys.argv[1]), tuple(sys.argv[2].split(",")), json.loads(sys.argv[3])
 config = ReformerConfig(vocab_size=256, d_model=256, n_heads=2, d_head=64, d_ff=512, attn_layers=layers,
                         lsh_chunk_size=64, local_chunk_size=64, n_hashes=1, axial_shape=(256, 256),
-                        max_seq_len=n, ff_chunk_size=8192, loss_chunk_size=8192)
+                        max_seq_len=n, ff_chunk_size=8192, loss_chunk_size=8192, reversible_keep_attention=keep)
 model = ReformerLM(config).train()
 ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0))
 baseline = current_rss_mib()
 model(ids, labels=ids).loss.backward()
-print(json.dumps({"step_mib": peak_rss_mib() - baseline}))
+print(json.dumps({"step_mib": peak_rss_mib() - baseline, "kept_mib": sum(model.kept_attention_bytes) / 2**20}))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layers", ["local,lsh", "lsh,local,lsh,local,lsh,local"])
-def test_a_training_step_holds_about_nine_activations_whatever_the_depth(layers):
+@pytest.mark.parametrize("layers, keep", [("local,lsh", False), ("lsh,local,lsh,local,lsh,local", False),
+                                          ("lsh,local,lsh,local,lsh,local", "auto")])
+def test_a_training_step_holds_about_nine_activations_whatever_the_depth(layers, keep):
     """Forward and backward of the million-token architecture at 65,536 tokens, in a fresh process.
 
     One activation is n * d_model float32 (64 MiB here). The in-place reversible
     state and gradient state are four; one layer's attention work adds about
     five (measured 9.1 for LSH layers, 9.8 for local ones, 9.9 for the mix).
-    Before the in-place stack it was about fifteen.
+    Before the in-place stack it was about fifteen. That is the stack alone, with
+    no layer keeping its attention for the backward (reversible_keep_attention
+    False); the default "auto" holds what it keeps on top, at most its budget
+    (a constant whatever the length; `test_the_keep_budget_...` below).
     """
     import json
     import subprocess
     import sys
 
     n = 65536
-    done = subprocess.run([sys.executable, "-c", _STEP_PEAK, str(n), layers], check=True, capture_output=True,
-                          text=True, timeout=600)
-    step_mib = json.loads(done.stdout.strip().splitlines()[-1])["step_mib"]
-    activations = step_mib / (n * 256 * 4 / 2**20)
-    assert activations < 11.5, f"the step held {activations:.1f} activations of (n, d_model)"
+    done = subprocess.run([sys.executable, "-c", _STEP_PEAK, str(n), layers, json.dumps(keep)], check=True,
+                          capture_output=True, text=True, timeout=600)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    activation_mib = n * 256 * 4 / 2**20
+    assert (measured["kept_mib"] > 0) == (keep == "auto")
+    assert measured["kept_mib"] <= ReformerConfig.reversible_keep_attention_mib
+    activations = (measured["step_mib"] - measured["kept_mib"]) / activation_mib
+    assert activations < 11.5, f"the step held {activations:.1f} activations of (n, d_model) beside what it kept"
 
 
 def test_a_second_backward_through_the_reversible_loss_is_explained():
