@@ -412,7 +412,9 @@ def _window_probabilities(q, keys, lse, mask, scale) -> torch.Tensor:
     parts = mask.shape[-1] // c
     scores = q.new_empty(parts, g, c, c)
     for part in range(parts):
-        torch.baddbmm(mask[:, :, part * c:(part + 1) * c], q, keys[part:part + g].transpose(1, 2), alpha=scale,
-                      out=scores[part])
+        # the product first, then the mask: baddbmm would add the product onto the mask in pieces, rounding
+        # each at the mask's magnitude (the self logit -1e5), which moves a lone self weight off exactly 1
+        torch.bmm(q, keys[part:part + g].transpose(1, 2), out=scores[part])
+        scores[part].mul_(scale).add_(mask[:, :, part * c:(part + 1) * c])
     scores.sub_(lse[None, :, :, None]).clamp_(min=EXP_FLOOR[q.dtype]).exp_()
     return F.threshold_(scores, PROBABILITY_FLOOR[q.dtype], 0.0)
