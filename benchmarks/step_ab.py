@@ -8,11 +8,14 @@ round, so that a drift within a round weighs on both sides). Each round gives
 each variant's step time over the first variant's in the same round; the table
 reports the median of these paired ratios, and in how many rounds the variant
 was faster. A variant is a name and config overrides (ReformerConfig fields);
-`native=0` runs a variant without the native kernels (REFORMER_NATIVE). Peak
+`native=0` runs a variant without the native kernels (REFORMER_NATIVE), and
+`products=blas` with the native window kernel's chunk products in the BLAS
+instead of its own tile products (`native.use_tile_products`). Peak
 memory is per process, not per variant, so it is not reported: compare.py
 measures it.
 
     python benchmarks/step_ab.py --variant default --variant keep reversible_keep_attention=true
+    python benchmarks/step_ab.py --variant tile --variant blas products=blas --tag tile-products
     python benchmarks/step_ab.py --length 4096 --rounds 8 --variant default \
         --variant budget256 reversible_keep_attention_mib=256 --tag keep-budget
 """
@@ -39,17 +42,18 @@ from reformer.attention import native  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE_KEY = "native"  # a variant's setting for REFORMER_NATIVE, beside the config's fields
+PRODUCTS_KEY = "products"  # "tile" (the default where compiled) or "blas": the window kernel's chunk products
 
 
 def parse_variant(words: list[str]) -> tuple[str, dict]:
     """`NAME [KEY=VALUE ...]` -> (name, overrides); values are JSON (true, 256, "x"), else plain strings."""
     name, overrides = words[0], {}
-    fields = {f.name for f in dataclasses.fields(ReformerConfig)} | {NATIVE_KEY}
+    fields = {f.name for f in dataclasses.fields(ReformerConfig)} | {NATIVE_KEY, PRODUCTS_KEY}
     for word in words[1:]:
         key, sep, text = word.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"variant {name!r}: {word!r} is not KEY=VALUE with KEY a ReformerConfig field "
-                             f"(or {NATIVE_KEY})")
+                             f"(or {NATIVE_KEY}, {PRODUCTS_KEY})")
         try:
             overrides[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -61,6 +65,9 @@ class Variant:
     def __init__(self, name: str, overrides: dict, base: ReformerLM):
         self.name, self.overrides = name, dict(overrides)
         self.native = str(self.overrides.pop(NATIVE_KEY, "1"))
+        self.products = self.overrides.pop(PRODUCTS_KEY, "tile")
+        if self.products not in ("tile", "blas"):
+            raise ValueError(f"variant {name!r}: {PRODUCTS_KEY} must be tile or blas, not {self.products!r}")
         config = dataclasses.replace(base.config, **self.overrides)  # validates the overrides
         self.model = ReformerLM(config)
         self.model.load_state_dict(base.state_dict())
@@ -70,6 +77,8 @@ class Variant:
 
     def step(self, ids: torch.Tensor) -> float:
         os.environ[native.ENABLE_VARIABLE] = self.native
+        if native.library() is not None:
+            native.use_tile_products(self.products == "tile")
         start = time.perf_counter()
         self.model(ids, labels=ids).loss.backward()
         self.optimizer.step()
@@ -90,6 +99,8 @@ def run(variants: list[Variant], length: int, rounds: int) -> list[float]:
             variant.times.append(variant.step(ids))
         print(f"round {index + 1}: " + ", ".join(f"{v.name} {v.times[-1]:.2f} s" for v in variants), flush=True)
     os.environ.pop(native.ENABLE_VARIABLE, None)
+    if native.library() is not None:
+        native.use_tile_products(True)
     return rates
 
 
@@ -108,7 +119,8 @@ def report(variants: list[Variant], rates: list[float], length: int, command: st
              "|---|---|---:|---:|---:|---:|"]
     for variant in variants:
         ratios = [t / base for t, base in zip(variant.times, first.times)]
-        settings = {**variant.overrides, **({} if variant.native == "1" else {NATIVE_KEY: variant.native})}
+        settings = {**variant.overrides, **({} if variant.native == "1" else {NATIVE_KEY: variant.native}),
+                    **({} if variant.products == "tile" else {PRODUCTS_KEY: variant.products})}
         overrides = ", ".join(f"{k}={v}" for k, v in settings.items()) or "-"
         faster = "-" if variant is first else f"{sum(r < 1 for r in ratios)} of {len(ratios)}"
         median = statistics.median(variant.times)

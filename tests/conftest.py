@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -43,3 +45,17 @@ def random_batch(config, batch=2, length=29, seed=1, pad_from=None):
     if pad_from is not None:
         mask[-1, pad_from:] = False
     return ids, mask
+
+
+@contextlib.contextmanager
+def tile_products(tile: bool):
+    """The native window kernel's chunk products in its tile product (True) or the BLAS (False), then as they
+    were (the native kernels must be available)."""
+    from reformer.attention import native
+
+    previous = native.tile_products_in_use()
+    native.use_tile_products(tile)
+    try:
+        yield
+    finally:
+        native.use_tile_products(previous)

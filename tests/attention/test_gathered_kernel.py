@@ -16,13 +16,20 @@ import torch
 
 from reformer.attention import fused_chunks, native, window_kernel
 from reformer.attention._chunking import add_normalize_keys_backward_, padded_mask
-from tests.conftest import assert_close, seeded
+from tests.conftest import assert_close, seeded, tile_products
 
 
 @pytest.fixture(autouse=True)
 def needs_native():
     if native.library() is None:
         pytest.skip("the native kernel is unavailable here (no C++ compiler, or REFORMER_NATIVE=0)")
+
+
+@pytest.fixture(params=["tile", "blas"])
+def products(request):
+    """The kernel's chunk products: its own tiles, or the BLAS's."""
+    with tile_products(request.param == "tile"):
+        yield request.param
 
 
 # (name, options): plans as lsh, local and sliding attention build them
@@ -78,7 +85,7 @@ def test_the_native_mask_is_the_recipes_bit_for_bit(name, options, dtype):
 
 
 @pytest.mark.parametrize("name, options", PLANS, ids=[name for name, _ in PLANS])
-def test_gathered_forward_equals_the_dense_block_on_gathered_rows(name, options):
+def test_gathered_forward_equals_the_dense_block_on_gathered_rows(name, options, products):
     plan, (q_rows, k_rows, v_rows) = make_plan(torch.float64, **options)
     k_rows = None if plan.rank is not None else k_rows  # sorted plans: shared query-keys, as LSH
     c, d = plan.rows.shape[2], q_rows.shape[1]
@@ -100,7 +107,7 @@ def test_gathered_forward_equals_the_dense_block_on_gathered_rows(name, options)
 
 @pytest.mark.parametrize("name, options", PLANS, ids=[name for name, _ in PLANS])
 @pytest.mark.parametrize("accumulate", [True, False])
-def test_gathered_backward_equals_the_dense_block_and_adds_or_writes(name, options, accumulate):
+def test_gathered_backward_equals_the_dense_block_and_adds_or_writes(name, options, accumulate, products):
     plan, (q_rows, k_rows, v_rows) = make_plan(torch.float64, **options)
     shared = plan.rank is not None
     k_rows = None if shared else k_rows
@@ -134,7 +141,7 @@ def test_gathered_backward_equals_the_dense_block_and_adds_or_writes(name, optio
         assert_close(dk, expected_dk, 1e-12, "dk")
 
 
-def test_gathered_backward_is_the_same_bit_for_bit_with_one_or_two_threads():
+def test_gathered_backward_is_the_same_bit_for_bit_with_one_or_two_threads(products):
     plan, (q_rows, _, v_rows) = make_plan(torch.float32, n=64, c=8, rounds=4, self_on_diagonal=True)
     row, start, end = next(each_block(plan))
     block = fused_chunks._gathered_block(plan, row, start, end, q_rows, None, v_rows)

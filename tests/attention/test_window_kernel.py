@@ -1,10 +1,12 @@
 """window_block_backward against autograd through an explicit softmax over each chunk's window.
 
-Both implementations run every test: the native kernel (`window_kernel.cpp`) and the batched PyTorch one.
+Every implementation runs the tests that take one: the native kernel (`window_kernel.cpp`) with its own tile
+products ("native") and with the BLAS's ("native-blas"), and the batched PyTorch one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -13,10 +15,10 @@ import torch
 from reformer.attention import native
 from reformer.attention import window_kernel
 from reformer.attention.window_kernel import window_block_backward_batched
-from tests.conftest import assert_close, seeded
+from tests.conftest import assert_close, seeded, tile_products
 
 MASKED, SELF = -1e9, -1e5
-IMPLEMENTATIONS = ["native", "batched"]
+IMPLEMENTATIONS = ["native", "native-blas", "batched"]
 
 
 def needs_native():
@@ -24,13 +26,25 @@ def needs_native():
         pytest.skip("the native kernel is unavailable here (no C++ compiler, or REFORMER_NATIVE=0)")
 
 
+@pytest.fixture
+def implementation_of(monkeypatch):
+    """Runs the native kernels as an implementation says (REFORMER_NATIVE=0 for the batched one) until the test
+    ends."""
+    with contextlib.ExitStack() as stack:
+        def use(implementation: str) -> None:
+            if implementation == "batched":
+                monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+                return
+            needs_native()
+            stack.enter_context(tile_products(implementation == "native"))
+        yield use
+
+
 @pytest.fixture(params=IMPLEMENTATIONS)
-def window_block_backward(request, monkeypatch):
-    """window_kernel.window_block_backward, through the native kernel or (REFORMER_NATIVE=0) the batched one."""
-    if request.param == "native":
-        needs_native()
-    else:
-        monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+def window_block_backward(request, implementation_of):
+    """window_kernel.window_block_backward, through the native kernel (its tile products or the BLAS's) or
+    (REFORMER_NATIVE=0) the batched one."""
+    implementation_of(request.param)
     return window_kernel.window_block_backward
 
 
@@ -66,7 +80,8 @@ def make_block(g, c, parts, d, dtype, seed):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (3, 5, 2, 4), (4, 3, 3, 2), (2, 7, 1, 3)])
+@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (3, 5, 2, 4), (4, 3, 3, 2), (2, 7, 1, 3), (2, 64, 2, 64),
+                                           (3, 37, 2, 70), (2, 13, 3, 33)])
 @pytest.mark.parametrize("scale", [1.0, 0.37])
 def test_gradients_match_autograd_in_float64(window_block_backward, g, c, parts, d, scale):
     q, k, v, mask = make_block(g, c, parts, d, torch.float64, seed=g * 100 + c)
@@ -99,13 +114,11 @@ def test_float32_matches_float64_and_masked_weights_are_exactly_zero(window_bloc
     assert torch.equal(dv[~seen], torch.zeros_like(dv[~seen]))
 
 
-@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (3, 5, 2, 4), (4, 3, 3, 2), (64, 16, 2, 8)])
+@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (3, 5, 2, 4), (4, 3, 3, 2), (64, 16, 2, 8), (2, 64, 2, 64),
+                                           (3, 37, 2, 70), (2, 13, 3, 33)])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_forward_matches_an_explicit_softmax(g, c, parts, d, implementation, monkeypatch):
-    if implementation == "native":
-        needs_native()
-    else:
-        monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+def test_forward_matches_an_explicit_softmax(g, c, parts, d, implementation, implementation_of):
+    implementation_of(implementation)
     q, k, v, mask = (x.detach() for x in make_block(g, c, parts, d, torch.float64, seed=g + 2 * c))
     expected_out, expected_lse = explicit_block(q, k, v, mask, 0.37)
     real = mask.amax(-1) > -1e8  # a query that sees nothing: its output is a mean of rounded logits (zeroed later)
@@ -136,9 +149,10 @@ def block_arguments(g, c, parts, d, dtype, seed, scale=0.37):
     return [x.detach().to(dtype) for x in (grad, q, k, v, out, lse, mask)] + [scale]
 
 
-@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (5, 3, 2, 7), (3, 4, 3, 5), (64, 16, 2, 8)])
-def test_native_kernel_matches_the_batched_one(g, c, parts, d):
-    needs_native()
+@pytest.mark.parametrize("g, c, parts, d", [(1, 1, 1, 1), (5, 3, 2, 7), (3, 4, 3, 5), (64, 16, 2, 8), (3, 37, 2, 70)])
+@pytest.mark.parametrize("implementation", ["native", "native-blas"])
+def test_native_kernel_matches_the_batched_one(g, c, parts, d, implementation, implementation_of):
+    implementation_of(implementation)
     for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         arguments = block_arguments(g, c, parts, d, dtype, seed=g + c + parts)
         expected = window_block_backward_batched(*arguments)
@@ -146,6 +160,18 @@ def test_native_kernel_matches_the_batched_one(g, c, parts, d):
         for name, a, b in zip(("dq", "dk", "dv"), got, expected):
             assert a.dtype == dtype
             assert_close(a, b, atol, f"{name} {dtype}")
+
+
+def test_the_tile_products_run_where_the_cpu_has_avx512():
+    """The library is built for this CPU (-march=native): with AVX-512 its chunk products are its own tiles,
+    without it the BLAS (asking for the tiles then leaves the BLAS); either way the BLAS can be asked for."""
+    needs_native()
+    flags = native._cpu_flags().split()
+    assert native.tile_products_in_use() == ("avx512f" in flags)
+    with tile_products(False):
+        assert not native.tile_products_in_use()
+        assert native.use_tile_products(True) == ("avx512f" in flags)
+    assert native.tile_products_in_use() == ("avx512f" in flags)
 
 
 def test_native_kernel_takes_strided_inputs_and_a_float32_mask_for_float64_rows():
@@ -161,10 +187,12 @@ def test_native_kernel_takes_strided_inputs_and_a_float32_mask_for_float64_rows(
 
 
 @pytest.mark.parametrize("g, parts", [(9, 2), (1, 2), (2, 3), (7, 3), (5, 1)])
-def test_native_kernel_is_the_same_bit_for_bit_with_any_number_of_threads(g, parts):
+@pytest.mark.parametrize("implementation", ["native", "native-blas"])
+def test_native_kernel_is_the_same_bit_for_bit_with_any_number_of_threads(g, parts, implementation,
+                                                                            implementation_of):
     # each thread computes the key gradients of the extended chunks inside its share of the chunks, the rest
     # follow: shares that split a window, and more threads than chunks, must not change a bit
-    needs_native()
+    implementation_of(implementation)
     arguments = block_arguments(g, 8, parts, 4, torch.float32, seed=5)
     threads = torch.get_num_threads()
     results = []

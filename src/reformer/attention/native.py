@@ -1,11 +1,14 @@
 """The native CPU kernels (`window_kernel.cpp`, `hash_kernel.cpp`): compiled on first use, loaded with ctypes.
 
 The sources are plain C++ with a C interface; they are compiled once per machine
-(with g++, no PyTorch headers) into one library in the cache
-directory, under a name that hashes the sources, the compiler command, PyTorch's version and the
+(with g++, no PyTorch headers) into one library in the cache directory, under a
+name that hashes the sources, the compiler command, PyTorch's version and the
 CPU's flags, and written atomically (compiled to a temporary name, then
-renamed). Its matrix products call the BLAS inside libtorch_cpu, which it
-links against; its threads are PyTorch's OpenMP threads (`torch.set_num_threads`).
+renamed). The window kernel runs its chunks' small products in its own
+register-tiled product where the compiler targets AVX-512, else in the BLAS
+inside libtorch_cpu, which the library links against (`use_tile_products`
+chooses, for the tests). Its threads are PyTorch's OpenMP threads
+(`torch.set_num_threads`).
 
 `library()` returns the loaded library, or None when it cannot be had: set
 REFORMER_NATIVE=0, no C++ compiler (`CXX`, default g++), or a failed build
@@ -33,7 +36,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("window_kernel.cpp",
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels take, and their names' suffix
-VERSION = 5  # reformer_window_kernel_version() of the source this module speaks to
+VERSION = 6  # reformer_window_kernel_version() of the source this module speaks to
 
 _POINTER = ctypes.c_void_p
 _SIGNATURES = {  # None: the dtype's scalar type
@@ -70,6 +73,23 @@ def library_for(rows: torch.Tensor) -> ctypes.CDLL | None:
     if rows.device.type != "cpu" or rows.dtype not in SUFFIXES:
         return None
     return library()
+
+
+def use_tile_products(tile: bool) -> bool:
+    """Run the window kernel's chunk products in its own register-tiled product (True, the default where the
+    CPU has AVX-512) or in PyTorch's BLAS (False: the tests compare the two); returns whether the tiled one is
+    now in use. Process-wide; raises RuntimeError when the native kernels are unavailable."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are unavailable (REFORMER_NATIVE=0, no compiler, or a failed build)")
+    return bool(lib.reformer_window_set_products(int(tile)))
+
+
+def tile_products_in_use() -> bool:
+    """Whether the window kernel's chunk products run in its register-tiled product (False: the BLAS, or no
+    native kernels)."""
+    lib = library()
+    return lib is not None and bool(lib.reformer_window_products())
 
 
 def cache_dir() -> Path:

@@ -1,9 +1,11 @@
 // Blocks of chunk-window attention, forward and backward, fused chunk by chunk (see window_kernel.py and
 // fused_chunks.py).
 //
-// Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds quickly. Matrix
-// products call the BLAS that PyTorch itself uses (`sgemm_`, `dgemm_` from libtorch_cpu); the gathers, the mask
-// and the elementwise work run on each chunk's tiles while they are in cache.
+// Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds quickly. Each
+// chunk's small products run in this file's register-tiled product (AVX-512, float32 and float64; `tile_product`)
+// or, without AVX-512 or when `reformer_window_set_products(0)` asks for it, in the BLAS that PyTorch itself uses
+// (`sgemm_`, `dgemm_` from libtorch_cpu). The gathers, the mask and the elementwise work run on each chunk's tiles
+// while they are in cache.
 //
 // Legend (row-major): G chunks of c queries, d head width, m window parts, w = m * c keys per window,
 // E = (G + m - 1) * c extended rows; chunk i's window is extended rows i*c .. i*c + w.
@@ -12,15 +14,18 @@
 //   rows are the block's in order, read in place. Shared query-keys (no key rows, indices needed): the keys are
 //   the query rows at kv_index scaled to unit length, x * rsqrt(|x|^2 / d + eps) / sqrt(d).
 //   mask (MaskSpec): a dense (G, c, w) additive tensor, or its recipe: positions per query and per window key.
+// A chunk's score tiles are kept key by query, (w, c): a query's scores are a column, so that the softmax and
+// the score gradients run down the columns with a vector over c queries, and every product reads its right
+// operand row by row (the queries and the output gradients are transposed once per chunk, (c, d) -> (d, c)).
 //
-// Forward, chunk by chunk (in parallel): x = scale*q.k + mask; lse = max + log(sum exp(max(x - max, floor)));
-// out = (exp(max(x - max, floor)), 0 below p_floor) . v / sum, written to the out rows (in order or by index).
+// Forward, chunk by chunk (in parallel): x = scale*k.q + mask; lse = max + log(sum exp(max(x - max, floor)));
+// out = (exp(max(x - max, floor)), 0 below p_floor)^T . v / sum, written to the out rows (in order or by index).
 //
 // Backward, phase 1, chunk by chunk (in parallel): dO = the gradient rows, times the round's share
-// exp(lse_slot - lse_row) when rounds are combined; P = exp(max(scale*q.k + mask - lse, floor)), 0 below p_floor;
-// dS = P * (dO.v - rowsum(dO*o)); dq = scale * dS.k, added to (or written into) the dq rows.
-// Phase 2, extended chunk by extended chunk: dk_j = scale * sum_p dS_{j-p}[part p]^T q_{j-p},
-// dv_j = sum_p P_{j-p}[part p]^T dO_{j-p}, over p = 0 .. m-1 in that order; shared query-keys: dk_j goes
+// exp(lse_slot - lse_row) when rounds are combined; P = exp(max(scale*k.q + mask - lse, floor)), 0 below p_floor;
+// dS = P * (v.dO - rowsum(dO*o)); dq = scale * dS^T.k, added to (or written into) the dq rows.
+// Phase 2, extended chunk by extended chunk: dk_j = scale * sum_p dS_{j-p}[part p] q_{j-p},
+// dv_j = sum_p P_{j-p}[part p] dO_{j-p}, over p = 0 .. m-1 in that order; shared query-keys: dk_j goes
 // through the unit-length scaling. Each thread runs phase 1 on a contiguous share of the chunks, and phase 2 for
 // extended chunk j right after chunk j when all of j's chunks are in its share (their tiles are still in
 // cache); the other extended chunks (at the shares' edges, and the last m - 1) follow in parallel. Each extended
@@ -32,6 +37,9 @@
 #include <cstring>
 
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 extern "C" {
 void sgemm_(const char *transa, const char *transb, const int *m, const int *n, const int *k, const float *alpha,
@@ -56,12 +64,169 @@ inline void fortran_gemm(const char *ta, const char *tb, const int *m, const int
     dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// Row-major C (M x N) = alpha * op(A) op(B) + beta * C, as the column-major product C^T = op(B)^T op(A)^T.
+// The left operand of a product: A(r, k) = data[r * row + k * step], with row == 1 or step == 1 (A or A^T
+// row-major).
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T *A, int lda, const T *B, int ldb, T beta,
-          T *C, int ldc) {
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    fortran_gemm(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+struct Left {
+    const T *data;
+    int64_t row, step;
+};
+
+// Row-major C (M x N) = alpha * A B, or C += alpha * A B (accumulate); B row-major (K x N), rows ldb apart. Through
+// the BLAS, as the column-major product C^T = B^T A^T.
+template <typename T>
+void blas_product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t ldb, bool accumulate, T *C,
+                  int64_t ldc) {
+    const bool trans_a = A.step != 1;  // A^T is row-major, rows A.step apart
+    const char ta = trans_a ? 'T' : 'N', tb = 'N';
+    const int lda = static_cast<int>(trans_a ? A.step : A.row), ldb_ = static_cast<int>(ldb);
+    const int ldc_ = static_cast<int>(ldc);
+    const T beta = accumulate ? T(1) : T(0);
+    fortran_gemm(&tb, &ta, &N, &M, &K, &alpha, B, &ldb_, A.data, &lda, &beta, C, &ldc_);
+}
+
+#if defined(__AVX512F__)
+// The register-tiled product: C is cut into tiles of up to 6 rows by 4 vectors of columns (24 accumulators in
+// registers); each step over K loads one row of B's tile and broadcasts one value of A per row. The sum over K
+// runs in order, so the result does not depend on anything but the operands.
+template <typename T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+    using Vector = __m512;
+    using Mask = __mmask16;
+    static constexpr int width = 16;
+    static Vector zero() { return _mm512_setzero_ps(); }
+    static Vector broadcast(float x) { return _mm512_set1_ps(x); }
+    static Vector load(const float *p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+    static void store(float *p, Vector v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+    static Vector fma(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
+    static Vector mul(Vector a, Vector b) { return _mm512_mul_ps(a, b); }
+    static Vector add(Vector a, Vector b) { return _mm512_add_ps(a, b); }
+};
+
+template <>
+struct Lanes<double> {
+    using Vector = __m512d;
+    using Mask = __mmask8;
+    static constexpr int width = 8;
+    static Vector zero() { return _mm512_setzero_pd(); }
+    static Vector broadcast(double x) { return _mm512_set1_pd(x); }
+    static Vector load(const double *p, Mask m) { return _mm512_maskz_loadu_pd(m, p); }
+    static void store(double *p, Vector v, Mask m) { _mm512_mask_storeu_pd(p, m, v); }
+    static Vector fma(Vector a, Vector b, Vector c) { return _mm512_fmadd_pd(a, b, c); }
+    static Vector mul(Vector a, Vector b) { return _mm512_mul_pd(a, b); }
+    static Vector add(Vector a, Vector b) { return _mm512_add_pd(a, b); }
+};
+
+// One tile: rows r .. r + R of C, vectors v .. v + V of its columns; the last vector's lanes are `last`. The
+// loops are unrolled (the pragmas), so that the accumulators stay in registers: more than twice as fast.
+template <typename T, int R, int V>
+void product_tile(int K, T alpha, const T *a, int64_t a_row, int64_t a_step, const T *b, int64_t ldb,
+                  bool accumulate, T *c, int64_t ldc, typename Lanes<T>::Mask last) {
+    using L = Lanes<T>;
+    const typename L::Mask full = static_cast<typename L::Mask>(~0u);
+    typename L::Vector sum[R][V];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) sum[r][v] = L::zero();
+    for (int k = 0; k < K; ++k) {
+        const T *b_row = b + k * ldb, *a_column = a + k * a_step;
+        typename L::Vector row[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) row[v] = L::load(b_row + v * L::width, v == V - 1 ? last : full);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const typename L::Vector x = L::broadcast(a_column[r * a_row]);
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) sum[r][v] = L::fma(x, row[v], sum[r][v]);
+        }
+    }
+    const typename L::Vector scale = L::broadcast(alpha);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+            T *at = c + r * ldc + v * L::width;
+            const typename L::Mask lanes = v == V - 1 ? last : full;
+            typename L::Vector value = L::mul(scale, sum[r][v]);
+            if (accumulate) value = L::add(value, L::load(at, lanes));
+            L::store(at, value, lanes);
+        }
+    }
+}
+
+constexpr int TILE_ROWS = 6, TILE_VECTORS = 4;
+
+// Rows first .. first + R of a panel of V vectors, then the rows that remain in tiles of fewer rows.
+template <typename T, int V>
+void product_panel(int M, int K, T alpha, Left<T> A, const T *b, int64_t ldb, bool accumulate, T *c, int64_t ldc,
+                   typename Lanes<T>::Mask last) {
+    int r = 0;
+    for (; r + TILE_ROWS <= M; r += TILE_ROWS)
+        product_tile<T, TILE_ROWS, V>(K, alpha, A.data + r * A.row, A.row, A.step, b, ldb, accumulate, c + r * ldc,
+                                      ldc, last);
+    const T *a = A.data + r * A.row;
+    T *rest = c + r * ldc;
+    switch (M - r) {
+        case 5: product_tile<T, 5, V>(K, alpha, a, A.row, A.step, b, ldb, accumulate, rest, ldc, last); break;
+        case 4: product_tile<T, 4, V>(K, alpha, a, A.row, A.step, b, ldb, accumulate, rest, ldc, last); break;
+        case 3: product_tile<T, 3, V>(K, alpha, a, A.row, A.step, b, ldb, accumulate, rest, ldc, last); break;
+        case 2: product_tile<T, 2, V>(K, alpha, a, A.row, A.step, b, ldb, accumulate, rest, ldc, last); break;
+        case 1: product_tile<T, 1, V>(K, alpha, a, A.row, A.step, b, ldb, accumulate, rest, ldc, last); break;
+        default: break;
+    }
+}
+
+template <typename T>
+void tile_product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t ldb, bool accumulate, T *C,
+                  int64_t ldc) {
+    constexpr int width = Lanes<T>::width, panel = TILE_VECTORS * width;
+    for (int j = 0; j < N; j += panel) {
+        const int columns = N - j < panel ? N - j : panel, vectors = (columns + width - 1) / width;
+        const int in_last = columns - (vectors - 1) * width;
+        const auto last = static_cast<typename Lanes<T>::Mask>((1u << in_last) - 1u);
+        switch (vectors) {
+            case 4: product_panel<T, 4>(M, K, alpha, A, B + j, ldb, accumulate, C + j, ldc, last); break;
+            case 3: product_panel<T, 3>(M, K, alpha, A, B + j, ldb, accumulate, C + j, ldc, last); break;
+            case 2: product_panel<T, 2>(M, K, alpha, A, B + j, ldb, accumulate, C + j, ldc, last); break;
+            default: product_panel<T, 1>(M, K, alpha, A, B + j, ldb, accumulate, C + j, ldc, last); break;
+        }
+    }
+}
+constexpr bool HAS_TILE_PRODUCT = true;
+#else
+template <typename T>
+void tile_product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t ldb, bool accumulate, T *C,
+                  int64_t ldc) {
+    blas_product(M, N, K, alpha, A, B, ldb, accumulate, C, ldc);
+}
+constexpr bool HAS_TILE_PRODUCT = false;
+#endif
+
+// Which product the kernels run: 1 the tile product (where it is compiled), 0 the BLAS (set by the tests).
+std::atomic<int> use_tile_product{HAS_TILE_PRODUCT ? 1 : 0};
+
+template <typename T>
+void product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t ldb, bool accumulate, T *C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  // an empty sum
+        for (int r = 0; r < M && !accumulate; ++r) std::memset(C + r * ldc, 0, sizeof(T) * N);
+        return;
+    }
+    if (use_tile_product.load(std::memory_order_relaxed))
+        tile_product(M, N, K, alpha, A, B, ldb, accumulate, C, ldc);
+    else
+        blas_product(M, N, K, alpha, A, B, ldb, accumulate, C, ldc);
+}
+
+// out (columns x rows) = in (rows x columns, rows `ld` apart) transposed.
+template <typename T>
+void transpose(const T *in, int64_t ld, int rows, int columns, T *out) {
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < columns; ++j) out[static_cast<int64_t>(j) * rows + r] = in[static_cast<int64_t>(r) * ld + j];
 }
 
 // exp(x) for x in [-87, 88]: Cephes' expf (2^k times a degree-7 polynomial on [-ln2/2, ln2/2]), written so
@@ -84,62 +249,79 @@ inline float exp_poly(float x) {
 
 inline double exp_poly(double x) { return std::exp(x); }
 
-// One (c, w) tile: P = exp(max(scale * s + mask - lse, floor)), 0 below p_floor, written over s.
+// Score tiles are (w, c), key by query: row j holds key j's scores with the c queries, and each loop below runs
+// over the queries of a row in vectors, down the rows.
+
+// P = exp(max(scale * s + mask - lse, floor)), 0 below p_floor, written over s; lse: one per query.
 template <typename T>
 void probabilities_tile(T *s, const T *mask, const T *lse, int c, int w, T scale, T floor, T p_floor) {
-    for (int r = 0; r < c; ++r) {
-        T *row = s + static_cast<int64_t>(r) * w;
-        const T *mask_row = mask + static_cast<int64_t>(r) * w;
-        const T shift = lse[r];
+    for (int j = 0; j < w; ++j) {
+        T *row = s + static_cast<int64_t>(j) * c;
+        const T *mask_row = mask + static_cast<int64_t>(j) * c;
 #pragma omp simd
-        for (int j = 0; j < w; ++j) {
-            T x = (mask_row[j] + scale * row[j]) - shift;
+        for (int r = 0; r < c; ++r) {
+            T x = (mask_row[r] + scale * row[r]) - lse[r];
             x = x < floor ? floor : x;
             const T p = exp_poly(x);
-            row[j] = p < p_floor ? T(0) : p;
+            row[r] = p < p_floor ? T(0) : p;
         }
     }
 }
 
-// dS = P * (dP - delta), written over dP (one (c, w) tile); delta = rowsum(dO * o).
+// delta = rowsum(dO * o), one per query.
 template <typename T>
-void score_gradients_tile(T *dp, const T *p, const T *grad, const T *out, int c, int w, int d) {
+void output_deltas(const T *grad, const T *out, int c, int d, T *delta) {
     for (int r = 0; r < c; ++r) {
         const T *g = grad + static_cast<int64_t>(r) * d, *o = out + static_cast<int64_t>(r) * d;
-        T delta = 0;
-        for (int j = 0; j < d; ++j) delta += g[j] * o[j];
-        T *row = dp + static_cast<int64_t>(r) * w;
-        const T *p_row = p + static_cast<int64_t>(r) * w;
-#pragma omp simd
-        for (int j = 0; j < w; ++j) row[j] = p_row[j] * (row[j] - delta);
+        T sum = 0;
+        for (int k = 0; k < d; ++k) sum += g[k] * o[k];
+        delta[r] = sum;
     }
 }
 
-// One (c, w) tile of logits s -> unnormalised weights exp(max(x - rowmax, floor)), 0 below p_floor, with
-// x = scale * s + mask, written over s; lse[r] = rowmax + log(rowsum), inv_sum[r] = 1 / rowsum.
+// dS = P * (dP - delta), written over dP.
 template <typename T>
-void softmax_tile(T *s, const T *mask, int c, int w, T scale, T floor, T p_floor, T *lse, T *inv_sum) {
+void score_gradients_tile(T *dp, const T *p, const T *delta, int c, int w) {
+    for (int j = 0; j < w; ++j) {
+        T *row = dp + static_cast<int64_t>(j) * c;
+        const T *p_row = p + static_cast<int64_t>(j) * c;
+#pragma omp simd
+        for (int r = 0; r < c; ++r) row[r] = p_row[r] * (row[r] - delta[r]);
+    }
+}
+
+// Logits s -> unnormalised weights exp(max(x - colmax, floor)), 0 below p_floor, with x = scale * s + mask,
+// written over s; per query: lse = colmax + log(colsum), inv_sum = 1 / colsum (top: c values of scratch).
+template <typename T>
+void softmax_tile(T *s, const T *mask, int c, int w, T scale, T floor, T p_floor, T *lse, T *inv_sum, T *top) {
     for (int r = 0; r < c; ++r) {
-        T *row = s + static_cast<int64_t>(r) * w;
-        const T *mask_row = mask + static_cast<int64_t>(r) * w;
-        T top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (int j = 0; j < w; ++j) {
-            row[j] = mask_row[j] + scale * row[j];
-            top = row[j] > top ? row[j] : top;
+        top[r] = -INFINITY;
+        inv_sum[r] = 0;  // the column sums, until the end
+    }
+    for (int j = 0; j < w; ++j) {
+        T *row = s + static_cast<int64_t>(j) * c;
+        const T *mask_row = mask + static_cast<int64_t>(j) * c;
+#pragma omp simd
+        for (int r = 0; r < c; ++r) {
+            row[r] = mask_row[r] + scale * row[r];
+            top[r] = row[r] > top[r] ? row[r] : top[r];
         }
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < w; ++j) {
-            T x = row[j] - top;
+    }
+    for (int j = 0; j < w; ++j) {
+        T *row = s + static_cast<int64_t>(j) * c;
+#pragma omp simd
+        for (int r = 0; r < c; ++r) {
+            T x = row[r] - top[r];
             x = x < floor ? floor : x;
             T p = exp_poly(x);
             p = p < p_floor ? T(0) : p;
-            row[j] = p;
-            sum += p;
+            row[r] = p;
+            inv_sum[r] += p;
         }
-        lse[r] = top + std::log(sum);
-        inv_sum[r] = T(1) / sum;
+    }
+    for (int r = 0; r < c; ++r) {
+        lse[r] = top[r] + std::log(inv_sum[r]);
+        inv_sum[r] = T(1) / inv_sum[r];
     }
 }
 
@@ -166,37 +348,41 @@ inline double clamp_logit(double x, double masked) {
 
 enum class MaskKind { band_causal, band, causal, bias };
 
-// One row of the mask (w values) of the query at position q, for one kind of mask (the loop vectorises).
+// Key j's row of the mask (c values, one per query), for one kind of mask (the loop vectorises).
 template <MaskKind kind, typename T>
-void mask_row(T *row, double q, const double *k_pos, const T *bias, int w, double band, double masked) {
+void mask_row(T *row, const double *q_pos, double k, T bias, int c, double band, double masked) {
 #pragma omp simd
-    for (int j = 0; j < w; ++j) {
-        const double offset = q - k_pos[j];
+    for (int r = 0; r < c; ++r) {
+        const double offset = q_pos[r] - k;
         double value;
         if constexpr (kind == MaskKind::band_causal) {
             value = clamp_logit(band - offset, masked) + clamp_logit(offset, masked);
         } else if constexpr (kind == MaskKind::band) {
-            value = clamp_logit(band - (offset < 0.0 ? -offset : offset), masked) + static_cast<double>(bias[j]);
+            value = clamp_logit(band - (offset < 0.0 ? -offset : offset), masked) + static_cast<double>(bias);
         } else if constexpr (kind == MaskKind::causal) {
             value = clamp_logit(offset, masked);
         } else {
-            value = static_cast<double>(bias[j]);
+            value = static_cast<double>(bias);
         }
-        row[j] = static_cast<T>(value);
+        row[r] = static_cast<T>(value);
     }
 }
 
 template <MaskKind kind, typename T>
 void mask_rows(T *tile, const double *q_pos, const double *k_pos, const T *bias, int c, int w, double band,
                double masked) {
-    for (int r = 0; r < c; ++r)
-        mask_row<kind>(tile + static_cast<int64_t>(r) * w, q_pos[r], k_pos, bias, w, band, masked);
+    for (int j = 0; j < w; ++j)
+        mask_row<kind>(tile + static_cast<int64_t>(j) * c, q_pos, k_pos[j], bias == nullptr ? T(0) : bias[j], c,
+                       band, masked);
 }
 
-// Chunk i's (c, w) tile of the additive mask: the dense one's, or built into `tile`.
+// Chunk i's (w, c) tile of the additive mask (key by query), built into `tile` from the recipe or the dense mask.
 template <typename T>
 const T *mask_tile(const MaskSpec &spec, int i, int c, int w, T *tile) {
-    if (spec.dense != nullptr) return static_cast<const T *>(spec.dense) + static_cast<int64_t>(i) * c * w;
+    if (spec.dense != nullptr) {  // (c, w) query by key: transposed
+        transpose(static_cast<const T *>(spec.dense) + static_cast<int64_t>(i) * c * w, w, c, w, tile);
+        return tile;
+    }
     const double *q_pos = spec.q_pos + static_cast<int64_t>(i) * c, *k_pos = spec.k_pos + static_cast<int64_t>(i) * w;
     const T *bias = spec.bias == nullptr ? nullptr : static_cast<const T *>(spec.bias) + static_cast<int64_t>(i) * w;
     const double masked = spec.masked_value, band = spec.band;
@@ -210,14 +396,13 @@ const T *mask_tile(const MaskSpec &spec, int i, int c, int w, T *tile) {
         mask_rows<MaskKind::bias>(tile, q_pos, k_pos, bias, c, w, band, masked);
     }
     const T self_value = static_cast<T>(spec.self_value);
-    for (int r = 0; r < c; ++r) {
-        T *row = tile + static_cast<int64_t>(r) * w;
-        if (spec.self_mode == 1 && spec.diagonal + r < w) {
-            row[spec.diagonal + r] = self_value;
-        } else if (spec.self_mode == 2) {
-            for (int j = 0; j < w; ++j)
-                if (k_pos[j] == q_pos[r]) row[j] = self_value;
-        }
+    if (spec.self_mode == 1) {
+        for (int r = 0; r < c && spec.diagonal + r < w; ++r)
+            tile[static_cast<int64_t>(spec.diagonal + r) * c + r] = self_value;
+    } else if (spec.self_mode == 2) {
+        for (int j = 0; j < w; ++j)
+            for (int r = 0; r < c; ++r)
+                if (k_pos[j] == q_pos[r]) tile[static_cast<int64_t>(j) * c + r] = self_value;
     }
     return tile;
 }
@@ -330,6 +515,21 @@ struct Block {
     int64_t query_row(int64_t slot) const { return q_index == nullptr ? slot : q_bounds(q_index[slot]); }
 };
 
+// A thread's tiles, carved from one allocation: `take(n)` hands out the next n values.
+template <typename T>
+struct Scratch {
+    explicit Scratch(int64_t size) : data(new T[size]), next(data) {}
+    ~Scratch() { delete[] data; }
+    Scratch(const Scratch &) = delete;
+    Scratch &operator=(const Scratch &) = delete;
+    T *take(int64_t n) {
+        T *at = next;
+        next += n;
+        return at;
+    }
+    T *data, *next;
+};
+
 template <typename T>
 void block_forward(const Block<T> &b, const MaskSpec &spec, T *out, const int64_t *out_index,
                    const Bounds &out_bounds, T *lse) {
@@ -338,18 +538,19 @@ void block_forward(const Block<T> &b, const MaskSpec &spec, T *out, const int64_
     const int64_t window_rows = static_cast<int64_t>(w) * d;
 #pragma omp parallel
     {
-        T *buffer = new T[2 * tile + 2 * rows + 2 * window_rows + c];  // this thread's tiles
-        T *weights = buffer, *mask = weights + tile, *q = mask + tile, *o = q + rows, *k = o + rows;
-        T *v = k + window_rows, *inv_sum = v + window_rows;
+        Scratch<T> scratch(2 * tile + 3 * rows + 2 * window_rows + 2 * c);
+        T *weights = scratch.take(tile), *mask = scratch.take(tile), *q = scratch.take(rows);
+        T *q_t = scratch.take(rows), *o = scratch.take(rows), *k = scratch.take(window_rows);
+        T *v = scratch.take(window_rows), *inv_sum = scratch.take(c), *top = scratch.take(c);
 #pragma omp for schedule(static)
         for (int i = 0; i < b.G; ++i) {
-            gemm<T>(false, true, c, w, d, T(1), b.queries(i, q), d, b.keys(i, k), d, T(0), weights, w);  // q.k^T
+            transpose(b.queries(i, q), d, c, d, q_t);                                              // (d, c)
+            product<T>(w, c, d, T(1), {b.keys(i, k), d, 1}, q_t, c, false, weights, c);           // k.q^T (w, c)
             softmax_tile(weights, mask_tile(spec, i, c, w, mask), c, w, b.scale, b.floor, b.p_floor,
-                         lse + static_cast<int64_t>(i) * c, inv_sum);
-            gemm<T>(false, false, c, d, w, T(1), weights, w, b.values(i, v), d, T(0), o, d);  // P.v (c, d)
+                         lse + static_cast<int64_t>(i) * c, inv_sum, top);
+            product<T>(c, d, w, T(1), {weights, 1, c}, b.values(i, v), d, false, o, d);           // P^T.v (c, d)
             put_rows(out, out_index, &out_bounds, static_cast<int64_t>(i) * c, c, d, o, false, inv_sum);
         }
-        delete[] buffer;
     }
 }
 
@@ -373,14 +574,26 @@ struct Targets {
     bool kv_accumulate;
 };
 
-// Phase 1: chunk i's score tiles P, dS (kept for phase 2, with its queries and scaled dO) and its dq.
+// A thread's tiles for the backward's chunks.
+template <typename T>
+struct BackwardScratch {
+    BackwardScratch(int c, int d, int w)
+        : tiles(static_cast<int64_t>(c) * w + 7 * static_cast<int64_t>(c) * d + 2 * static_cast<int64_t>(w) * d + c),
+          mask(tiles.take(static_cast<int64_t>(c) * w)), o(tiles.take(static_cast<int64_t>(c) * d)),
+          dq(tiles.take(static_cast<int64_t>(c) * d)), q_t(tiles.take(static_cast<int64_t>(c) * d)),
+          grad_t(tiles.take(static_cast<int64_t>(c) * d)), dk(tiles.take(static_cast<int64_t>(c) * d)),
+          dv(tiles.take(static_cast<int64_t>(c) * d)), k(tiles.take(static_cast<int64_t>(w) * d)),
+          v(tiles.take(static_cast<int64_t>(w) * d)), delta(tiles.take(c)) {}
+    Scratch<T> tiles;
+    T *mask, *o, *dq, *q_t, *grad_t, *dk, *dv, *k, *v, *delta;
+};
+
+// Phase 1: chunk i's score tiles P, dS (w, c) (kept for phase 2, with its queries and scaled dO) and its dq.
 template <typename T>
 void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &gradient, const Targets<T> &targets,
-                    int i, T *p, T *ds, T *grad_i, T *q_i, T *scratch) {
+                    int i, T *p, T *ds, T *grad_i, T *q_i, BackwardScratch<T> &s) {
     const int c = b.c, d = b.d, w = b.w();
-    const int64_t first = static_cast<int64_t>(i) * c, rows = static_cast<int64_t>(c) * d;
-    T *mask = scratch, *o = mask + static_cast<int64_t>(c) * w, *dq = o + rows, *k = dq + rows;
-    T *v = k + static_cast<int64_t>(w) * d;
+    const int64_t first = static_cast<int64_t>(i) * c;
     b.copy_query_rows(b.q_rows, i, q_i);  // phase 2 reads the queries and the scaled dO from the workspace
     b.copy_query_rows(gradient.grad_rows, i, grad_i);
     if (gradient.lse_rows != nullptr) {  // dO times the round's share of the joint softmax
@@ -392,14 +605,16 @@ void chunk_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
             for (int j = 0; j < d; ++j) g[j] *= share;
         }
     }
-    const T *outputs = b.query_rows(gradient.out_rows, i, o);
-    const T *keys = b.keys(i, k), *values = b.values(i, v);
-    gemm<T>(false, true, c, w, d, T(1), q_i, d, keys, d, T(0), p, w);  // q.k^T (c, w)
-    probabilities_tile(p, mask_tile(spec, i, c, w, mask), gradient.lse + first, c, w, b.scale, b.floor, b.p_floor);
-    gemm<T>(false, true, c, w, d, T(1), grad_i, d, values, d, T(0), ds, w);  // dO.v^T (c, w)
-    score_gradients_tile(ds, p, grad_i, outputs, c, w, d);
-    gemm<T>(false, false, c, d, w, b.scale, ds, w, keys, d, T(0), dq, d);  // scale dS.k (c, d)
-    put_rows(targets.dq, targets.dq_index, &targets.dq_bounds, first, c, d, dq, targets.dq_accumulate);
+    output_deltas(grad_i, b.query_rows(gradient.out_rows, i, s.o), c, d, s.delta);
+    const T *keys = b.keys(i, s.k), *values = b.values(i, s.v);
+    transpose(q_i, d, c, d, s.q_t);                                            // (d, c)
+    transpose(grad_i, d, c, d, s.grad_t);                                      // (d, c)
+    product<T>(w, c, d, T(1), {keys, d, 1}, s.q_t, c, false, p, c);           // k.q^T (w, c)
+    probabilities_tile(p, mask_tile(spec, i, c, w, s.mask), gradient.lse + first, c, w, b.scale, b.floor, b.p_floor);
+    product<T>(w, c, d, T(1), {values, d, 1}, s.grad_t, c, false, ds, c);     // v.dO^T (w, c)
+    score_gradients_tile(ds, p, s.delta, c, w);
+    product<T>(c, d, w, b.scale, {ds, 1, c}, keys, d, false, s.dq, d);        // scale dS^T.k (c, d)
+    put_rows(targets.dq, targets.dq_index, &targets.dq_bounds, first, c, d, s.dq, targets.dq_accumulate);
 }
 
 // Extended chunk j's dk and dv rows from the score tiles of the chunks that see it (the workspace holds them).
@@ -412,11 +627,9 @@ void extended_chunk_backward(const Block<T> &b, const Targets<T> &targets, int j
     for (int part = 0; part < b.m; ++part) {
         const int i = j - part;
         if (i < 0 || i >= b.G) continue;
-        const T beta = first ? T(0) : T(1);
-        const T *p_part = probabilities + i * tile + static_cast<int64_t>(part) * c;  // (c, c), row stride w
-        const T *ds_part = d_scores + i * tile + static_cast<int64_t>(part) * c;
-        gemm<T>(true, false, c, d, c, T(1), p_part, w, grads + i * rows, d, beta, dv, d);        // P^T dO
-        gemm<T>(true, false, c, d, c, b.scale, ds_part, w, queries + i * rows, d, beta, dk, d);  // dS^T q
+        const int64_t at = i * tile + static_cast<int64_t>(part) * c * c;  // part p's rows of chunk i's tiles
+        product<T>(c, d, c, T(1), {probabilities + at, c, 1}, grads + i * rows, d, !first, dv, d);   // P dO
+        product<T>(c, d, c, b.scale, {d_scores + at, c, 1}, queries + i * rows, d, !first, dk, d);  // dS q
         first = false;
     }
     const int64_t at = static_cast<int64_t>(j) * c;
@@ -451,21 +664,21 @@ void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
     const int extended_chunks = b.G + m - 1;
 #pragma omp parallel
     {
-        T *scratch = new T[tile + 4 * rows + 2 * static_cast<int64_t>(w) * d];  // mask, o, dq, k, v; dk, dv
-        T *dk = scratch + tile + 2 * rows + 2 * static_cast<int64_t>(w) * d, *dv = dk + rows;
+        BackwardScratch<T> scratch(c, d, w);
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         for (int i = first_chunk(b.G, threads, thread); i < first_chunk(b.G, threads, thread + 1); ++i) {
             chunk_backward(b, spec, gradient, targets, i, probabilities + i * tile, d_scores + i * tile,
                            grads + i * rows, queries + i * rows, scratch);
             if (owns_extended_chunk(b.G, m, threads, i))
-                extended_chunk_backward(b, targets, i, probabilities, d_scores, grads, queries, dk, dv);
+                extended_chunk_backward(b, targets, i, probabilities, d_scores, grads, queries, scratch.dk,
+                                        scratch.dv);
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int j = 0; j < extended_chunks; ++j)  // the rest: their chunks span two threads' shares, or j >= G
             if (!owns_extended_chunk(b.G, m, threads, j))
-                extended_chunk_backward(b, targets, j, probabilities, d_scores, grads, queries, dk, dv);
-        delete[] scratch;
+                extended_chunk_backward(b, targets, j, probabilities, d_scores, grads, queries, scratch.dk,
+                                        scratch.dv);
     }
 }
 
@@ -473,7 +686,7 @@ void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
 
 extern "C" {
 
-int reformer_window_kernel_version() { return 5; }
+int reformer_window_kernel_version() { return 6; }
 
 // limits: the rows q_index may pick (the query, gradient and output rows), the rows kv_index may pick (the key
 // and value rows), the rows out_index or dq_index may pick. Returns 0, or 1 when an index was out of range (the
@@ -505,18 +718,27 @@ int reformer_window_kernel_version() { return 5; }
         return bad.load();                                                                                         \
     }
 
+// The (G, c, w) mask alone (query by key), for the tests.
 #define REFORMER_WINDOW_MASK(T, SUFFIX)                                                                             \
     void reformer_window_mask_##SUFFIX(int G, int c, int w, const MaskSpec *mask, T *out) {                        \
-        for (int i = 0; i < G; ++i) {                                                                              \
-            T *tile = out + static_cast<int64_t>(i) * c * w;                                                       \
-            const T *built = mask_tile(*mask, i, c, w, tile);                                                      \
-            if (built != tile) std::memcpy(tile, built, sizeof(T) * c * w);                                        \
-        }                                                                                                          \
+        T *tile = new T[static_cast<int64_t>(c) * w];                                                              \
+        for (int i = 0; i < G; ++i)                                                                                \
+            transpose(mask_tile(*mask, i, c, w, tile), c, w, c, out + static_cast<int64_t>(i) * c * w);            \
+        delete[] tile;                                                                                             \
     }
 
 REFORMER_WINDOW_KERNELS(float, f32)
 REFORMER_WINDOW_KERNELS(double, f64)
-REFORMER_WINDOW_MASK(float, f32)  // the mask alone, for the tests
+REFORMER_WINDOW_MASK(float, f32)
 REFORMER_WINDOW_MASK(double, f64)
+
+// Which products the kernels run: 1 this file's tile product, 0 the BLAS. Returns the one now in use: asking for
+// the tile product where it is not compiled (no AVX-512) leaves the BLAS.
+int reformer_window_set_products(int tile) {
+    use_tile_product.store(tile != 0 && HAS_TILE_PRODUCT ? 1 : 0);
+    return use_tile_product.load();
+}
+
+int reformer_window_products() { return use_tile_product.load(); }
 
 }  // extern "C"
