@@ -177,6 +177,7 @@ def test_config_json_round_trip(tmp_path):
     (dict(reversible_keep_attention_mib=-1), "reversible_keep_attention_mib must be a number of MiB >= 0"),
     (dict(reversible_keep_attention_mib="64"), "reversible_keep_attention_mib must be a number of MiB >= 0"),
     (dict(reversible_keep_attention_mib=float("nan")), "reversible_keep_attention_mib must be a number of MiB"),
+    (dict(reversible_keep_feed_forward="yes"), "reversible_keep_feed_forward must be True or False"),
 ])
 def test_config_errors_say_what_to_change(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -116,8 +116,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_compatible(saved: ReformerConfig, wanted: ReformerConfig) -> None:
     """The weights of `saved` must fit `wanted`: the same fields except execution choices."""
-    free = {"reversible", "reversible_keep_attention", "reversible_keep_attention_mib", "ff_chunk_size",
-            "loss_chunk_size", "n_hashes", "dropout", "attn_dropout", "lsh_attn_dropout"}
+    free = {"reversible", "reversible_keep_attention", "reversible_keep_attention_mib", "reversible_keep_feed_forward",
+            "ff_chunk_size", "loss_chunk_size", "n_hashes", "dropout", "attn_dropout", "lsh_attn_dropout"}
     differ = [
         f"{name}: checkpoint {getattr(saved, name)!r} vs requested {getattr(wanted, name)!r}"
         for name in saved.to_dict()

@@ -70,6 +70,9 @@ class ReformerConfig:
     # layer's; False: none; "auto": the latest layers' that fit in reversible_keep_attention_mib (short sequences)
     reversible_keep_attention: bool | str = "auto"
     reversible_keep_attention_mib: float = 256.0  # the budget of "auto", in MiB, for all layers of a step together
+    # and, in what the kept attention leaves of it, the latest layers' feed-forward outputs (n * d_model floats
+    # each): the backward then skips the feed-forward's second product
+    reversible_keep_feed_forward: bool = True
     ff_chunk_size: int = 0  # positions per feed-forward chunk (0 = whole sequence at once)
     loss_chunk_size: int = 4096  # positions per chunk of the LM head and loss when labels are given
     pad_to_multiple: int = 0  # right-pad inputs to a multiple of this, as HF does (lcm of its chunks); 0 = off
@@ -146,6 +149,9 @@ class ReformerConfig:
         keep = self.reversible_keep_attention
         if not (isinstance(keep, bool) or isinstance(keep, str) and keep == "auto"):
             raise ValueError(f"reversible_keep_attention must be True, False or 'auto', got {keep!r}")
+        if not isinstance(self.reversible_keep_feed_forward, bool):
+            raise ValueError(f"reversible_keep_feed_forward must be True or False, got "
+                             f"{self.reversible_keep_feed_forward!r}")
         budget = self.reversible_keep_attention_mib
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
             raise ValueError(f"reversible_keep_attention_mib must be a number of MiB >= 0 (the budget of "

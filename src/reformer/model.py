@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention._chunking import pad_length, padded_length, padded_mask
-from .attention.fused_chunks import KeepBudget, KernelReplay
+from .attention.fused_chunks import KernelReplay
+from .keep import KeepBudget, KeptOutput
 from .attention.sliding import global_mask_as_bool
 from .config import ReformerConfig
 from .layers.attention import (
@@ -148,6 +149,12 @@ class ReformerLM(nn.Module):
         order (`reversible_keep_attention`); empty when it kept none."""
         return [] if self.kept_attention is None else self.kept_attention.kept
 
+    @property
+    def kept_output_bytes(self) -> list[int]:
+        """The bytes of every layer whose feed-forward output the last training forward kept for the backward, in
+        what the kept attention left of the budget (`reversible_keep_attention`); empty when it kept none."""
+        return [] if self.kept_attention is None else self.kept_attention.kept_outputs
+
     def _layer_calls(self, global_mask: torch.Tensor | None = None) -> tuple[int | None, list[LayerCall]]:
         self.kept_attention = None
         if not self.training:
@@ -157,7 +164,9 @@ class ReformerLM(nn.Module):
         keep = self.config.reversible and budget > 0 and torch.is_grad_enabled()
         self.kept_attention = KeepBudget(budget) if keep else None
         return seeds[0], [LayerCall(seed=s, global_mask=global_mask,
-                                    replay=KernelReplay(budget=self.kept_attention) if keep else None)
+                                    replay=KernelReplay(budget=self.kept_attention) if keep else None,
+                                    kept_output=KeptOutput(budget=self.kept_attention)
+                                    if keep and self.config.reversible_keep_feed_forward else None)
                           for s in seeds[1:]]
 
     def set_lsh_eval(self, n_hashes: int | None = None, full_attention: bool = False) -> None:

@@ -223,37 +223,42 @@ def test_a_second_backward_through_the_reversible_loss_is_explained():
 
 @pytest.mark.parametrize("kinds", [("lsh", "local", "full", "lsh"), ("sliding", "lsh")])
 def test_keeping_the_attention_for_the_backward_changes_no_gradient(kinds):
-    """reversible_keep_attention: the backward reads the forward's kernel output and plan instead of recomputing
-    them from the rebuilt inputs; loss and gradients equal the plain model's (1e-10), as the recomputing stack's do,
-    whether every layer keeps it (True), none (False), or the latest that fit in the budget ("auto")."""
+    """reversible_keep_attention: the backward reads the forward's kernel output and plan, and its feed-forward
+    output (which spares the second product), instead of recomputing them from the rebuilt inputs; loss and
+    gradients equal the plain model's (1e-10), with dropout, as the recomputing stack's do, whether every layer
+    keeps them (True), none (False), or the latest that fit in the budget ("auto")."""
     from reformer import ReformerConfig, ReformerLM
     from tests.conftest import random_batch, tiny_config
 
     config = tiny_config(attn_layers=kinds, dropout=0.1, reversible_keep_attention=True)
     largest = max(kept_bytes(config))
     changes = ({}, {"reversible_keep_attention": False}, {"reversible": False},
-               {"reversible_keep_attention": "auto", "reversible_keep_attention_mib": (largest + 1) / (1 << 20)})
+               {"reversible_keep_attention": "auto", "reversible_keep_attention_mib": (largest + 1) / (1 << 20)},
+               {"reversible_keep_feed_forward": False})
     models = [ReformerLM(ReformerConfig.from_dict({**config.to_dict(), **change})).double() for change in changes]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
     ids, mask = random_batch(config, length=29, pad_from=20)
-    results, kept = [], []
+    results, kept, outputs = [], [], []
     for model in models:
         model.train()
         model.manual_seed(4)
         loss = model(ids, mask, labels=ids).loss
         kept.append(len(model.kept_attention_bytes))
+        outputs.append(len(model.kept_output_bytes))
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)  # unused: global projections
         results.append((loss, [torch.zeros_like(p) if g is None else g for p, g in zip(model.parameters(), grads)]))
     fused = sum(kind != "full" for kind in kinds)  # layers that run the fused kernel
-    assert kept == [fused, 0, 0, 1]
-    (kept_loss, kept_grads), (recomputed, recomputed_grads), (plain, plain_grads), (partial, partial_grads) = results
+    assert kept == [fused, 0, 0, 1, fused]
+    assert outputs[:3] == [len(kinds), 0, 0] and outputs[4] == 0  # keep=True: every feed-forward output too
+    (kept_loss, kept_grads), (recomputed, recomputed_grads), (plain, plain_grads), (partial, partial_grads), \
+        (attention_only, attention_only_grads) = results
     assert torch.equal(kept_loss, recomputed) and torch.equal(partial, recomputed)  # the same forward
-    for (name, _), g, rg, pg, partial_g in zip(models[0].named_parameters(), kept_grads, recomputed_grads,
-                                               plain_grads, partial_grads):
-        assert_close(g, pg, 1e-10, name)
-        assert_close(rg, pg, 1e-10, name)
-        assert_close(partial_g, pg, 1e-10, name)
+    assert torch.equal(attention_only, recomputed)
+    for (name, _), *grads, pg in zip(models[0].named_parameters(), kept_grads, recomputed_grads, partial_grads,
+                                     attention_only_grads, plain_grads):
+        for g in grads:
+            assert_close(g, pg, 1e-10, name)
 
 
 def kept_bytes(config) -> list[int]:

@@ -43,12 +43,11 @@ the gradient sums are float32. The backward upcasts each block to float32.
 
 from __future__ import annotations
 
-import math
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+from ..keep import KeepBudget
 from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, mask_values, neighbour_mask,
                         unit_length_keys)
 from . import native
@@ -164,37 +163,6 @@ class Plan:
         """Head row `index`'s (n, ...) strided view of rows in the (b, n, h, ...) layout."""
         b, n, h = self.shape
         return rows.view(b, n, h, *rows.shape[1:])[index // h, :, index % h]
-
-
-@dataclass
-class KeepBudget:
-    """The bytes a step's kept attention may take, shared by its layers' replays: the latest layers are kept.
-
-    The backward reaches the last layers first, and a layer's kept attention
-    stands in for what its recompute would build anyway; an early layer's is
-    held through the whole backward. So when a layer's attention does not fit
-    in what is left, the earliest layers still kept give theirs up until it
-    does (and a layer larger than the whole budget keeps nothing). `kept`
-    lists the bytes of every layer still kept, in forward order.
-    """
-
-    limit: float = math.inf  # bytes; math.inf: keep every layer's
-    _held: list[tuple[int, weakref.ref]] = field(default_factory=list, repr=False)  # (bytes, replay), forward order
-
-    @property
-    def kept(self) -> list[int]:
-        return [nbytes for nbytes, _ in self._held]
-
-    def take(self, replay: KernelReplay, nbytes: int) -> bool:
-        """Make room for `nbytes` of `replay` by evicting the earliest kept replays; False if it cannot fit."""
-        if nbytes > self.limit:
-            return False
-        while sum(self.kept) + nbytes > self.limit:
-            evicted = self._held.pop(0)[1]()
-            if evicted is not None:
-                evicted.give_up()
-        self._held.append((nbytes, weakref.ref(replay)))
-        return True
 
 
 @dataclass(eq=False)

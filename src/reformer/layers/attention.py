@@ -17,6 +17,7 @@ from torch import nn
 from ..attention import full_attention, local_attention, lsh_attention, sliding_window_attention
 from ..attention.full import shared_qk_attention
 from ..attention.fused_chunks import KernelReplay
+from ..keep import KeptOutput
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
 from .feed_forward import chunk_bounds
 from ..rng import (STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_keep, derive_seed, generator_for,
@@ -34,6 +35,7 @@ class LayerCall:
     buckets: torch.Tensor | None = None  # (b, h, r, n), filled by the first LSH run, reused after
     global_mask: torch.Tensor | None = None  # (b, n) bool: Longformer's global tokens; other layers ignore it
     replay: KernelReplay | None = None  # the fused kernel's plan and output, kept for the recompute (or None)
+    kept_output: KeptOutput | None = None  # the feed-forward's output, kept for the reversible backward (or None)
 
     @property
     def global_tokens(self) -> bool:

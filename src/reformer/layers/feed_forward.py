@@ -46,16 +46,23 @@ class FeedForward(nn.Module):
 
     def chunk(self, x: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
         """The feed-forward of one chunk of positions. x (b, m, d_model) -> (b, m, d_model)."""
+        return (self.compiled_chunk or self.pure_chunk)(x, *self.dropout_masks(x, seed, index))
+
+    def dropout_masks(self, x: torch.Tensor, seed: int | None,
+                      index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Chunk `index`'s dropout masks of the hidden (b, m, d_ff) and output (b, m, d_model) values, or None."""
         keep_hidden = keep_mask((*x.shape[:-1], self.w_in.out_features), x.device, self.dropout, seed,
-                                STREAM_FF_HIDDEN, index)  # (b, m, d_ff) or None
-        keep_out = keep_mask(x.shape, x.device, self.dropout, seed, STREAM_FF_OUT, index)
-        return (self.compiled_chunk or self.pure_chunk)(x, keep_hidden, keep_out)
+                                STREAM_FF_HIDDEN, index)
+        return keep_hidden, keep_mask(x.shape, x.device, self.dropout, seed, STREAM_FF_OUT, index)
 
     def pure_chunk(self, x: torch.Tensor, keep_hidden: torch.Tensor | None,
                    keep_out: torch.Tensor | None) -> torch.Tensor:
         """`chunk` given its dropout masks: no randomness, no Python scalars that change per call."""
-        hidden = apply_keep(self.w_in(self.norm(x)), keep_hidden, self.dropout)  # (b, m, d_ff)
-        return apply_keep(self.w_out(self.activation(hidden)), keep_out, self.dropout)
+        return apply_keep(self.w_out(self.activated(x, keep_hidden)), keep_out, self.dropout)
+
+    def activated(self, x: torch.Tensor, keep_hidden: torch.Tensor | None) -> torch.Tensor:
+        """The activation of the hidden values (b, m, d_ff): the chunk before its second product."""
+        return self.activation(apply_keep(self.w_in(self.norm(x)), keep_hidden, self.dropout))
 
     def forward(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         bounds = chunk_bounds(x.shape[1], self.chunk_size)

@@ -43,6 +43,7 @@ from typing import Iterable, Protocol
 import torch
 from torch import nn
 
+from ..rng import apply_keep
 from .attention import AttentionBranch, LayerCall
 from .feed_forward import FeedForward, chunk_bounds
 
@@ -174,8 +175,20 @@ def _block_forward(block: ReformerBlock, call: LayerCall, mask, state: torch.Ten
     for index, (start, end) in enumerate(chunk_bounds(x1.shape[1], branch.chunk_size)):
         x1[:, start:end] += branch.output_chunk(attended[:, start:end], call.seed, index)
     del attended
+    kept = _reserve_output(ff, call, x2)  # G(Y1) for the backward, when the keep budget has room for it
     for index, (start, end) in enumerate(chunk_bounds(x1.shape[1], ff.chunk_size)):
-        x2[:, start:end] += ff.chunk(x1[:, start:end], call.seed, index)
+        g = ff.chunk(x1[:, start:end], call.seed, index)
+        x2[:, start:end] += g
+        if kept is not None:
+            kept[:, start:end] = g
+
+
+def _reserve_output(ff: FeedForward, call: LayerCall, like: torch.Tensor) -> torch.Tensor | None:
+    """Room to keep the feed-forward's output for the backward (`reversible_keep_attention`), or None: not
+    asked, no room, or a compiled chunk (which the backward differentiates whole)."""
+    if call.kept_output is None or ff.compiled_chunk is not None:
+        return None
+    return call.kept_output.reserve(like)
 
 
 def _block_backward(block: ReformerBlock, call: LayerCall, mask, state: torch.Tensor,
@@ -183,16 +196,24 @@ def _block_backward(block: ReformerBlock, call: LayerCall, mask, state: torch.Te
     """(Y1, Y2) -> (X1, X2) and (dY1, dY2) -> (dX1, dX2), both in place; the block's parameter grads."""
     y1, y2 = halves(state)
     dy1, dy2 = halves(grad_state)
-    grads = _feed_forward_backward(block.feed_forward, call.seed, y1, y2, dy1, dy2)  # y2 -> X2; dy1 -> dY1 total
+    kept = None if call.kept_output is None else call.kept_output.take()  # G(Y1) from the forward, or None
+    grads = _feed_forward_backward(block.feed_forward, call.seed, y1, y2, dy1, dy2, kept)  # y2 -> X2; dY1 total
     grads.update(_attention_backward(block.attention, call, mask, y1, y2, dy1, dy2))  # y1 -> X1; dy2 -> dX2
     return [grads.get(p) for p in block.parameters()]
 
 
-def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2) -> dict:
-    """X2 = Y2 - G(Y1) into y2 and dY1 += G'(Y1)^T dY2 into dy1, one chunk of positions at a time."""
+def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2, kept: torch.Tensor | None = None) -> dict:
+    """X2 = Y2 - G(Y1) into y2 and dY1 += G'(Y1)^T dY2 into dy1, one chunk of positions at a time. With G(Y1)
+    kept from the forward, the chunks run only up to the activation (`_kept_output_chunk_backward`)."""
     params = list(ff.parameters())
     totals = [torch.zeros_like(p) for p in params]
     for index, (start, end) in enumerate(chunk_bounds(y1.shape[1], ff.chunk_size)):
+        if kept is not None:
+            d_input, param_grads = _kept_output_chunk_backward(ff, seed, index, y1[:, start:end], dy2[:, start:end])
+            dy1[:, start:end] += d_input
+            y2[:, start:end] -= kept[:, start:end]
+            _accumulate(totals, [param_grads.get(p) for p in params])
+            continue
         with torch.enable_grad():
             part = y1[:, start:end].detach().requires_grad_()
             g = ff.chunk(part, seed, index)
@@ -202,6 +223,25 @@ def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2) -> dict:
         _accumulate(totals, grads[1:])
         del g, grads
     return dict(zip(params, totals))
+
+
+def _kept_output_chunk_backward(ff: FeedForward, seed, index: int, y1, dy2) -> tuple[torch.Tensor, dict]:
+    """The gradients of one feed-forward chunk, G(y1) = drop(W2 a + b2) with a its activation, without its
+    second product W2 a (its output was kept): the input's gradient and the parameters'."""
+    keep_hidden, keep_out = ff.dropout_masks(y1, seed, index)
+    with torch.enable_grad():
+        part = y1.detach().requires_grad_()
+        activated = ff.activated(part, keep_hidden)  # (b, m, d_ff)
+    grad_out = apply_keep(dy2, keep_out, ff.dropout).flatten(0, 1)  # (b*m, d_model): the gradient of W2 a + b2
+    inputs = activated.detach().flatten(0, 1)  # (b*m, d_ff)
+    grads = {ff.w_out.weight: torch.mm(grad_out.t(), inputs)}
+    if ff.w_out.bias is not None:
+        grads[ff.w_out.bias] = grad_out.sum(0)
+    d_activated = torch.mm(grad_out, ff.w_out.weight).view_as(activated)
+    first = [part, *ff.norm.parameters(), *ff.w_in.parameters()]
+    d_first = torch.autograd.grad(activated, first, d_activated, allow_unused=True)
+    grads.update(zip(first[1:], d_first[1:]))
+    return d_first[0], grads
 
 
 def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, dy1, dx2) -> dict:
