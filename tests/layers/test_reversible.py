@@ -178,7 +178,7 @@ model = ReformerLM(config).train()
 ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0))
 baseline = current_rss_mib()
 model(ids, labels=ids).loss.backward()
-print(json.dumps({"step_mib": peak_rss_mib() - baseline, "kept_mib": sum(model.kept_attention_bytes) / 2**20}))
+print(json.dumps({"step_mib": peak_rss_mib() - baseline, "kept_mib": sum(model.kept_attention_bytes + model.kept_output_bytes) / 2**20}))
 """
 
 
