@@ -30,14 +30,17 @@ window of w = 2 * chunk keys); the head 2 * 2d * vocab. A training step counts
 counted in the model FLOPs: the reversible recompute (one more forward of every
 layer, less the attention products of the layers that kept their attention),
 the loss tail's recompute in chunks, and the q.k products that the attention
-backward recomputes from the log-sum-exps. The targets table gives them apart,
+backward recomputes from the log-sum-exps; less the feed-forward's second
+product in the layers whose feed-forward output was kept. The targets table gives them apart,
 as the FLOPs the step executes (benchmarks/ceiling.py records every product of
 a step and checks this count). The machine's rate is the median of 5 4096^3
 matrix products in the same run, in the precision of the run.
 
 `ours` is our model as configured by default: `reversible_keep_attention="auto"` keeps the attention
-output and plan of the latest layers that fit in 64 MiB for the backward (all 6 layers up to 4,096
-tokens, 2 at 16,384, none from 65,536: each cell reports `kept_layers` and `kept_mib`). `ours_keep` is our model with
+output and plan of the latest layers that fit in 256 MiB for the backward (all 6 layers up to 16,384
+tokens, 2 at 65,536), then the feed-forward outputs of the latest layers in what is left of it
+(`reversible_keep_feed_forward`: 5 at 16,384); each cell reports `kept_layers`, `kept_mib`,
+`kept_outputs` and `kept_outputs_mib`. `ours_keep` is our model with
 `reversible_keep_attention=True` (every layer's), in the default run beside `ours`.
 `ours_pytorch` is `ours` with the native CPU kernels off (REFORMER_NATIVE=0: PyTorch's flash kernel,
 batched products and float passes instead; `--tag native` writes compare_native.md); each of our cells
@@ -97,13 +100,16 @@ def model_flops_per_step(length: int) -> float:
     return 3.0 * forward_flops(length)[0]
 
 
-def executed_flops_per_step(length: int, kept_layers: int = 0) -> float:
+def executed_flops_per_step(length: int, kept_layers: int = 0, kept_outputs: int = 0) -> float:
     """The FLOPs the step runs: the model FLOPs, the reversible backward's recompute of the whole forward (the
     tail included: it runs again chunk by chunk), without the chunk attention's products in the `kept_layers`
-    layers whose attention was kept (`reversible_keep_attention`), and every layer's attention backward
-    recomputing its q.k products (half of the attention's forward products)."""
+    layers whose attention was kept (`reversible_keep_attention`) nor the feed-forward's second product in the
+    `kept_outputs` layers whose feed-forward output was kept (`reversible_keep_feed_forward`), and every layer's
+    attention backward recomputing its q.k products (half of the attention's forward products)."""
     forward, attention = forward_flops(length)
-    return model_flops_per_step(length) + forward - attention * kept_layers / LAYERS + attention / 2
+    second_product = length * 2 * D_FF * D_MODEL
+    return (model_flops_per_step(length) + forward - attention * kept_layers / LAYERS + attention / 2
+            - second_product * kept_outputs)
 
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
@@ -244,6 +250,8 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
 
         kept = model.kept_attention_bytes
         cell["kept_layers"], cell["kept_mib"] = len(kept), sum(kept) / 2**20
+        outputs = model.kept_output_bytes
+        cell["kept_outputs"], cell["kept_outputs_mib"] = len(outputs), sum(outputs) / 2**20
         cell["native"] = device.type == "cpu" and native.library() is not None
     return cell
 
@@ -363,9 +371,11 @@ def targets_table(results: dict, lengths, contenders, rate_gflops: float) -> lis
             over_sdpa = f"{done['sdpa']['step_s'] / ours['step_s']:.2f}x" if "sdpa" in done else "-"
             memory = f"{ours['peak_mib'] / min(r['peak_mib'] for r in peer_done):.2f}" if peer_done else "-"
             model = model_flops_per_step(length) / ours["step_s"] / 1e9
-            kept = kept_layers(ours)
-            executed = executed_flops_per_step(length, kept) / ours["step_s"] / 1e9
-            rows.append(f"| {length:,} | {LABELS[variant]} (attention kept in {kept} of {LAYERS} layers) | {speedup} "
+            kept, outputs = kept_layers(ours), ours.get("kept_outputs", 0)
+            executed = executed_flops_per_step(length, kept, outputs) / ours["step_s"] / 1e9
+            kept_text = f"attention kept in {kept} of {LAYERS} layers" + (
+                f", feed-forward outputs in {outputs}" if outputs else "")
+            rows.append(f"| {length:,} | {LABELS[variant]} ({kept_text}) | {speedup} "
                         f"| {over_sdpa} | {memory} | {model:.1f} ({model / rate_gflops:.0%}) "
                         f"| {executed:.1f} ({executed / rate_gflops:.0%}) |")
     return rows

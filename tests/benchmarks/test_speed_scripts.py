@@ -22,10 +22,12 @@ def test_compare_quick_run_writes_a_table_and_plots(tmp_path):
                    check=True, capture_output=True, text=True, timeout=600)
     text = (tmp_path / "compare.md").read_text()
     assert "| 512 |" in text and "GFLOP/s" in text and "speed-up over SDPA" in text
-    assert "| 512 | reformer (ours) (attention kept in 6 of 6 layers) |" in text  # "auto": 6 small layers fit
+    # "auto": 6 small layers fit, and their feed-forward outputs beside them
+    assert "| 512 | reformer (ours) (attention kept in 6 of 6 layers, feed-forward outputs in 6) |" in text
     cells = json.loads((tmp_path / "compare.json").read_text())["results"]
     assert {cell["contender"]: cell.get("kept_layers") for cell in cells} == {"ours": 6, "sdpa": None}
-    assert all(0 < cell["kept_mib"] <= 256 for cell in cells if cell["contender"] == "ours")
+    assert {cell["contender"]: cell.get("kept_outputs") for cell in cells} == {"ours": 6, "sdpa": None}
+    assert all(0 < cell["kept_mib"] + cell["kept_outputs_mib"] <= 256 for cell in cells if cell["contender"] == "ours")
     assert (tmp_path / "time_vs_length.png").is_file() and (tmp_path / "memory_vs_length.png").is_file()
 
 
@@ -74,7 +76,8 @@ def test_profile_refuses_zero_steps():
 @pytest.mark.slow
 def test_ceiling_records_every_product_of_a_step_and_matches_the_analytic_count(tmp_path):
     """The products recorded in a step are the FLOPs compare.py counts as executed (within the LSH hashing's
-    rotations, under 1% here); the recompute's forward calls vanish with reversible_keep_attention=True."""
+    rotations, under 1% here, the feed-forward second products skipped for the kept outputs subtracted); the
+    recompute's forward calls vanish with reversible_keep_attention=True."""
     out = tmp_path / "ceiling.md"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--length", "512", "--rounds", "1",
                     "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
@@ -86,7 +89,8 @@ def test_ceiling_records_every_product_of_a_step_and_matches_the_analytic_count(
     forward = "window kernel, forward" if native.library() is not None else "flash attention"
     forward_calls = {keep: r["by_name"][forward][0] for keep, r in results.items()}
     assert forward_calls["False"] == 2 * forward_calls["True"] == 2 * forward_calls["auto"]  # all 6 layers fit at 512
-    assert "| 'auto' | 6 of 6 |" in out.read_text() and "--length 512" in out.read_text()
+    assert {keep: r["kept_outputs"] for keep, r in results.items()} == {"auto": 6, "True": 6, "False": 0}
+    assert "| 'auto' | 6, 6 of 6 |" in out.read_text() and "--length 512" in out.read_text()
 
 
 @pytest.mark.slow
