@@ -124,7 +124,8 @@ def summarize(contender: dict, rounds: list[dict], length: int) -> dict:
             "products_s": statistics.median(products), "model_gflops": model_flops / 1e9, "by_name": by_name,
             "distinct": len(contender["calls"]),
             "executed_gflops": sum(entry[1] for entry in by_name.values()) / 1e9,
-            "analytic_executed_gflops": executed_flops_per_step(length, contender["kept"], contender["kept_outputs"]) / 1e9,
+            "analytic_executed_gflops": executed_flops_per_step(length, contender["kept"],
+                                                                contender["kept_outputs"]) / 1e9,
             "target_step_s": model_flops / 1e9 / (0.5 * rate),
             "step_share": statistics.median(model_flops / r["step_s"] / 1e9 / r["rate"] for r in rounds),
             "ceiling_share": statistics.median(model_flops / p / 1e9 / r["rate"] for p, r in zip(products, rounds))}
@@ -143,12 +144,14 @@ def report(results: list[dict], length: int, command: str) -> str:
              "the model FLOP/s if the step did nothing else. Target 3 (half the matmul rate) needs the step time in "
              "`50% needs`; the column after it is what that leaves for everything but the products, against "
              "what it takes now.\n",
-             "| reversible_keep_attention | layers kept: attention, feed-forward outputs | matmul rate (GFLOP/s), median | step (s) "
+             "| reversible_keep_attention | layers kept: attention, feed-forward outputs "
+             "| matmul rate (GFLOP/s), median | step (s) "
              "| model FLOP/s, share of the matmul rate | products alone (s) | ceiling: share of the matmul rate "
              "| 50% needs a step of (s) | left for all but the products: at 50% / now (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['keep']!r} | {r['kept']}, {r['kept_outputs']} of {LAYERS} | {r['rate']:.0f} | {r['step_s']:.2f} "
+        lines.append(f"| {r['keep']!r} | {r['kept']}, {r['kept_outputs']} of {LAYERS} | {r['rate']:.0f} "
+                     f"| {r['step_s']:.2f} "
                      f"| {r['step_share']:.0%} | {r['products_s']:.2f} | **{r['ceiling_share']:.0%}** "
                      f"| {r['target_step_s']:.2f} | {r['target_step_s'] - r['products_s']:.2f} / "
                      f"{r['step_s'] - r['products_s']:.2f} |")

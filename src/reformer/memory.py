@@ -53,11 +53,20 @@ def peak_rss_mib() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def process_status_mib(*fields: str) -> dict[str, float]:
+    """Memory fields of /proc/self/status in MiB (e.g. "VmRSS", "RssAnon", "RssFile"); those absent, or all of them
+    off Linux, are left out."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return {}
+    values = {}
+    for line in status.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:
+            values[name] = int(value.split()[0]) / 1024
+    return values
+
+
 def current_rss_mib() -> float:
     """Current resident set size in MiB (Linux; falls back to the peak elsewhere)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return peak_rss_mib()
+    return process_status_mib("VmRSS").get("VmRSS", peak_rss_mib())

@@ -167,7 +167,7 @@ def test_attention_branch_runs_position_wise_parts_in_chunks():
 
 _STEP_PEAK = """
 import json, sys, torch
-from reformer.memory import current_rss_mib, peak_rss_mib, release_freed_memory_eagerly
+from reformer.memory import current_rss_mib, peak_rss_mib, process_status_mib, release_freed_memory_eagerly
 release_freed_memory_eagerly()
 from reformer import ReformerConfig, ReformerLM
 n, layers, keep = int(sys.argv[1]), tuple(sys.argv[2].split(",")), json.loads(sys.argv[3])
@@ -177,19 +177,13 @@ config = ReformerConfig(vocab_size=256, d_model=256, n_heads=2, d_head=64, d_ff=
 model = ReformerLM(config).train()
 ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0))
 
-def rss_parts():  # anonymous and file-backed resident MiB, to tell a failure's cause (a rare +200 MiB, seen once)
-    try:
-        text = open("/proc/self/status").read()
-    except OSError:  # not Linux
-        return {}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile") if k in fields}
-
-before = rss_parts()
+parts = ("RssAnon", "RssFile")  # anonymous and file-backed: which one grew, should the step hold too much
+before = process_status_mib(*parts)
 baseline = current_rss_mib()
 model(ids, labels=ids).loss.backward()
-print(json.dumps({"step_mib": peak_rss_mib() - baseline, "kept_mib": sum(model.kept_attention_bytes + model.kept_output_bytes) / 2**20,
-                  "before": before, "after": rss_parts()}))
+kept_mib = sum(model.kept_attention_bytes + model.kept_output_bytes) / 2**20
+print(json.dumps({"step_mib": peak_rss_mib() - baseline, "kept_mib": kept_mib, "before": before,
+                  "after": process_status_mib(*parts)}))
 """
 
 
