@@ -29,6 +29,10 @@ def test_compare_quick_run_writes_a_table_and_plots(tmp_path):
     assert {cell["contender"]: cell.get("kept_outputs") for cell in cells} == {"ours": 6, "sdpa": None}
     ours = [cell for cell in cells if cell["contender"] == "ours"]
     assert all(0 < cell["kept_mib"] + cell["kept_outputs_mib"] <= 256 for cell in ours)
+    # our cells measure the matmul rate in their own process right after their steps, and the targets give both
+    assert all(len(cell["matmul_after"]) == 1 and cell["matmul_after"][0] > 0 for cell in ours)
+    assert all("matmul_after" not in cell for cell in cells if cell["contender"] == "sdpa")
+    assert f"({ours[-1]['matmul_after'][0]:.0f}) |" in text and "measured right after its steps" in text
     assert (tmp_path / "time_vs_length.png").is_file() and (tmp_path / "memory_vs_length.png").is_file()
 
 
@@ -38,6 +42,25 @@ def test_million_quick_run_writes_a_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "million.py"), "--tokens", "4096", "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
     assert "| 4,096 |" in out.read_text()
+
+
+def test_compare_shares_use_the_rate_measured_after_the_steps_over_all_rounds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    first = {"contender": "ours", "length": 4096, "times": [2.0], "step_s": 2.0, "peak_mib": 100.0, "matmul_after": [100.0]}
+    merged = compare.merge_runs(compare.merge_runs(first, {**first, "matmul_after": [120.0]}),
+                                {**first, "matmul_after": [200.0]})
+    assert merged["matmul_after"] == [100.0, 120.0, 200.0] and compare.adjacent_rate(merged) == 120.0
+    old = {key: value for key, value in first.items() if key != "matmul_after"}  # a cell of an earlier run
+    assert compare.adjacent_rate(old) is None and compare.merge_runs(old, old).get("matmul_after") is None
+    model = compare.model_flops_per_step(4096) / 2.0 / 1e9
+    rows = compare.targets_table({("ours", 4096): merged}, [4096], ["ours"], rate_gflops=model * 2)
+    assert f"({50:.0f}%) | **{model / 120:.0%}** (120) |" in rows[-1]
+    rows = compare.targets_table({("ours", 4096): old}, [4096], ["ours"], rate_gflops=model * 2)
+    assert "(50%) | - |" in rows[-1]
 
 
 def test_compare_refuses_a_missing_resume_log(tmp_path):
@@ -237,18 +260,22 @@ def test_compare_resumes_an_interrupted_run_from_its_log(tmp_path):
 def test_step_ab_quick_run_writes_a_table_of_paired_ratios(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), "--length", "256", "--rounds", "2",
                            "--variant", "default", "--variant", "kept", "reversible_keep_attention=false",
-                           "--variant", "blas", "products=blas", "--out-dir", str(tmp_path), "--tag", "quick"],
+                           "--variant", "blas", "products=blas", "--variant", "heap", "malloc=32,256",
+                           "--out-dir", str(tmp_path), "--tag", "quick"],
                           check=True, capture_output=True, text=True, timeout=600)
     text = (tmp_path / "step_ab_quick.md").read_text()
     assert "| default | - |" in text and "| 1.000 | - |" in text
     assert "| kept | reversible_keep_attention=False |" in text and "of 2 |" in text
     assert "| blas | products=blas |" in text and "round 2:" in done.stdout
+    assert "| heap | malloc=32,256 |" in text
 
 
 @pytest.mark.parametrize("words, message", [
     (["--variant", "a", "--variant", "b", "nonsense=1"], "is not KEY=VALUE with KEY a ReformerConfig field"),
     (["--variant", "a", "--variant", "b", "reversible_keep_attention=maybe"], "do not make a valid config"),
     (["--variant", "a", "--variant", "b", "products=gpu"], "products must be tile or blas"),
+    (["--variant", "a", "--variant", "b", "malloc=8"], "malloc must be MMAP_MIB,TRIM_MIB"),
+    (["--variant", "a", "--variant", "b", "malloc=64,64"], "glibc takes an mmap threshold of 1 to 32 MiB"),
     (["--variant", "a", "--variant", "a"], "variant names must differ"),
     (["--variant", "a", "--rounds", "0"], "--rounds and --length must be at least 1"),
 ])
