@@ -34,7 +34,11 @@ backward recomputes from the log-sum-exps; less the feed-forward's second
 product in the layers whose feed-forward output was kept. The targets table gives them apart,
 as the FLOPs the step executes (benchmarks/ceiling.py records every product of
 a step and checks this count). The machine's rate is the median of 5 4096^3
-matrix products in the same run, in the precision of the run.
+matrix products in the same run, in the precision of the run: once at the start
+of each round (the header's rate: the median over the rounds), and, for our
+cells, once more in the cell's own process right after its timed steps (the
+targets table gives the share against both; the machine's speed drifts within
+minutes, and a round of every contender lasts up to half an hour).
 
 `ours` is our model as configured by default: `reversible_keep_attention="auto"` keeps the attention
 output and plan of the latest layers that fit in 256 MiB for the backward (all 6 layers up to 16,384
@@ -248,6 +252,9 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
     if reports_kept:
         from reformer.attention import native
 
+        # the rate this process gets right after its steps (after the peak is read: its operands are not ours)
+        cell["matmul_after"] = [matmul_gflops(device_name, precision)]
+
         kept = model.kept_attention_bytes
         cell["kept_layers"], cell["kept_mib"] = len(kept), sum(kept) / 2**20
         outputs = model.kept_output_bytes
@@ -281,8 +288,11 @@ def matmul_gflops(device_name: str, precision: str = "fp32") -> float:
 def merge_runs(first: dict, other: dict) -> dict:
     """One cell measured in several rounds: the median over all their timed steps, the highest peak."""
     times = first["times"] + other["times"]
-    return {**first, "times": times, "step_s": statistics.median(times), "steps": len(times),
-            "peak_mib": max(first["peak_mib"], other["peak_mib"]), "runs": first.get("runs", 1) + 1}
+    merged = {**first, "times": times, "step_s": statistics.median(times), "steps": len(times),
+              "peak_mib": max(first["peak_mib"], other["peak_mib"]), "runs": first.get("runs", 1) + 1}
+    if "matmul_after" in first or "matmul_after" in other:
+        merged["matmul_after"] = first.get("matmul_after", []) + other.get("matmul_after", [])
+    return merged
 
 
 def read_log(path: Path) -> tuple[dict[int, float], dict[tuple[int, str, int], dict]]:
@@ -358,8 +368,9 @@ def targets_table(results: dict, lengths, contenders, rate_gflops: float) -> lis
     ours_variants = [c for c in contenders if c.startswith("ours")]
     rows = ["| tokens | ours | speed-up over the faster Reformer peer | speed-up over SDPA "
             "| memory / the lower Reformer peer's | model GFLOP/s (share of the matmul rate) "
+            "| share of the matmul rate measured right after its steps, in its process (that rate) "
             "| with the reversible recompute: GFLOP/s (share) |",
-            "|---:|---|---:|---:|---:|---:|---:|"]
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for length in lengths:
         done = {c: results[(c, length)] for c in contenders if "step_s" in results.get((c, length), {})}
         peer_done = [done[c] for c in peers if c in done]
@@ -375,10 +386,19 @@ def targets_table(results: dict, lengths, contenders, rate_gflops: float) -> lis
             executed = executed_flops_per_step(length, kept, outputs) / ours["step_s"] / 1e9
             kept_text = f"attention kept in {kept} of {LAYERS} layers" + (
                 f", feed-forward outputs in {outputs}" if outputs else "")
+            after = adjacent_rate(ours)
+            adjacent = f"**{model / after:.0%}** ({after:.0f})" if after else "-"
             rows.append(f"| {length:,} | {LABELS[variant]} ({kept_text}) | {speedup} "
-                        f"| {over_sdpa} | {memory} | {model:.1f} ({model / rate_gflops:.0%}) "
+                        f"| {over_sdpa} | {memory} | {model:.1f} ({model / rate_gflops:.0%}) | {adjacent} "
                         f"| {executed:.1f} ({executed / rate_gflops:.0%}) |")
     return rows
+
+
+def adjacent_rate(cell: dict) -> float | None:
+    """The matmul rate measured in the cell's own process right after its timed steps (the median over its
+    rounds), or None for cells of runs before 2026-12-03."""
+    rates = cell.get("matmul_after")
+    return statistics.median(rates) if rates else None
 
 
 def kept_layers(cell: dict) -> int:
