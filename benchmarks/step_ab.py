@@ -10,10 +10,7 @@ reports the median of these paired ratios, and in how many rounds the variant
 was faster. A variant is a name and config overrides (ReformerConfig fields);
 `native=0` runs a variant without the native kernels (REFORMER_NATIVE), and
 `products=blas` with the native window kernel's chunk products in the BLAS
-instead of its own tile products (`native.use_tile_products`), and
-`malloc=MMAP_MIB,TRIM_MIB` with glibc's mmap and trim thresholds set so before
-each of its steps (`reformer.memory.release_freed_memory_eagerly`; the others
-run with compare.py's, the defaults). Peak
+instead of its own tile products (`native.use_tile_products`). Peak
 memory is per process, not per variant, so it is not reported: compare.py
 measures it.
 
@@ -21,7 +18,6 @@ measures it.
     python benchmarks/step_ab.py --variant tile --variant blas products=blas --tag tile-products
     python benchmarks/step_ab.py --length 4096 --rounds 8 --variant default \
         --variant budget256 reversible_keep_attention_mib=256 --tag keep-budget
-    python benchmarks/step_ab.py --variant mmap8 malloc=8,64 --variant mmap32 malloc=32,256 --tag malloc
 """
 
 from __future__ import annotations
@@ -43,37 +39,21 @@ from compare import build_ours, matmul_gflops, model_flops_per_step  # noqa: E40
 
 from reformer import ReformerConfig, ReformerLM  # noqa: E402
 from reformer.attention import native  # noqa: E402
-from reformer.memory import DEFAULT_THRESHOLD, DEFAULT_TRIM_THRESHOLD, release_freed_memory_eagerly  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE_KEY = "native"  # a variant's setting for REFORMER_NATIVE, beside the config's fields
 PRODUCTS_KEY = "products"  # "tile" (the default where compiled) or "blas": the window kernel's chunk products
-MALLOC_KEY = "malloc"  # "MMAP_MIB,TRIM_MIB": glibc's mmap and trim thresholds for the variant's steps
-DEFAULT_MALLOC = (DEFAULT_THRESHOLD >> 20, DEFAULT_TRIM_THRESHOLD >> 20)
-
-
-def parse_malloc(name: str, text) -> tuple[int, int]:
-    """`MMAP_MIB,TRIM_MIB` -> (mmap threshold, trim threshold) in MiB."""
-    try:
-        mmap_mib, trim_mib = (int(part) for part in str(text).split(","))
-    except ValueError:
-        raise ValueError(f"variant {name!r}: {MALLOC_KEY} must be MMAP_MIB,TRIM_MIB (two whole numbers of MiB, "
-                         f"e.g. 8,64), not {text!r}") from None
-    if not 0 < mmap_mib <= 32 or trim_mib < 0:
-        raise ValueError(f"variant {name!r}: glibc takes an mmap threshold of 1 to 32 MiB and a trim threshold of "
-                         f"0 MiB or more, not {text!r}")
-    return mmap_mib, trim_mib
 
 
 def parse_variant(words: list[str]) -> tuple[str, dict]:
     """`NAME [KEY=VALUE ...]` -> (name, overrides); values are JSON (true, 256, "x"), else plain strings."""
     name, overrides = words[0], {}
-    fields = {f.name for f in dataclasses.fields(ReformerConfig)} | {NATIVE_KEY, PRODUCTS_KEY, MALLOC_KEY}
+    fields = {f.name for f in dataclasses.fields(ReformerConfig)} | {NATIVE_KEY, PRODUCTS_KEY}
     for word in words[1:]:
         key, sep, text = word.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"variant {name!r}: {word!r} is not KEY=VALUE with KEY a ReformerConfig field "
-                             f"(or {NATIVE_KEY}, {PRODUCTS_KEY}, {MALLOC_KEY})")
+                             f"(or {NATIVE_KEY}, {PRODUCTS_KEY})")
         try:
             overrides[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -88,8 +68,6 @@ class Variant:
         self.products = self.overrides.pop(PRODUCTS_KEY, "tile")
         if self.products not in ("tile", "blas"):
             raise ValueError(f"variant {name!r}: {PRODUCTS_KEY} must be tile or blas, not {self.products!r}")
-        given = self.overrides.pop(MALLOC_KEY, None)
-        self.malloc = None if given is None else parse_malloc(name, given)  # None: the defaults
         config = dataclasses.replace(base.config, **self.overrides)  # validates the overrides
         self.model = ReformerLM(config)
         self.model.load_state_dict(base.state_dict())
@@ -101,8 +79,6 @@ class Variant:
         os.environ[native.ENABLE_VARIABLE] = self.native
         if native.library() is not None:
             native.use_tile_products(self.products == "tile")
-        mmap_mib, trim_mib = self.malloc or DEFAULT_MALLOC
-        release_freed_memory_eagerly(mmap_mib << 20, trim_mib << 20)
         start = time.perf_counter()
         self.model(ids, labels=ids).loss.backward()
         self.optimizer.step()
@@ -123,7 +99,6 @@ def run(variants: list[Variant], length: int, rounds: int) -> list[float]:
             variant.times.append(variant.step(ids))
         print(f"round {index + 1}: " + ", ".join(f"{v.name} {v.times[-1]:.2f} s" for v in variants), flush=True)
     os.environ.pop(native.ENABLE_VARIABLE, None)
-    release_freed_memory_eagerly()
     if native.library() is not None:
         native.use_tile_products(True)
     return rates
@@ -145,8 +120,7 @@ def report(variants: list[Variant], rates: list[float], length: int, command: st
     for variant in variants:
         ratios = [t / base for t, base in zip(variant.times, first.times)]
         settings = {**variant.overrides, **({} if variant.native == "1" else {NATIVE_KEY: variant.native}),
-                    **({} if variant.products == "tile" else {PRODUCTS_KEY: variant.products}),
-                    **({} if variant.malloc is None else {MALLOC_KEY: "{},{}".format(*variant.malloc)})}
+                    **({} if variant.products == "tile" else {PRODUCTS_KEY: variant.products})}
         overrides = ", ".join(f"{k}={v}" for k, v in settings.items()) or "-"
         faster = "-" if variant is first else f"{sum(r < 1 for r in ratios)} of {len(ratios)}"
         median = statistics.median(variant.times)
