@@ -118,12 +118,17 @@ def executed_flops_per_step(length: int, kept_layers: int = 0, kept_outputs: int
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
 
-def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool | str = "auto"):
+def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool | str = "auto",
+               malloc_mib: tuple[int, int] | None = None):
+    """Our benchmark model and its loss; `malloc_mib`: glibc's (mmap, trim) thresholds in MiB instead of
+    `release_freed_memory_eagerly`'s defaults (benchmarks/malloc_ab.py)."""
     from reformer import ReformerConfig, ReformerLM
     from reformer.config import default_axial_shape
     from reformer.memory import release_freed_memory_eagerly
 
-    release_freed_memory_eagerly()  # as our README recommends; the peers run with glibc's defaults
+    # as our README recommends; the peers run with glibc's defaults
+    if not release_freed_memory_eagerly(*(mib << 20 for mib in malloc_mib or ())) and malloc_mib:
+        raise RuntimeError(f"glibc's mallopt refused the thresholds {malloc_mib} MiB (or this is not glibc)")
     config = ReformerConfig(vocab_size=VOCAB, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
                             attn_layers=("lsh",) * LAYERS, lsh_chunk_size=CHUNK, n_hashes=HASHES,
                             axial_shape=default_axial_shape(length), axial_dims=(64, 192), max_seq_len=length,

@@ -1,23 +1,30 @@
-"""Process memory helpers: peak RSS, and a glibc setting that returns freed memory at once.
+"""Process memory helpers: peak RSS, and fixed glibc thresholds that keep the heap predictable.
 
 Why: glibc's malloc raises its mmap threshold every time a large block is freed
-(up to 32 MiB). After that, tensors of a few MiB come from the heap, and the
-heap keeps what they leave behind. A reversible model allocates and frees one
-layer's worth of such tensors per layer, so the process RSS can creep above
-the live tensors (`benchmarks/memory.py` and its `--default-malloc` variant
-compare the two; since the reversible stack works in place, the difference is
-a few percent).
-`release_freed_memory_eagerly()` fixes the threshold, which turns the dynamic
-adjustment off: blocks above it are mapped and unmapped directly. A lower
-threshold saves a little more memory but costs page faults, which slow
-training; 8 MiB is the compromise. Fixing it also freezes glibc's trim
-threshold at 128 KiB, so the heap would give its top back to the OS after
-nearly every free and fault it in again on the next allocation (a large share
-of a training step's CPU time went to page faults); the
-trim threshold is set to 64 MiB instead, which keeps that much free memory at
-the top of the heap at most. It changes
-the whole process, so the library never calls it on import; the demo and the
-benchmarks call it, and so can you (once, at the start of a program).
+(up to 32 MiB), and its trim threshold with it. Until it has, every tensor of
+more than 128 KiB is mapped afresh and faulted in page by page; after that, what
+the heap keeps depends on the history of frees.
+`release_freed_memory_eagerly()` fixes the mmap threshold, which turns the
+dynamic adjustment off: blocks below it come from the heap, which reuses them
+without page faults; blocks at or above it are mapped and unmapped directly,
+so freed large blocks leave the process at once. Fixing it also freezes glibc's
+trim threshold at 128 KiB, so the heap would give its top back to the OS after
+nearly every free and fault it in again on the next allocation; the trim
+threshold is set to 64 MiB instead, which keeps that much free memory at the
+top of the heap at most.
+
+The mmap threshold is 32 MiB, the largest glibc takes: the feed-forward's
+chunks (8 MiB at d_ff 1024) and the (n, d_model) tensors up to 32,768 tokens
+come from the heap. It was 8 MiB until 2026-12-03, which mapped and faulted in
+every such chunk: at 16,384 tokens a training step of compare.py's model took
+363k page faults and 0.92 CPU seconds in the kernel against 84k and 0.32 with
+32 MiB, and was faster in 5 of 6 fresh processes (median of the paired ratios
+0.976), for 88 MiB more peak RSS (1,025 against 937 MiB):
+`python benchmarks/malloc_ab.py --length 16384 --rounds 6 --steps 3 --setting 8,64
+--setting 32,64 --tag mmap32`. `benchmarks/memory.py` and its `--default-malloc`
+variant compare the setting with glibc's defaults.
+It changes the whole process, so the library never calls it on import; the
+demo and the benchmarks call it, and so can you (once, at the start of a program).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import sys
 from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-DEFAULT_THRESHOLD = 8 << 20
+DEFAULT_THRESHOLD = 32 << 20  # the largest glibc takes (HEAP_MAX_SIZE / 2)
 DEFAULT_TRIM_THRESHOLD = 64 << 20
 
 

@@ -279,3 +279,26 @@ def test_step_ab_refuses_bad_variants_with_a_message(words, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), "--length", "64", *words],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.slow
+def test_malloc_ab_runs_each_setting_in_its_own_process_and_writes_paired_ratios(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "malloc_ab.py"), "--length", "256", "--rounds", "2",
+                           "--steps", "1", "--setting", "8,64", "--setting", "32,64", "--out-dir", str(tmp_path),
+                           "--tag", "quick"], check=True, capture_output=True, text=True, timeout=600)
+    text = (tmp_path / "malloc_ab_quick.md").read_text()
+    assert "| mmap 8 MiB, trim 64 MiB | " in text and "| 1.000 | - |" in text
+    assert "| mmap 32 MiB, trim 64 MiB | " in text and " of 2 |" in text and "round 2:" in done.stdout
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--setting", "8,64"], "give at least two different --setting"),
+    (["--setting", "8,64", "--setting", "8,64"], "give at least two different --setting"),
+    (["--setting", "8", "--setting", "32,64"], "a setting is MMAP_MIB,TRIM_MIB"),
+    (["--setting", "8,64", "--setting", "64,64"], "glibc takes an mmap threshold of 1 to 32 MiB"),
+    (["--setting", "8,64", "--setting", "32,64", "--rounds", "0"], "must be at least 1"),
+])
+def test_malloc_ab_refuses_bad_settings_with_a_message(words, message):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "malloc_ab.py"), *words],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
