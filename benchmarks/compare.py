@@ -5,9 +5,9 @@ Every contender is the same model: a 6-layer causal LM, d_model 256, 4 heads x
 every layer (chunks of 64, 4 hashes, buckets from the length) and reversible
 layers; the baseline is a plain pre-LayerNorm Transformer whose attention is
 PyTorch's `scaled_dot_product_attention(is_causal=True)`. Ours runs its
-feed-forward and loss in chunks (ff_chunk_size 2048, loss_chunk_size 4096; runs
-before 2026-12-02 used ff_chunk_size 4096, which was slower here); the peers run
-with their own defaults.
+feed-forward and loss in chunks (ff_chunk_size 1024, loss_chunk_size 4096; runs
+before 2026-12-03 used ff_chunk_size 2048, and before 2026-12-02 4096, both
+slower here: `step_ab_ff-chunk.md`); the peers run with their own defaults.
 
 Each (contender, length) runs in a fresh process: one warm-up step, then up to
 --repeats timed steps (forward, backward, AdamW) while they fit in --budget
@@ -87,7 +87,7 @@ LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer
 PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
               "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
-FF_CHUNK = 2048  # ours: positions per feed-forward chunk
+FF_CHUNK = 1024  # ours: positions per feed-forward chunk; (1024, d_ff) float32 is 4 MiB, from the heap
 
 
 def forward_flops(length: int) -> tuple[float, float]:
@@ -117,6 +117,20 @@ def executed_flops_per_step(length: int, kept_layers: int = 0, kept_outputs: int
 
 
 # --- the contenders (each built inside its own worker process) -------------------------------------
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How a result file cites the command that made it: `python benchmarks/SCRIPT ARGS` (sys.argv's when None)."""
+    return f"python benchmarks/{script}" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def write_result(out_dir: Path, stem: str, tag: str, text: str) -> Path:
+    """Write a markdown result to OUT_DIR/STEM[_TAG].md, print it, and return its path."""
+    out = out_dir / f"{stem}{'_' + tag if tag else ''}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return out
+
 
 def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool | str = "auto",
                malloc_mib: tuple[int, int] | None = None):

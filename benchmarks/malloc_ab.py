@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # noqa: E402  (it imports torch only inside its functions)
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_MMAP_MIB = 32  # glibc refuses a larger mmap threshold on 64-bit machines (HEAP_MAX_SIZE / 2)
 
@@ -51,9 +54,6 @@ def worker(setting: tuple[int, int], length: int, steps: int) -> dict:
     import torch
 
     from reformer.memory import peak_rss_mib
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import compare
 
     torch.manual_seed(0)
     model, loss_fn = compare.build_ours(length, torch.device("cpu"), malloc_mib=setting)  # sets it first
@@ -92,7 +92,7 @@ def name(setting) -> str:
 def report(settings, cells: dict, rates: list[float], args, command: str) -> str:
     first = settings[0]
     rate = statistics.median(rates)
-    flops = model_flops(args.length)
+    flops = compare.model_flops_per_step(args.length)
     lines = ["# glibc allocator settings: a fresh process per setting, in alternation\n",
              f"Command: `{command}`. {datetime.date.today()}, torch {torch_version()}. The benchmark model of "
              f"compare.py at {args.length:,} tokens; {args.rounds} rounds, each setting a fresh process per round "
@@ -117,13 +117,6 @@ def report(settings, cells: dict, rates: list[float], args, command: str) -> str
     lines.append("\nStep times by round (s): " + "; ".join(
         name(s) + " " + ", ".join(f"{run['step_s']:.2f}" for run in cells[s]) for s in settings) + ".")
     return "\n".join(lines) + "\n"
-
-
-def model_flops(length: int) -> float:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compare import model_flops_per_step
-
-    return model_flops_per_step(length)
 
 
 def torch_version() -> str:
@@ -151,24 +144,16 @@ def main(argv=None) -> int:
     settings = list(dict.fromkeys(args.setting or []))
     if len(settings) < 2:
         p.error("give at least two different --setting MMAP_MIB,TRIM_MIB")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compare import matmul_gflops
-
     cells: dict = {setting: [] for setting in settings}
     rates = []
     for index in range(args.rounds):
-        rates.append(matmul_gflops("cpu"))
+        rates.append(compare.matmul_gflops("cpu"))
         for setting in settings if index % 2 == 0 else settings[::-1]:
             cells[setting].append(run_worker(setting, args))
         print(f"round {index + 1}: " + ", ".join(f"{name(s)} {cells[s][-1]['step_s']:.2f} s" for s in settings),
               flush=True)
-    command = "python benchmarks/malloc_ab.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    text = report(settings, cells, rates, args, command)
-    out = args.out_dir / f"malloc_ab{'_' + args.tag if args.tag else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    text = report(settings, cells, rates, args, compare.command_line("malloc_ab.py", argv))
+    compare.write_result(args.out_dir, "malloc_ab", args.tag, text)
     return 0
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import build_ours, matmul_gflops, model_flops_per_step  # noqa: E402
+from compare import build_ours, command_line, matmul_gflops, model_flops_per_step, write_result  # noqa: E402
 
 from reformer import ReformerConfig, ReformerLM  # noqa: E402
 from reformer.attention import native  # noqa: E402
@@ -156,13 +156,8 @@ def main(argv=None) -> int:
         p.error(f"a variant's overrides do not make a valid config: {error}")
     del base
     rates = run(variants, args.length, args.rounds)
-    command = "python benchmarks/step_ab.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    text = report(variants, rates, args.length, command)
-    out = args.out_dir / f"step_ab{'_' + args.tag if args.tag else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    text = report(variants, rates, args.length, command_line("step_ab.py", argv))
+    write_result(args.out_dir, "step_ab", args.tag, text)
     return 0
 
 
