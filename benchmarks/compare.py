@@ -116,7 +116,7 @@ def executed_flops_per_step(length: int, kept_layers: int = 0, kept_outputs: int
             - second_product * kept_outputs)
 
 
-# --- the contenders (each built inside its own worker process) -------------------------------------
+# --- result files ----------------------------------------------------------------------------------
 
 def command_line(script: str, argv: list[str] | None) -> str:
     """How a result file cites the command that made it: `python benchmarks/SCRIPT ARGS` (sys.argv's when None)."""
@@ -131,6 +131,8 @@ def write_result(out_dir: Path, stem: str, tag: str, text: str) -> Path:
     print(text)
     return out
 
+
+# --- the contenders (each built inside its own worker process) -------------------------------------
 
 def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool | str = "auto",
                malloc_mib: tuple[int, int] | None = None):

@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=16384)
     p.add_argument("--keep-attention", action="store_true",
-                   help="reversible_keep_attention=True (default: the config's 'auto', within 64 MiB)")
+                   help="reversible_keep_attention=True (default: the config's 'auto', within its budget)")
     p.add_argument("--rows", type=int, default=20, help="operators listed")
     p.add_argument("--steps", type=int, default=3, help="timed steps for the table by part")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.md")

@@ -15,8 +15,9 @@ top of the heap at most.
 
 The mmap threshold is 8 MiB. 32 MiB (the largest glibc takes) would serve the
 feed-forward's chunks and the (n, d_model) tensors up to 32,768 tokens from the
-heap: at 16,384 tokens a training step of compare.py's model took 84k page
-faults and 0.32 CPU seconds in the kernel against 363k and 0.92 with 8 MiB, and
+heap: at 16,384 tokens a training step of compare.py's model (then with
+feed-forward chunks of 2,048 positions, 8 MiB each) took 84k page faults and
+0.32 CPU seconds in the kernel against 363k and 0.92 with 8 MiB, and
 was faster in 5 of 6 fresh processes (median of the paired ratios 0.976), for
 88 MiB more peak RSS (1,025 against 937 MiB):
 `python benchmarks/malloc_ab.py --length 16384 --rounds 6 --steps 3 --setting 8,64
