@@ -85,8 +85,8 @@ def worker(spec: dict) -> dict:
     peak = peak_rss_mib()
     kept_mib = sum(model.kept_attention_bytes + model.kept_output_bytes) / 2**20  # reversible_keep_attention
     return dict(peak_mib=peak, baseline_mib=baseline, step_peak_mib=peak - baseline, kept_mib=kept_mib,
-                seconds=seconds,
-                loss=out.loss.item(), threads=torch.get_num_threads(), torch=torch.__version__, eager=eager)
+                seconds=seconds, loss=out.loss.item(), threads=torch.get_num_threads(), torch=torch.__version__,
+                eager=eager)
 
 
 # --- driver ----------------------------------------------------------------
