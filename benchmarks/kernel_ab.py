@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -35,10 +36,21 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import calls  # noqa: E402
+from reformer.attention import native
 
-from reformer.attention import native  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernels.py imports compare.py beside it
+
+
+def _sibling(name: str):
+    """benchmarks/<name>.py by its path: a plain `import kernels` can meet the PyPI package `kernels`, which
+    transformers imports when it is installed, already in sys.modules."""
+    spec = importlib.util.spec_from_file_location(f"reformer_benchmarks_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+calls = _sibling("kernels").calls
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = Path("src/reformer/attention")

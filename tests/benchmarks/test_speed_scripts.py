@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,9 @@ def test_kernel_ab_says_which_revision_it_cannot_read(tmp_path):
 ])
 def test_kernel_ab_says_when_a_revision_does_not_build_or_lacks_the_interface(failure, message, tmp_path,
                                                                               monkeypatch):
+    # transformers imports the PyPI package `kernels` where it is installed: kernel_ab must still find ours
+    monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))
+    monkeypatch.delitem(sys.modules, "kernel_ab", raising=False)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import kernel_ab
