@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import LAYERS, executed_flops_per_step, matmul_gflops, model_flops_per_step  # noqa: E402
+from compare import LAYERS, RATE_LABEL, executed_flops_per_step, matmul_gflops, model_flops_per_step  # noqa: E402
 from products import PRODUCTS, RecordProducts, product_flops  # noqa: E402
 from profile_step import build  # noqa: E402
 
@@ -135,7 +135,8 @@ def report(results: list[dict], length: int, command: str) -> str:
     lines = [f"# The ceiling of a training step at {length:,} tokens: its matrix products alone\n",
              f"Command: `{command}`. {datetime.date.today()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}. {results[0]['rounds']} rounds, the configurations in alternation; each round: the "
-             "matmul rate (float32, 4096^3, median of 5), one step, its products alone. Medians over the rounds, "
+             f"matmul rate (float32, {RATE_LABEL}, median of 5), one step, its products alone. Medians over the "
+             "rounds, "
              "each share against the rate of its own round (the machine's rate drifts by tens of percent within "
              "minutes).\n",
              "Model FLOPs as in compare.py (3x the forward; what the step computes again not counted). "

@@ -34,7 +34,8 @@ backward recomputes from the log-sum-exps; less the feed-forward's second
 product in the layers whose feed-forward output was kept. The targets table gives them apart,
 as the FLOPs the step executes (benchmarks/ceiling.py records every product of
 a step and checks this count). The machine's rate is the median of 5 4096^3
-matrix products in the same run, in the precision of the run: once at the start
+matrix products in the same run, in the precision of the run (the environment variable
+REFORMER_RATE_SIZE=N makes them N^3: the test suite's smoke runs use 1024 to save time): once at the start
 of each round (the header's rate: the median over the rounds), and, for our
 cells, once more in the cell's own process right after its timed steps (the
 targets table gives the share against both; the machine's speed drifts within
@@ -70,6 +71,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -286,12 +288,17 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
 
 # --- the driver ------------------------------------------------------------------------------------
 
+RATE_SIZE = int(os.environ.get("REFORMER_RATE_SIZE", "4096"))  # the side of the products that measure the rate
+RATE_LABEL = f"{RATE_SIZE}^3"
+
+
 def matmul_gflops(device_name: str, precision: str = "fp32") -> float:
+    """The machine's matrix-multiply rate: the median of 5 (RATE_SIZE, RATE_SIZE) products after 2 warm-ups."""
     import torch
 
     device = torch.device(device_name)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
+    a, b = (torch.randn(RATE_SIZE, RATE_SIZE, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
     times = []
@@ -303,7 +310,7 @@ def matmul_gflops(device_name: str, precision: str = "fp32") -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 2 * 4096**3 / statistics.median(times) / 1e9
+    return 2 * RATE_SIZE**3 / statistics.median(times) / 1e9
 
 
 def merge_runs(first: dict, other: dict) -> dict:
@@ -545,7 +552,7 @@ def main(argv=None) -> None:
                "alternation); the table gives the median over all timed steps" if args.rounds > 1 else
                "; the table gives their median") + ". Memory: peak "
             f"{'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'RSS of the process'}.\n",
-            f"Machine matmul rate ({'bfloat16' if args.precision == 'bf16' else 'float32'}, 4096^3, median of 5"
+            f"Machine matmul rate ({'bfloat16' if args.precision == 'bf16' else 'float32'}, {RATE_LABEL}, median of 5"
             f"{' in each round, then over the rounds' if args.rounds > 1 else ''}): "
             f"**{rate:.1f} GFLOP/s**. Model FLOPs: see the "
             "docstring of benchmarks/compare.py.\n",

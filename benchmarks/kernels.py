@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import CHUNK, D_HEAD, HASHES, HEADS, matmul_gflops  # noqa: E402
+from compare import CHUNK, D_HEAD, HASHES, HEADS, RATE_LABEL, matmul_gflops  # noqa: E402
 
 from reformer.attention import lsh, native, window_kernel  # noqa: E402
 
@@ -128,7 +128,7 @@ def report(table: dict, rates: list[float], seconds: dict, command: str) -> str:
     lines = [f"# The native CPU kernels beside their PyTorch paths\n",
              f"Command: `{command}`. {datetime.date.today()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}. {len(rates)} rounds, the two paths in alternation; medians over the rounds of "
-             f"the mean time per call. Matmul rate (float32, 4096^3): {', '.join(f'{r:.0f}' for r in rates)} "
+             f"the mean time per call. Matmul rate (float32, {RATE_LABEL}): {', '.join(f'{r:.0f}' for r in rates)} "
              f"GFLOP/s in the rounds, median {rate:.0f}.\n",
              "| call | native (ms) | PyTorch (ms) | speed-up | native GFLOP/s (share of the matmul rate) "
              "| PyTorch GFLOP/s (share) |",

@@ -97,7 +97,8 @@ def report(settings, cells: dict, rates: list[float], args, command: str) -> str
              f"Command: `{command}`. {datetime.date.today()}, torch {torch_version()}. The benchmark model of "
              f"compare.py at {args.length:,} tokens; {args.rounds} rounds, each setting a fresh process per round "
              f"(one warm-up step, {args.steps} timed steps; the order reversed every other round). Matmul rate "
-             f"(float32, 4096^3) at the start of each round: {', '.join(f'{r:.0f}' for r in rates)} GFLOP/s, "
+             f"(float32, {compare.RATE_LABEL}) at the start of each round: "
+             f"{', '.join(f'{r:.0f}' for r in rates)} GFLOP/s, "
              f"median {rate:.0f}. Per step: median wall time; CPU seconds and minor page faults per step (medians "
              "over the rounds); peak RSS: the highest of the setting's processes.\n",
              f"| setting | median step (s) | over {name(first)}: median of the paired ratios | rounds faster "

@@ -35,7 +35,7 @@ import reformer.layers.feed_forward as feed_forward
 import reformer.layers.reversible as reversible
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import LAYERS, VOCAB, build_ours, matmul_gflops  # noqa: E402
+from compare import LAYERS, RATE_LABEL, VOCAB, build_ours, matmul_gflops  # noqa: E402
 from products import RecordProducts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     mode = "True" if args.keep_attention else "'auto'"
     text = (f"# One training step at {args.length:,} tokens: where the time goes\n\n"
             f"Command: `python benchmarks/profile_step.py{flags}`. {datetime.date.today()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}; matmul rate (float32, 4096^3, median "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}; matmul rate (float32, {RATE_LABEL}, median "
             f"of 5) {before:.0f} GFLOP/s just before the timed steps and {after:.0f} just after (the shares "
             "below are of their mean).\n\n"
             f"reversible_keep_attention={mode}: the attention was kept for the backward in {kept} of {LAYERS} "

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import build_ours, command_line, matmul_gflops, model_flops_per_step, write_result  # noqa: E402
+from compare import (RATE_LABEL, build_ours, command_line, matmul_gflops,  # noqa: E402
+                     model_flops_per_step, write_result)
 
 from reformer import ReformerConfig, ReformerLM  # noqa: E402
 from reformer.attention import native  # noqa: E402
@@ -112,7 +113,7 @@ def report(variants: list[Variant], rates: list[float], length: int, command: st
              f"Command: `{command}`. {datetime.date.today()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}. The benchmark model of compare.py at {length:,} tokens; {len(rates)} rounds "
              f"after one warm-up step each, the variants in alternation (the order reversed every other round). "
-             f"Matmul rate (float32, 4096^3) at the start of each round: {', '.join(f'{r:.0f}' for r in rates)} "
+             f"Matmul rate (float32, {RATE_LABEL}) at the start of each round: {', '.join(f'{r:.0f}' for r in rates)} "
              f"GFLOP/s, median {rate:.0f}.\n",
              f"| variant | overrides | median step (s) | over {first.name}: median of the paired ratios "
              f"| rounds faster than {first.name} | model GFLOP/s (share of the median matmul rate) |",
