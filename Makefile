@@ -45,7 +45,7 @@ bench-ceiling: $(STAMP)  ## a 16,384-token step's matrix products alone: the mos
 	$(PY) benchmarks/ceiling.py
 
 bench-kernels: $(STAMP)  ## the native CPU kernels beside their PyTorch paths, call by call (about a minute; writes benchmarks/results/kernels.md)
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_calls.py
 
 bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (writes benchmarks/results/memory.md)
 	$(PY) benchmarks/memory.py

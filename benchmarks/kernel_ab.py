@@ -1,11 +1,11 @@
 """The native kernels of two revisions, call by call, in alternation in one process.
 
 On a shared machine, a step's time moves by 20-30% from one minute to the next,
-more than most kernel changes gain or lose, so two runs of benchmarks/kernels.py
+more than most kernel changes gain or lose, so two runs of benchmarks/kernel_calls.py
 cannot tell two revisions apart. This script builds the native sources
 (`window_kernel.cpp`, `hash_kernel.cpp`) of --base (a git revision) and of
 --head (a revision, or the working tree by default) into two libraries, loads
-both, and times benchmarks/kernels.py's calls that use the window kernel (one
+both, and times benchmarks/kernel_calls.py's calls that use the window kernel (one
 block forward, one block backward, the LSH attention of one layer forward and
 backward at each --lengths) with each library in turn, call by call, so that
 both see the same state of the machine (run it with --base and --head the same
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -36,21 +35,10 @@ from unittest import mock
 
 import torch
 
-from reformer.attention import native
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_calls import calls  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernels.py imports compare.py beside it
-
-
-def _sibling(name: str):
-    """benchmarks/<name>.py by its path: a plain `import kernels` can meet the PyPI package `kernels`, which
-    transformers imports when it is installed, already in sys.modules."""
-    spec = importlib.util.spec_from_file_location(f"reformer_benchmarks_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-calls = _sibling("kernels").calls
+from reformer.attention import native  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = Path("src/reformer/attention")

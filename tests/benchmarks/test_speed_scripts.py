@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -36,6 +36,15 @@ def test_compare_quick_run_writes_a_table_and_plots(tmp_path):
     assert f"({ours[-1]['matmul_after'][0]:.0f}) |" in text and "measured right after its steps" in text
     assert (tmp_path / "time_vs_length.png").is_file() and (tmp_path / "memory_vs_length.png").is_file()
 
+
+def test_compare_runs_the_hf_peer(tmp_path):
+    """HF's cell runs from benchmarks/, where a script named like a module transformers imports replaced it."""
+    pytest.importorskip("transformers")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--lengths", "256", "--contenders", "hf",
+                    "--repeats", "1", "--out-dir", str(tmp_path)], check=True, capture_output=True, text=True,
+                   timeout=600)
+    (cell,) = json.loads((tmp_path / "compare.json").read_text())["results"]
+    assert cell["contender"] == "hf" and "error" not in cell and cell["step_s"] > 0, cell
 
 @pytest.mark.slow
 def test_million_quick_run_writes_a_table(tmp_path):
@@ -155,8 +164,8 @@ def test_compare_runs_a_variant_of_ours_beside_ours_under_a_tag(variant, tag, la
     ("sliding.py", ["--repeats", "0"], "--repeats and --lengths must be at least 1"),
     ("prefix_lsh.py", ["--dup-steps", "0"], "--dup-steps and --text-steps must be at least 1"),
     ("ceiling.py", ["--rounds", "0"], "--repeats, --rounds and --length must be at least 1"),
-    ("kernels.py", ["--calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
-    ("kernels.py", ["--layer-calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
+    ("kernel_calls.py", ["--calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
+    ("kernel_calls.py", ["--layer-calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
     ("kernel_ab.py", ["--base", "HEAD", "--rounds", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
 ])
 def test_new_benchmarks_refuse_zero_counts(script, args, message):
@@ -169,7 +178,7 @@ def test_kernels_quick_run_writes_a_table_of_both_paths(tmp_path):
     if native.library() is None:
         pytest.skip("the native kernels are unavailable here")
     out = tmp_path / "kernels.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--rounds", "1", "--calls", "1",
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_calls.py"), "--rounds", "1", "--calls", "1",
                     "--layer-calls", "1", "--lengths", "512", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
     text = out.read_text()
     assert "| window kernel, backward (one block) |" in text and "| LSH hashing, one layer at 512 tokens" in text
@@ -212,9 +221,6 @@ def test_kernel_ab_says_which_revision_it_cannot_read(tmp_path):
 ])
 def test_kernel_ab_says_when_a_revision_does_not_build_or_lacks_the_interface(failure, message, tmp_path,
                                                                               monkeypatch):
-    # transformers imports the PyPI package `kernels` where it is installed: kernel_ab must still find ours
-    monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))
-    monkeypatch.delitem(sys.modules, "kernel_ab", raising=False)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import kernel_ab
@@ -236,7 +242,7 @@ def test_kernel_ab_says_when_a_revision_does_not_build_or_lacks_the_interface(fa
 
 
 def test_kernels_benchmark_says_when_there_is_nothing_to_compare(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--out", str(tmp_path / "k.md")],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_calls.py"), "--out", str(tmp_path / "k.md")],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "REFORMER_NATIVE": "0"})
     assert done.returncode == 2 and "the native kernels are unavailable here" in done.stderr
 
@@ -306,3 +312,18 @@ def test_malloc_ab_refuses_bad_settings_with_a_message(words, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "malloc_ab.py"), *words],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_no_benchmark_script_shadows_an_installed_or_standard_module():
+    """A script runs with benchmarks/ first on sys.path, so a script named like a module that a peer imports
+    replaces it there: benchmarks/kernels.py hid the PyPI package `kernels`, which transformers 5.25 imports,
+    and HF's cells failed in compare.py."""
+    import importlib.util
+
+    scripts = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py"))
+    here = [entry for entry in sys.path if Path(entry or ".").resolve() != (ROOT / "benchmarks").resolve()]
+    with mock.patch.object(sys, "path", here):
+        shadowed = [name for name in scripts if name in sys.stdlib_module_names or (
+            name not in sys.modules and importlib.util.find_spec(name) is not None) or (
+            name in sys.modules and "benchmarks" not in str(getattr(sys.modules[name], "__file__", "")))]
+    assert not shadowed, f"rename these benchmark scripts: {shadowed}"

@@ -23,8 +23,8 @@ FLOP rates count the forward's 2 and the backward's 5 (c, w, d) products per
 chunk, against the matmul rate (4096^3, float32) measured at the start of each
 round.
 
-    python benchmarks/kernels.py                 # writes benchmarks/results/kernels.md and kernels.json
-    python benchmarks/kernels.py --rounds 3 --calls 20 --out /tmp/kernels.md
+    python benchmarks/kernel_calls.py            # writes benchmarks/results/kernels.md and kernels.json
+    python benchmarks/kernel_calls.py --rounds 3 --calls 20 --out /tmp/kernels.md
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         p.error("the native kernels are unavailable here (no C++ compiler, or REFORMER_NATIVE=0): nothing to compare")
     table = calls(args.lengths)
     rates, seconds = measure(table, args.rounds, args.calls, args.layer_calls)
-    command = "python benchmarks/kernels.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/kernel_calls.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = report(table, rates, seconds, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
