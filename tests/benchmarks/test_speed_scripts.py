@@ -46,6 +46,7 @@ def test_compare_runs_the_hf_peer(tmp_path):
     (cell,) = json.loads((tmp_path / "compare.json").read_text())["results"]
     assert cell["contender"] == "hf" and "error" not in cell and cell["step_s"] > 0, cell
 
+
 @pytest.mark.slow
 def test_million_quick_run_writes_a_table(tmp_path):
     out = tmp_path / "million.md"
