@@ -79,10 +79,11 @@ def worker(spec: dict) -> dict:
     from reformer import ReformerConfig, ReformerLM
 
     n = spec["length"]
+    side = max(256, 1 << ((n - 1).bit_length() + 1) // 2)  # the axial grid: (256, 256) up to 65,536 tokens
     torch.manual_seed(0)
     config = ReformerConfig(vocab_size=256, d_model=256, n_heads=2, d_head=64, d_ff=512,
                             attn_layers=tuple(spec["layers"]), lsh_chunk_size=64, local_chunk_size=64, n_hashes=1,
-                            axial_shape=(256, 256), max_seq_len=max(n, 65536), ff_chunk_size=spec["ff_chunk"],
+                            axial_shape=(side, side), max_seq_len=side * side, ff_chunk_size=spec["ff_chunk"],
                             loss_chunk_size=8192, reversible_keep_attention=False)
     model = ReformerLM(config).train()
     ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(0))
