@@ -136,9 +136,8 @@ def report(results: list[dict], length: int, command: str) -> str:
              f"Command: `{command}`. {datetime.date.today()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}. {results[0]['rounds']} rounds, the configurations in alternation; each round: the "
              f"matmul rate (float32, {RATE_LABEL}, median of 5), one step, its products alone. Medians over the "
-             "rounds, "
-             "each share against the rate of its own round (the machine's rate drifts by tens of percent within "
-             "minutes).\n",
+             "rounds, each share against the rate of its own round (the machine's rate drifts by tens of percent "
+             "within minutes).\n",
              "Model FLOPs as in compare.py (3x the forward; what the step computes again not counted). "
              "`products alone`: every matrix-product call of one step, run again alone on fresh operands of the "
              "same layout, as often as the step calls it (the attention kernels with their softmax). The ceiling is "

@@ -288,7 +288,16 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
 
 # --- the driver ------------------------------------------------------------------------------------
 
-RATE_SIZE = int(os.environ.get("REFORMER_RATE_SIZE", "4096"))  # the side of the products that measure the rate
+def rate_size() -> int:
+    """The side of the products that measure the matmul rate: REFORMER_RATE_SIZE, 4096 by default."""
+    text = os.environ.get("REFORMER_RATE_SIZE", "4096")
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"REFORMER_RATE_SIZE must be a positive whole number (the side of the products that "
+                         f"measure the matmul rate; 4096 by default), not {text!r}")
+    return int(text)
+
+
+RATE_SIZE = rate_size()
 RATE_LABEL = f"{RATE_SIZE}^3"
 
 

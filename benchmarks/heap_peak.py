@@ -127,26 +127,23 @@ def summarize(runs: list[dict], length: int) -> dict:
     """Medians over repeats of the step's figures at the sampled peak, in MiB and activations."""
     activation = length * 256 * 4 / MIB
 
-    def median(values) -> float:
-        return statistics.median(values)
-    step = median([(r["peak"][0] - r["baseline"][0]) / MIB for r in runs])
-    free_peak = median([r["peak"][2] / MIB for r in runs])
-    free_growth = median([(r["peak"][2] - r["baseline"][2]) / MIB for r in runs])
-    without_free = median([(r["peak"][0] - r["baseline"][0] - (r["peak"][2] - r["baseline"][2])) / MIB
-                           for r in runs])
-    return {"step_mib": step, "step_act": step / activation, "maxrss_act": median(
-        [r["maxrss_step_mib"] for r in runs]) / activation, "heap_used_mib": median([r["peak"][1] / MIB for r in runs]),
-        "heap_free_mib": free_peak, "free_growth_mib": free_growth, "mapped_mib": median(
-        [r["peak"][3] / MIB for r in runs]), "without_free_act": without_free / activation,
-        "free_after_mib": median([r["after"][2] / MIB for r in runs])}
+    def figures(run: dict) -> dict:
+        (rss_before, _, free_before, _), (rss, in_use, free, mapped) = run["baseline"], run["peak"]
+        step, free_growth = (rss - rss_before) / MIB, (free - free_before) / MIB
+        return {"step_mib": step, "step_act": step / activation, "maxrss_act": run["maxrss_step_mib"] / activation,
+                "heap_used_mib": in_use / MIB, "heap_free_mib": free / MIB, "free_growth_mib": free_growth,
+                "mapped_mib": mapped / MIB, "without_free_act": (step - free_growth) / activation,
+                "free_after_mib": run["after"][2] / MIB}
+    each = [figures(run) for run in runs]
+    return {key: statistics.median(f[key] for f in each) for key in each[0]}
 
 
-def table(args, results: dict[int, dict]) -> str:
+def table(args, argv: list[str] | None, results: dict[int, dict]) -> str:
     activation = args.length * 256 * 4 / MIB
     lines = [
         "# The resident memory at a step's peak, per mmap threshold",
         "",
-        f"Command: `{compare.command_line('heap_peak.py', args.argv)}`.",
+        f"Command: `{compare.command_line('heap_peak.py', argv)}`.",
         f"{datetime.date.today()}, {platform.machine()}, Python {platform.python_version()}; "
         f"{args.length:,} tokens, layers {','.join(args.layers)}, feed-forward chunks of {args.ff_chunk:,} positions "
         f"({args.ff_chunk * 512 * 4 / MIB:g} MiB hidden chunks), one forward and backward per fresh process, "
@@ -176,7 +173,6 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.argv = argv
     if args.worker is None:
         if any(not 1 <= t <= 32 for t in args.thresholds):
             p.error("--thresholds are MiB from 1 to 32 (glibc's largest mmap threshold)")
@@ -199,7 +195,7 @@ def main(argv=None) -> None:
                     "ff_chunk": args.ff_chunk, "every_ms": args.every_ms}
             runs[threshold].append(run_worker(spec))
             print(f"repeat {repeat + 1}, {threshold} MiB: {runs[threshold][-1]}", file=sys.stderr, flush=True)
-    text = table(args, {t: summarize(r, args.length) for t, r in runs.items()})
+    text = table(args, argv, {t: summarize(r, args.length) for t, r in runs.items()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

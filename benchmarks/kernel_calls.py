@@ -20,8 +20,8 @@ mean time per call):
   the flash kernel and the batched backward. It includes the hashing, sorting,
   plans and the rounds' combination, which both paths share.
 FLOP rates count the forward's 2 and the backward's 5 (c, w, d) products per
-chunk, against the matmul rate (4096^3, float32) measured at the start of each
-round.
+chunk, against the matmul rate (float32, compare.py's RATE_SIZE^3: 4096^3 by default) measured at the start of
+each round.
 
     python benchmarks/kernel_calls.py            # writes benchmarks/results/kernels.md and kernels.json
     python benchmarks/kernel_calls.py --rounds 3 --calls 20 --out /tmp/kernels.md
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import CHUNK, D_HEAD, HASHES, HEADS, RATE_LABEL, matmul_gflops  # noqa: E402
+from compare import CHUNK, D_HEAD, HASHES, HEADS, RATE_LABEL, command_line, matmul_gflops  # noqa: E402
 
 from reformer.attention import lsh, native, window_kernel  # noqa: E402
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         p.error("the native kernels are unavailable here (no C++ compiler, or REFORMER_NATIVE=0): nothing to compare")
     table = calls(args.lengths)
     rates, seconds = measure(table, args.rounds, args.calls, args.layer_calls)
-    command = "python benchmarks/kernel_calls.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("kernel_calls.py", argv)
     text = report(table, rates, seconds, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -321,10 +321,21 @@ def test_no_benchmark_script_shadows_an_installed_or_standard_module():
     and HF's cells failed in compare.py."""
     import importlib.util
 
-    scripts = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py"))
-    here = [entry for entry in sys.path if Path(entry or ".").resolve() != (ROOT / "benchmarks").resolve()]
+    benchmarks = (ROOT / "benchmarks").resolve()
+
+    def found_elsewhere(name: str) -> bool:  # a script an earlier test imported is found as ours
+        spec = importlib.util.find_spec(name)
+        return spec is not None and Path(spec.origin or "").resolve().parent != benchmarks
+
+    here = [entry for entry in sys.path if Path(entry or ".").resolve() != benchmarks]
     with mock.patch.object(sys, "path", here):
-        shadowed = [name for name in scripts if name in sys.stdlib_module_names or (
-            name not in sys.modules and importlib.util.find_spec(name) is not None) or (
-            name in sys.modules and "benchmarks" not in str(getattr(sys.modules[name], "__file__", "")))]
+        shadowed = [path.stem for path in sorted(benchmarks.glob("*.py"))
+                    if path.stem in sys.stdlib_module_names or found_elsewhere(path.stem)]
     assert not shadowed, f"rename these benchmark scripts: {shadowed}"
+
+
+@pytest.mark.parametrize("size", ["0", "big", "-5"])
+def test_a_bad_rate_size_says_what_it_must_be(size):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--help"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "REFORMER_RATE_SIZE": size})
+    assert done.returncode == 1 and "REFORMER_RATE_SIZE must be a positive whole number" in done.stderr
