@@ -419,10 +419,30 @@ struct Bounds {
     }
 };
 
+// How many rows ahead a gather through indices asks the cache for the row it will read (`prefetch_row`): rows
+// picked through indices lie scattered over tensors larger than the cache, and a gather that meets its misses
+// one row after another waits on the memory's latency. A hint: it changes no result.
+constexpr int PREFETCH_AHEAD = 16;
+
+template <typename T>
+void prefetch_row(const T *row, int d) {
+    const char *at = reinterpret_cast<const char *>(row), *end = reinterpret_cast<const char *>(row + d);
+    for (; at < end; at += 64) __builtin_prefetch(at, 0, 3);
+}
+
+// Row index[t] of rows, or null past the end (for prefetch_row: an index out of range is the gather's to report).
+template <typename T>
+const T *row_ahead(const T *rows, const int64_t *index, const Bounds &bounds, int t, int count, int d) {
+    if (t >= count || index[t] < 0 || index[t] >= bounds.limit) return nullptr;
+    return rows + index[t] * d;
+}
+
 template <typename T>
 void gather_rows(const T *rows, const int64_t *index, const Bounds &bounds, int count, int d, T *out) {
-    for (int t = 0; t < count; ++t)
+    for (int t = 0; t < count; ++t) {
+        if (const T *ahead = row_ahead(rows, index, bounds, t + PREFETCH_AHEAD, count, d)) prefetch_row(ahead, d);
         std::memcpy(out + static_cast<int64_t>(t) * d, rows + bounds(index[t]) * d, sizeof(T) * d);
+    }
 }
 
 // s = rsqrt(|x|^2 / d + eps) / sqrt(d) of one row: its unit-length key is x * s.
@@ -437,6 +457,7 @@ T key_scale(const T *x, int d, T eps) {
 template <typename T>
 void gather_unit_keys(const T *rows, const int64_t *index, const Bounds &bounds, int count, int d, T eps, T *out) {
     for (int t = 0; t < count; ++t) {
+        if (const T *ahead = row_ahead(rows, index, bounds, t + PREFETCH_AHEAD, count, d)) prefetch_row(ahead, d);
         const T *x = rows + bounds(index[t]) * d;
         const T s = key_scale(x, d, eps);
         T *k = out + static_cast<int64_t>(t) * d;
@@ -463,6 +484,9 @@ template <typename T>
 void put_rows(T *base, const int64_t *index, const Bounds *bounds, int64_t first, int c, int d, const T *values,
               bool accumulate, const T *factors = nullptr) {
     for (int r = 0; r < c; ++r) {
+        if (index != nullptr)
+            if (const T *ahead = row_ahead<T>(base, index + first, *bounds, r + PREFETCH_AHEAD, c, d))
+                prefetch_row(ahead, d);
         T *target = base + (index == nullptr ? first + r : (*bounds)(index[first + r])) * d;
         const T *value = values + static_cast<int64_t>(r) * d;
         const T factor = factors == nullptr ? T(1) : factors[r];
