@@ -156,13 +156,41 @@ def test_attention_branch_runs_position_wise_parts_in_chunks():
     model = ReformerLM(config).train()
     widths = {"projection": [], "output": []}
     for layer in model.layers:
-        layer.attention.attention.v.register_forward_hook(lambda m, i, o: widths["projection"].append(o.shape[1]))
-        layer.attention.out.register_forward_hook(lambda m, i, o: widths["output"].append(o.shape[1]))
+        branch = layer.attention
+        branch.attention.v.register_forward_hook(lambda m, i, o: widths["projection"].append(o.shape[1]))
+        branch.out.register_forward_hook(lambda m, i, o: widths["output"].append(o.shape[1]))
+        by_hand = branch.output_chunk_backward  # the backward's recompute, without the module's forward
+
+        def output_chunk_backward(attended, *args, by_hand=by_hand):
+            widths["output"].append(attended.shape[1])
+            return by_hand(attended, *args)
+        branch.output_chunk_backward = output_chunk_backward
     ids, mask = random_batch(config, length=29)
     model(ids, attention_mask=mask, labels=ids).loss.backward()
     assert max(widths["projection"]) == max(widths["output"]) == 8
     assert len(widths["projection"]) == len(widths["output"]) == 2 * 2 * 4  # 2 layers, forward and backward recompute,
     # 4 chunks of 29 positions each; the projections are not recomputed for their own gradients
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_hand_written_output_projection_backward_equals_autograd(dropout):
+    config = tiny_config(dropout=dropout, attn_layers=("lsh",))
+    branch = ReformerLM(config).double().layers[0].attention
+    inner = branch.out.in_features
+    attended = torch.randn(2, 7, inner, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(2, 7, config.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    part = attended.clone().requires_grad_()
+    expected = branch.output_chunk(part, 11, 2)
+    d_attended, d_weight = torch.autograd.grad(expected, [part, branch.out.weight], grad)
+    start = torch.randn_like(branch.out.weight)
+    weight_sum = start.clone()
+    assert branch.has_output_backward(attended)
+    output, d_input = branch.output_chunk_backward(attended, grad, 11, 2, weight_sum)
+    assert_close(output, expected, 1e-12, "output")
+    assert_close(d_input, d_attended, 1e-12, "attended")
+    assert_close(weight_sum - start, d_weight, 1e-12, "weight")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not branch.has_output_backward(attended)
 
 
 _STEP_PEAK = """

@@ -298,9 +298,30 @@ class AttentionBranch(nn.Module):
 
     def output_chunk(self, attended: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
         """Attention output (b, m, h*d) of chunk `index` -> (b, m, d_model)."""
-        keep = keep_mask((*attended.shape[:-1], self.out.out_features), attended.device, self.dropout, seed,
+        return (self.compiled_output or self.pure_output)(attended, self.output_keep(attended, seed, index))
+
+    def output_keep(self, attended: torch.Tensor, seed: int | None, index: int) -> torch.Tensor | None:
+        """Chunk `index`'s output dropout mask (b, m, d_model), or None."""
+        return keep_mask((*attended.shape[:-1], self.out.out_features), attended.device, self.dropout, seed,
                          STREAM_ATTN_OUT, index)
-        return (self.compiled_output or self.pure_output)(attended, keep)
+
+    def has_output_backward(self, attended: torch.Tensor) -> bool:
+        """Whether `output_chunk_backward` serves chunks of `attended`: not compiled, autocast off."""
+        return (self.compiled_output is None and self.out.bias is None
+                and not torch.is_autocast_enabled(attended.device.type))
+
+    @torch.no_grad()
+    def output_chunk_backward(self, attended: torch.Tensor, grad: torch.Tensor, seed: int | None, index: int,
+                              weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`output_chunk(attended, seed, index)` recomputed and differentiated by hand: adds the output
+        projection's weight gradient, given the output's gradient `grad` (b, m, d_model), into `weight_sum`;
+        returns the chunk's output (b, m, d_model) and the gradient of `attended` (b, m, h*d)."""
+        keep = self.output_keep(attended, seed, index)
+        rows = attended.flatten(0, 1)  # (b*m, h*d)
+        output = apply_keep(torch.mm(rows, self.out.weight.t()), _rows(keep), self.dropout)
+        d_out = apply_keep(grad.flatten(0, 1), _rows(keep), self.dropout)  # (b*m, d_model)
+        weight_sum.addmm_(d_out.t(), rows)
+        return output.view_as(grad), torch.mm(d_out, self.out.weight).view_as(attended)
 
     def pure_output(self, attended: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """`output_chunk` given its dropout mask."""
@@ -326,3 +347,8 @@ class AttentionBranch(nn.Module):
             for out, part in zip(outputs, parts):
                 out[:, start:end] = part
         return outputs
+
+
+def _rows(keep: torch.Tensor | None) -> torch.Tensor | None:
+    """A (b, m, n) dropout mask as (b*m, n) rows, or None."""
+    return None if keep is None else keep.flatten(0, 1)

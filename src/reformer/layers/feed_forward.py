@@ -4,7 +4,10 @@
 dropout masks from (seed, index), so any chunk can be recomputed on its own.
 `FeedForward.forward` runs it chunk by chunk; when autograd is on, each chunk is
 checkpointed, so the backward too holds one chunk of d_ff at a time.
-The reversible backward calls `chunk` directly (see `layers/reversible.py`).
+The reversible backward calls `chunk` directly (see `layers/reversible.py`), or,
+with the ReLU and outside autocast, `chunk_backward`: the same chunk's recompute
+and gradients written out by hand, without autograd (its reference is autograd
+through `chunk`; the tests hold the two together in float64).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class FeedForward(nn.Module):
         self.w_out = nn.Linear(d_ff, d_model)
         self.chunk_size = chunk_size
         self.dropout = dropout
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
         self.compiled_chunk = None  # a torch.compile of pure_chunk (`reformer.compile.compile_model`), or None
 
@@ -78,3 +82,68 @@ class FeedForward(nn.Module):
             else:
                 outputs.append(self.chunk(part, seed, index))
         return torch.cat(outputs, dim=1)
+
+    def has_chunk_backward(self, x: torch.Tensor) -> bool:
+        """Whether `chunk_backward` serves chunks of x: the ReLU, not compiled, autocast off."""
+        return (self.activation_name == "relu" and self.compiled_chunk is None
+                and not torch.is_autocast_enabled(x.device.type))
+
+    @torch.no_grad()
+    def chunk_backward(self, x: torch.Tensor, grad: torch.Tensor, seed: int | None, index: int,
+                       totals: dict[nn.Parameter, torch.Tensor],
+                       need_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`chunk(x, seed, index)` (b, m, d_model) recomputed and differentiated by hand (ReLU only).
+
+        Adds the parameters' gradients, given the output's gradient `grad` (b, m, d_model), into `totals`
+        (parameter -> its running sum); returns the input's gradient (b, m, d_model) and, if `need_output`,
+        the chunk's output (else None: its second product is skipped). The same products as autograd
+        through `chunk`, written into the sums in place, with the activation and its gradient in place.
+        """
+        keep_hidden, keep_out = self.dropout_masks(x, seed, index)
+        rows = x.flatten(0, 1)  # (b*m, d_model)
+        norm, w_in, w_out = self.norm, self.w_in, self.w_out
+        normed, mean, rstd = torch.native_layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        activated = _linear(normed, w_in)  # (b*m, d_ff)
+        if keep_hidden is not None:
+            activated = apply_keep(activated, keep_hidden.flatten(0, 1), self.dropout)
+        activated.relu_()
+        output = None
+        if need_output:
+            output = apply_keep(_linear(activated, w_out), _rows(keep_out), self.dropout).view_as(x)
+        d_out = apply_keep(grad.flatten(0, 1), _rows(keep_out), self.dropout)  # (b*m, d_model)
+        _add_linear_grads(totals, w_out, d_out, activated)
+        d_hidden = torch.mm(d_out, w_out.weight)  # (b*m, d_ff)
+        torch.ops.aten.threshold_backward.grad_input(d_hidden, activated, 0, grad_input=d_hidden)  # ReLU's
+        del activated
+        if keep_hidden is not None:
+            d_hidden = apply_keep(d_hidden, keep_hidden.flatten(0, 1), self.dropout)
+        _add_linear_grads(totals, w_in, d_hidden, normed)
+        d_normed = torch.mm(d_hidden, w_in.weight)  # (b*m, d_model)
+        del d_hidden
+        d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
+            d_normed, rows, norm.normalized_shape, mean, rstd, norm.weight, norm.bias,
+            [True, norm.weight is not None, norm.bias is not None])
+        for parameter, d in ((norm.weight, d_weight), (norm.bias, d_bias)):
+            if parameter is not None:
+                totals[parameter] += d
+        return d_rows.view_as(x), output
+
+
+def _rows(keep: torch.Tensor | None) -> torch.Tensor | None:
+    """A (b, m, n) dropout mask as (b*m, n) rows, or None."""
+    return None if keep is None else keep.flatten(0, 1)
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) for rows x (r, in) -> (r, out), as one product."""
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.t())
+    return torch.addmm(layer.bias, x, layer.weight.t())
+
+
+def _add_linear_grads(totals: dict, layer: nn.Linear, d_out: torch.Tensor, inputs: torch.Tensor) -> None:
+    """Add a linear layer's parameter gradients, given its output's gradient d_out (r, out) and its inputs
+    (r, in), into totals, in place."""
+    totals[layer.weight].addmm_(d_out.t(), inputs)
+    if layer.bias is not None:
+        totals[layer.bias] += d_out.sum(0)

@@ -17,6 +17,12 @@ the depth, plus one layer's work:
 - the attention branch keeps its projections and the attention output for the
   whole sequence; its LayerNorm, projections and output projection are
   recomputed and differentiated chunk by chunk (`AttentionBranch.chunk_size`).
+Outside autocast these chunks are differentiated by hand, with the products
+autograd would run, written into the gradients' sums in place
+(`FeedForward.chunk_backward` for the ReLU, `AttentionBranch.output_chunk_backward`,
+`_projection_backward_by_hand`), without a graph per chunk nor its temporaries;
+autograd through the chunks remains the path under autocast (and for the other
+activations) and the tests' reference.
 The recompute uses the same `LayerCall` (same seed, hence the same dropout
 masks; same LSH buckets).
 
@@ -207,7 +213,15 @@ def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2, kept: torch.
     kept from the forward, the chunks run only up to the activation (`_kept_output_chunk_backward`)."""
     params = list(ff.parameters())
     totals = [torch.zeros_like(p) for p in params]
+    by_hand = ff.has_chunk_backward(y1)
+    sums = dict(zip(params, totals))
     for index, (start, end) in enumerate(chunk_bounds(y1.shape[1], ff.chunk_size)):
+        if by_hand:  # FeedForward.chunk_backward: the products of autograd's, without autograd
+            d_input, g = ff.chunk_backward(y1[:, start:end], dy2[:, start:end], seed, index, sums,
+                                           need_output=kept is None)
+            dy1[:, start:end] += d_input
+            y2[:, start:end] -= g if kept is None else kept[:, start:end]
+            continue
         if kept is not None:
             d_input, param_grads = _kept_output_chunk_backward(ff, seed, index, y1[:, start:end], dy2[:, start:end])
             dy1[:, start:end] += d_input
@@ -260,7 +274,13 @@ def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, 
     out_params = list(branch.out.parameters())
     out_totals = [torch.zeros_like(p) for p in out_params]
     d_attended = torch.empty_like(attended)
+    by_hand = branch.has_output_backward(attended)  # AttentionBranch.output_chunk_backward: no autograd
     for index, (start, end) in enumerate(bounds):
+        if by_hand:
+            f, d_attended[:, start:end] = branch.output_chunk_backward(
+                attended[:, start:end].detach(), dy1[:, start:end], call.seed, index, out_totals[0])
+            y1[:, start:end] -= f
+            continue
         with torch.enable_grad():
             part = attended[:, start:end].detach().requires_grad_()
             f = branch.output_chunk(part, call.seed, index)
@@ -286,6 +306,9 @@ def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds
     layers = branch.attention.projection_layers()
     norm_params = list(branch.norm.parameters())
     totals = {p: torch.zeros_like(p) for p in [*norm_params, *(q for layer in layers for q in layer.parameters())]}
+    if not torch.is_autocast_enabled(x2.device.type):
+        _projection_backward_by_hand(branch.norm, layers, x2, dx2, d_projections, bounds, totals)
+        return totals
     for start, end in bounds:
         with torch.enable_grad():
             part = x2[:, start:end].detach().requires_grad_()
@@ -303,6 +326,29 @@ def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds
         _accumulate([totals[p] for p in norm_params], grads[1:])
         del normed, grads
     return totals
+
+
+@torch.no_grad()
+def _projection_backward_by_hand(norm: nn.LayerNorm, layers, x2, dx2, d_projections, bounds, totals: dict) -> None:
+    """`_projection_backward` without autograd (outside autocast): the same products, the parameters'
+    gradients added into `totals` in place, the LayerNorm's backward called directly."""
+    for start, end in bounds:
+        rows = x2[:, start:end].flatten(0, 1)  # (b*m, d_model)
+        normed, mean, rstd = torch.native_layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        d_normed = None
+        for layer, d in zip(layers, d_projections):
+            d = d[:, start:end].flatten(0, 1)  # (b*m, h*d)
+            totals[layer.weight].addmm_(d.t(), normed)
+            if layer.bias is not None:
+                totals[layer.bias] += d.sum(0)
+            d_normed = torch.mm(d, layer.weight) if d_normed is None else d_normed.addmm_(d, layer.weight)
+        d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
+            d_normed, rows, norm.normalized_shape, mean, rstd, norm.weight, norm.bias,
+            [True, norm.weight is not None, norm.bias is not None])
+        dx2[:, start:end] += d_rows.view(dx2[:, start:end].shape)
+        for parameter, d in ((norm.weight, d_weight), (norm.bias, d_bias)):
+            if parameter is not None:
+                totals[parameter] += d
 
 
 def _accumulate(totals: list[torch.Tensor], grads) -> None:
