@@ -12,6 +12,10 @@ from tests.conftest import assert_close, random_batch, tiny_config
 
 def loss_and_grads(config, ids, mask):
     model = ReformerLM(config).double().train()
+    with torch.no_grad():  # away from the initial values (LayerNorms at 1 and 0, zero biases), the same for both
+        generator = torch.Generator().manual_seed(7)
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype), alpha=0.1)
     out = model(ids, attention_mask=mask, labels=ids)
     out.loss.backward()
     return out.loss.detach(), {name: p.grad for name, p in model.named_parameters()}
@@ -348,3 +352,22 @@ def test_the_keep_budget_keeps_the_latest_layers_that_fit_and_never_more():
     config.reversible = False
     model(ids, mask, labels=ids)
     assert model.kept_attention is None
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_hand_written_backward_recomputes_the_forward_bit_for_bit_in_float32(batch):
+    """X2 = Y2 - G(Y1) and X1 = Y1 - F(X2) rebuild the inputs exactly only if the backward recomputes G and F
+    with the forward's bits: the same products on the same rows (slices of a batch of 2 are not contiguous)."""
+    config = tiny_config(dropout=0.1, attn_layers=("lsh",), ff_chunk_size=8)
+    block = ReformerLM(config).layers[0]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 29, config.d_model, generator=generator)[:, 3:27]  # a slice, as the stack passes
+    attended = torch.randn(batch, 29, block.attention.out.in_features, generator=generator)[:, 3:27]
+    grad = torch.randn(x.shape, generator=generator)
+    ff, branch = block.feed_forward, block.attention
+    with torch.no_grad():
+        g, f = ff.chunk(x, 5, 1), branch.output_chunk(attended, 5, 1)  # as `_block_forward` computes them
+    sums = {p: torch.zeros_like(p) for p in ff.parameters()}
+    assert torch.equal(ff.chunk_backward(x, grad, 5, 1, sums, need_output=True)[1], g)
+    weight_sum = torch.zeros_like(branch.out.weight)
+    assert torch.equal(branch.output_chunk_backward(attended, grad, 5, 1, weight_sum)[0], f)

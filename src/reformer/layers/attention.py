@@ -21,7 +21,7 @@ from ..keep import KeptOutput
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
 from .feed_forward import chunk_bounds
 from ..rng import (STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_keep, derive_seed, generator_for,
-                   keep_mask)
+                   keep_mask, keep_rows)
 
 
 @dataclass
@@ -306,7 +306,8 @@ class AttentionBranch(nn.Module):
                          STREAM_ATTN_OUT, index)
 
     def has_output_backward(self, attended: torch.Tensor) -> bool:
-        """Whether `output_chunk_backward` serves chunks of `attended`: not compiled, autocast off."""
+        """Whether `output_chunk_backward` serves chunks of `attended`: not compiled, no bias (it sums the
+        weight's gradient alone), autocast off."""
         return (self.compiled_output is None and self.out.bias is None
                 and not torch.is_autocast_enabled(attended.device.type))
 
@@ -318,8 +319,8 @@ class AttentionBranch(nn.Module):
         returns the chunk's output (b, m, d_model) and the gradient of `attended` (b, m, h*d)."""
         keep = self.output_keep(attended, seed, index)
         rows = attended.flatten(0, 1)  # (b*m, h*d)
-        output = apply_keep(torch.mm(rows, self.out.weight.t()), _rows(keep), self.dropout)
-        d_out = apply_keep(grad.flatten(0, 1), _rows(keep), self.dropout)  # (b*m, d_model)
+        output = apply_keep(torch.mm(rows, self.out.weight.t()), keep_rows(keep), self.dropout)
+        d_out = apply_keep(grad.flatten(0, 1), keep_rows(keep), self.dropout)  # (b*m, d_model)
         weight_sum.addmm_(d_out.t(), rows)
         return output.view_as(grad), torch.mm(d_out, self.out.weight).view_as(attended)
 
@@ -347,8 +348,3 @@ class AttentionBranch(nn.Module):
             for out, part in zip(outputs, parts):
                 out[:, start:end] = part
         return outputs
-
-
-def _rows(keep: torch.Tensor | None) -> torch.Tensor | None:
-    """A (b, m, n) dropout mask as (b*m, n) rows, or None."""
-    return None if keep is None else keep.flatten(0, 1)

@@ -4,10 +4,11 @@
 dropout masks from (seed, index), so any chunk can be recomputed on its own.
 `FeedForward.forward` runs it chunk by chunk; when autograd is on, each chunk is
 checkpointed, so the backward too holds one chunk of d_ff at a time.
-The reversible backward calls `chunk` directly (see `layers/reversible.py`), or,
-with the ReLU and outside autocast, `chunk_backward`: the same chunk's recompute
-and gradients written out by hand, without autograd (its reference is autograd
-through `chunk`; the tests hold the two together in float64).
+The reversible backward (see `layers/reversible.py`) calls `chunk_backward`
+where it serves (the ReLU, no compiled chunk, autocast off): the chunk's
+recompute and gradients written out by hand, without autograd. Elsewhere it
+differentiates `chunk` (or, with the chunk's output kept, `activated`) through
+autograd, the reference the tests hold `chunk_backward` to in float64.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..rng import STREAM_FF_HIDDEN, STREAM_FF_OUT, apply_keep, keep_mask
+from ..rng import STREAM_FF_HIDDEN, STREAM_FF_OUT, apply_keep, keep_mask, keep_rows
 
 ACTIVATIONS = {  # HF names: "gelu_new" is the tanh approximation
     "relu": F.relu,
@@ -104,19 +105,17 @@ class FeedForward(nn.Module):
         norm, w_in, w_out = self.norm, self.w_in, self.w_out
         normed, mean, rstd = torch.native_layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         activated = _linear(normed, w_in)  # (b*m, d_ff)
-        if keep_hidden is not None:
-            activated = apply_keep(activated, keep_hidden.flatten(0, 1), self.dropout)
+        activated = apply_keep(activated, keep_rows(keep_hidden), self.dropout)
         activated.relu_()
         output = None
         if need_output:
-            output = apply_keep(_linear(activated, w_out), _rows(keep_out), self.dropout).view_as(x)
-        d_out = apply_keep(grad.flatten(0, 1), _rows(keep_out), self.dropout)  # (b*m, d_model)
+            output = apply_keep(_linear(activated, w_out), keep_rows(keep_out), self.dropout).view_as(x)
+        d_out = apply_keep(grad.flatten(0, 1), keep_rows(keep_out), self.dropout)  # (b*m, d_model)
         _add_linear_grads(totals, w_out, d_out, activated)
         d_hidden = torch.mm(d_out, w_out.weight)  # (b*m, d_ff)
         torch.ops.aten.threshold_backward.grad_input(d_hidden, activated, 0, grad_input=d_hidden)  # ReLU's
         del activated
-        if keep_hidden is not None:
-            d_hidden = apply_keep(d_hidden, keep_hidden.flatten(0, 1), self.dropout)
+        d_hidden = apply_keep(d_hidden, keep_rows(keep_hidden), self.dropout)
         _add_linear_grads(totals, w_in, d_hidden, normed)
         d_normed = torch.mm(d_hidden, w_in.weight)  # (b*m, d_model)
         del d_hidden
@@ -127,11 +126,6 @@ class FeedForward(nn.Module):
             if parameter is not None:
                 totals[parameter] += d
         return d_rows.view_as(x), output
-
-
-def _rows(keep: torch.Tensor | None) -> torch.Tensor | None:
-    """A (b, m, n) dropout mask as (b*m, n) rows, or None."""
-    return None if keep is None else keep.flatten(0, 1)
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:

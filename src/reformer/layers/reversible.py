@@ -19,10 +19,10 @@ the depth, plus one layer's work:
   recomputed and differentiated chunk by chunk (`AttentionBranch.chunk_size`).
 Outside autocast these chunks are differentiated by hand, with the products
 autograd would run, written into the gradients' sums in place
-(`FeedForward.chunk_backward` for the ReLU, `AttentionBranch.output_chunk_backward`,
+(`FeedForward.chunk_backward`, `AttentionBranch.output_chunk_backward`,
 `_projection_backward_by_hand`), without a graph per chunk nor its temporaries;
-autograd through the chunks remains the path under autocast (and for the other
-activations) and the tests' reference.
+autograd through the chunks remains the path under autocast, for compiled
+chunks and for activations other than the ReLU, and the tests' reference.
 The recompute uses the same `LayerCall` (same seed, hence the same dropout
 masks; same LSH buckets).
 
@@ -337,11 +337,11 @@ def _projection_backward_by_hand(norm: nn.LayerNorm, layers, x2, dx2, d_projecti
         normed, mean, rstd = torch.native_layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         d_normed = None
         for layer, d in zip(layers, d_projections):
-            d = d[:, start:end].flatten(0, 1)  # (b*m, h*d)
-            totals[layer.weight].addmm_(d.t(), normed)
+            part = d[:, start:end].flatten(0, 1)  # (b*m, h*d)
+            totals[layer.weight].addmm_(part.t(), normed)
             if layer.bias is not None:
-                totals[layer.bias] += d.sum(0)
-            d_normed = torch.mm(d, layer.weight) if d_normed is None else d_normed.addmm_(d, layer.weight)
+                totals[layer.bias] += part.sum(0)
+            d_normed = torch.mm(part, layer.weight) if d_normed is None else d_normed.addmm_(part, layer.weight)
         d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
             d_normed, rows, norm.normalized_shape, mean, rstd, norm.weight, norm.bias,
             [True, norm.weight is not None, norm.bias is not None])
