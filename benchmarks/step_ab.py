@@ -8,14 +8,17 @@ round, so that a drift within a round weighs on both sides). Each round gives
 each variant's step time over the first variant's in the same round; the table
 reports the median of these paired ratios, and in how many rounds the variant
 was faster. A variant is a name and config overrides (ReformerConfig fields);
-`native=0` runs a variant without the native kernels (REFORMER_NATIVE), and
+`native=0` runs a variant without the native kernels (REFORMER_NATIVE),
 `products=blas` with the native window kernel's chunk products in the BLAS
-instead of its own tile products (`native.use_tile_products`). Peak
+instead of its own tile products (`native.use_tile_products`), and
+`backward=autograd` with the reversible backward's chunks differentiated
+through autograd instead of by hand (`reversible.use_hand_written_backward`). Peak
 memory is per process, not per variant, so it is not reported: compare.py
 measures it.
 
     python benchmarks/step_ab.py --variant default --variant keep reversible_keep_attention=true
     python benchmarks/step_ab.py --variant tile --variant blas products=blas --tag tile-products
+    python benchmarks/step_ab.py --variant hand --variant autograd backward=autograd --tag hand-backward
     python benchmarks/step_ab.py --length 4096 --rounds 8 --variant default \
         --variant budget256 reversible_keep_attention_mib=256 --tag keep-budget
 """
@@ -40,21 +43,23 @@ from compare import (RATE_LABEL, build_ours, command_line, matmul_gflops,  # noq
 
 from reformer import ReformerConfig, ReformerLM  # noqa: E402
 from reformer.attention import native  # noqa: E402
+from reformer.layers.reversible import use_hand_written_backward  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE_KEY = "native"  # a variant's setting for REFORMER_NATIVE, beside the config's fields
 PRODUCTS_KEY = "products"  # "tile" (the default where compiled) or "blas": the window kernel's chunk products
+BACKWARD_KEY = "backward"  # "hand" (the default) or "autograd": reversible.use_hand_written_backward
 
 
 def parse_variant(words: list[str]) -> tuple[str, dict]:
     """`NAME [KEY=VALUE ...]` -> (name, overrides); values are JSON (true, 256, "x"), else plain strings."""
     name, overrides = words[0], {}
-    fields = {f.name for f in dataclasses.fields(ReformerConfig)} | {NATIVE_KEY, PRODUCTS_KEY}
+    fields = {f.name for f in dataclasses.fields(ReformerConfig)} | {NATIVE_KEY, PRODUCTS_KEY, BACKWARD_KEY}
     for word in words[1:]:
         key, sep, text = word.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"variant {name!r}: {word!r} is not KEY=VALUE with KEY a ReformerConfig field "
-                             f"(or {NATIVE_KEY}, {PRODUCTS_KEY})")
+                             f"(or {NATIVE_KEY}, {PRODUCTS_KEY}, {BACKWARD_KEY})")
         try:
             overrides[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -69,6 +74,9 @@ class Variant:
         self.products = self.overrides.pop(PRODUCTS_KEY, "tile")
         if self.products not in ("tile", "blas"):
             raise ValueError(f"variant {name!r}: {PRODUCTS_KEY} must be tile or blas, not {self.products!r}")
+        self.backward = self.overrides.pop(BACKWARD_KEY, "hand")
+        if self.backward not in ("hand", "autograd"):
+            raise ValueError(f"variant {name!r}: {BACKWARD_KEY} must be hand or autograd, not {self.backward!r}")
         config = dataclasses.replace(base.config, **self.overrides)  # validates the overrides
         self.model = ReformerLM(config)
         self.model.load_state_dict(base.state_dict())
@@ -80,6 +88,7 @@ class Variant:
         os.environ[native.ENABLE_VARIABLE] = self.native
         if native.library() is not None:
             native.use_tile_products(self.products == "tile")
+        use_hand_written_backward(self.backward == "hand")
         start = time.perf_counter()
         self.model(ids, labels=ids).loss.backward()
         self.optimizer.step()
@@ -102,6 +111,7 @@ def run(variants: list[Variant], length: int, rounds: int) -> list[float]:
     os.environ.pop(native.ENABLE_VARIABLE, None)
     if native.library() is not None:
         native.use_tile_products(True)
+    use_hand_written_backward(True)
     return rates
 
 
@@ -121,7 +131,8 @@ def report(variants: list[Variant], rates: list[float], length: int, command: st
     for variant in variants:
         ratios = [t / base for t, base in zip(variant.times, first.times)]
         settings = {**variant.overrides, **({} if variant.native == "1" else {NATIVE_KEY: variant.native}),
-                    **({} if variant.products == "tile" else {PRODUCTS_KEY: variant.products})}
+                    **({} if variant.products == "tile" else {PRODUCTS_KEY: variant.products}),
+                    **({} if variant.backward == "hand" else {BACKWARD_KEY: variant.backward})}
         overrides = ", ".join(f"{k}={v}" for k, v in settings.items()) or "-"
         faster = "-" if variant is first else f"{sum(r < 1 for r in ratios)} of {len(ratios)}"
         median = statistics.median(variant.times)

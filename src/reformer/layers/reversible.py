@@ -54,6 +54,17 @@ from .attention import AttentionBranch, LayerCall
 from .feed_forward import FeedForward, chunk_bounds
 
 
+_HAND_WRITTEN = {"on": True}  # use_hand_written_backward
+
+
+def use_hand_written_backward(on: bool) -> bool:
+    """Differentiate the position-wise chunks by hand where that path serves (True, the default) or through
+    autograd everywhere (False: the benchmarks' A/B, benchmarks/step_ab.py's `backward=autograd`); returns the
+    setting before. Both give the same gradients (tests/layers/test_reversible.py)."""
+    before, _HAND_WRITTEN["on"] = _HAND_WRITTEN["on"], bool(on)
+    return before
+
+
 class Tail(Protocol):
     """What closes a reversible stack: a scalar sum over chunks of positions of its state."""
 
@@ -213,7 +224,7 @@ def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2, kept: torch.
     kept from the forward, the chunks run only up to the activation (`_kept_output_chunk_backward`)."""
     params = list(ff.parameters())
     totals = [torch.zeros_like(p) for p in params]
-    by_hand = ff.has_chunk_backward(y1)
+    by_hand = _HAND_WRITTEN["on"] and ff.has_chunk_backward(y1)
     sums = dict(zip(params, totals))
     for index, (start, end) in enumerate(chunk_bounds(y1.shape[1], ff.chunk_size)):
         if by_hand:  # FeedForward.chunk_backward: the products of autograd's, without autograd
@@ -274,7 +285,7 @@ def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, 
     out_params = list(branch.out.parameters())
     out_totals = [torch.zeros_like(p) for p in out_params]
     d_attended = torch.empty_like(attended)
-    by_hand = branch.has_output_backward(attended)  # AttentionBranch.output_chunk_backward: no autograd
+    by_hand = _HAND_WRITTEN["on"] and branch.has_output_backward(attended)  # output_chunk_backward: no autograd
     for index, (start, end) in enumerate(bounds):
         if by_hand:
             f, d_attended[:, start:end] = branch.output_chunk_backward(
@@ -306,7 +317,7 @@ def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds
     layers = branch.attention.projection_layers()
     norm_params = list(branch.norm.parameters())
     totals = {p: torch.zeros_like(p) for p in [*norm_params, *(q for layer in layers for q in layer.parameters())]}
-    if not torch.is_autocast_enabled(x2.device.type):
+    if _HAND_WRITTEN["on"] and not torch.is_autocast_enabled(x2.device.type):
         _projection_backward_by_hand(branch.norm, layers, x2, dx2, d_projections, bounds, totals)
         return totals
     for start, end in bounds:
