@@ -371,3 +371,22 @@ def test_the_hand_written_backward_recomputes_the_forward_bit_for_bit_in_float32
     assert torch.equal(ff.chunk_backward(x, grad, 5, 1, sums, need_output=True)[1], g)
     weight_sum = torch.zeros_like(branch.out.weight)
     assert torch.equal(branch.output_chunk_backward(attended, grad, 5, 1, weight_sum)[0], f)
+
+
+def test_the_autograd_switch_routes_every_chunk_through_autograd_with_the_same_gradients(monkeypatch):
+    from reformer.layers.feed_forward import FeedForward
+    from reformer.layers.reversible import use_hand_written_backward
+
+    config = tiny_config(dropout=0.1, attn_dropout=0.1, reversible_keep_attention="auto")
+    ids, mask = random_batch(config, length=29, pad_from=23)
+    loss_hand, grads_hand = loss_and_grads(config, ids, mask)
+    monkeypatch.setattr(FeedForward, "chunk_backward", lambda *args, **kwargs: pytest.fail("by hand, switched off"))
+    before = use_hand_written_backward(False)
+    try:
+        loss_autograd, grads_autograd = loss_and_grads(config, ids, mask)
+    finally:
+        use_hand_written_backward(before)
+    assert before is True
+    assert_close(loss_autograd, loss_hand, 1e-12, "loss")
+    for name in grads_hand:
+        assert_close(grads_autograd[name], grads_hand[name], 1e-10, name)
