@@ -283,6 +283,7 @@ def test_step_ab_quick_run_writes_a_table_of_paired_ratios(tmp_path):
     (["--variant", "a", "--variant", "b", "nonsense=1"], "is not KEY=VALUE with KEY a ReformerConfig field"),
     (["--variant", "a", "--variant", "b", "reversible_keep_attention=maybe"], "do not make a valid config"),
     (["--variant", "a", "--variant", "b", "products=gpu"], "products must be tile or blas"),
+    (["--variant", "a", "--variant", "b", "backward=fast"], "backward must be hand or autograd"),
     (["--variant", "a", "--variant", "a"], "variant names must differ"),
     (["--variant", "a", "--rounds", "0"], "--rounds and --length must be at least 1"),
 ])

@@ -187,12 +187,12 @@ def test_the_hand_written_output_projection_backward_equals_autograd(dropout):
     expected = branch.output_chunk(part, 11, 2)
     d_attended, d_weight = torch.autograd.grad(expected, [part, branch.out.weight], grad)
     start = torch.randn_like(branch.out.weight)
-    weight_sum = start.clone()
+    sums = {branch.out.weight: start.clone()}
     assert branch.has_output_backward(attended)
-    output, d_input = branch.output_chunk_backward(attended, grad, 11, 2, weight_sum)
+    output, d_input = branch.output_chunk_backward(attended, grad, 11, 2, sums)
     assert_close(output, expected, 1e-12, "output")
     assert_close(d_input, d_attended, 1e-12, "attended")
-    assert_close(weight_sum - start, d_weight, 1e-12, "weight")
+    assert_close(sums[branch.out.weight] - start, d_weight, 1e-12, "weight")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not branch.has_output_backward(attended)
 
@@ -369,8 +369,8 @@ def test_the_hand_written_backward_recomputes_the_forward_bit_for_bit_in_float32
         g, f = ff.chunk(x, 5, 1), branch.output_chunk(attended, 5, 1)  # as `_block_forward` computes them
     sums = {p: torch.zeros_like(p) for p in ff.parameters()}
     assert torch.equal(ff.chunk_backward(x, grad, 5, 1, sums, need_output=True)[1], g)
-    weight_sum = torch.zeros_like(branch.out.weight)
-    assert torch.equal(branch.output_chunk_backward(attended, grad, 5, 1, weight_sum)[0], f)
+    assert torch.equal(branch.output_chunk_backward(attended, grad, 5, 1, {branch.out.weight: torch.zeros_like(
+        branch.out.weight)})[0], f)
 
 
 def test_the_autograd_switch_routes_every_chunk_through_autograd_with_the_same_gradients(monkeypatch):
@@ -390,3 +390,11 @@ def test_the_autograd_switch_routes_every_chunk_through_autograd_with_the_same_g
     assert_close(loss_autograd, loss_hand, 1e-12, "loss")
     for name in grads_hand:
         assert_close(grads_autograd[name], grads_hand[name], 1e-10, name)
+
+
+def test_the_autograd_switch_takes_a_bool_and_says_so():
+    from reformer.layers.reversible import use_hand_written_backward
+
+    with pytest.raises(TypeError, match="takes True or False, not 'false'"):
+        use_hand_written_backward("false")
+    assert use_hand_written_backward(True) is True  # unchanged by the refusal

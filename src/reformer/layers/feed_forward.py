@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..rng import STREAM_FF_HIDDEN, STREAM_FF_OUT, apply_keep, keep_mask, keep_rows
+from .by_hand import add_linear_grads, layer_norm, layer_norm_backward, linear
 
 ACTIVATIONS = {  # HF names: "gelu_new" is the tanh approximation
     "relu": F.relu,
@@ -102,42 +103,19 @@ class FeedForward(nn.Module):
         """
         keep_hidden, keep_out = self.dropout_masks(x, seed, index)
         rows = x.flatten(0, 1)  # (b*m, d_model)
-        norm, w_in, w_out = self.norm, self.w_in, self.w_out
-        normed, mean, rstd = torch.native_layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        activated = _linear(normed, w_in)  # (b*m, d_ff)
-        activated = apply_keep(activated, keep_rows(keep_hidden), self.dropout)
+        normed, mean, rstd = layer_norm(self.norm, rows)
+        activated = apply_keep(linear(normed, self.w_in), keep_rows(keep_hidden), self.dropout)  # (b*m, d_ff)
         activated.relu_()
         output = None
         if need_output:
-            output = apply_keep(_linear(activated, w_out), keep_rows(keep_out), self.dropout).view_as(x)
+            output = apply_keep(linear(activated, self.w_out), keep_rows(keep_out), self.dropout).view_as(x)
         d_out = apply_keep(grad.flatten(0, 1), keep_rows(keep_out), self.dropout)  # (b*m, d_model)
-        _add_linear_grads(totals, w_out, d_out, activated)
-        d_hidden = torch.mm(d_out, w_out.weight)  # (b*m, d_ff)
+        add_linear_grads(totals, self.w_out, d_out, activated)
+        d_hidden = torch.mm(d_out, self.w_out.weight)  # (b*m, d_ff)
         torch.ops.aten.threshold_backward.grad_input(d_hidden, activated, 0, grad_input=d_hidden)  # ReLU's
         del activated
         d_hidden = apply_keep(d_hidden, keep_rows(keep_hidden), self.dropout)
-        _add_linear_grads(totals, w_in, d_hidden, normed)
-        d_normed = torch.mm(d_hidden, w_in.weight)  # (b*m, d_model)
+        add_linear_grads(totals, self.w_in, d_hidden, normed)
+        d_normed = torch.mm(d_hidden, self.w_in.weight)  # (b*m, d_model)
         del d_hidden
-        d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
-            d_normed, rows, norm.normalized_shape, mean, rstd, norm.weight, norm.bias,
-            [True, norm.weight is not None, norm.bias is not None])
-        for parameter, d in ((norm.weight, d_weight), (norm.bias, d_bias)):
-            if parameter is not None:
-                totals[parameter] += d
-        return d_rows.view_as(x), output
-
-
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(x) for rows x (r, in) -> (r, out), as one product."""
-    if layer.bias is None:
-        return torch.mm(x, layer.weight.t())
-    return torch.addmm(layer.bias, x, layer.weight.t())
-
-
-def _add_linear_grads(totals: dict, layer: nn.Linear, d_out: torch.Tensor, inputs: torch.Tensor) -> None:
-    """Add a linear layer's parameter gradients, given its output's gradient d_out (r, out) and its inputs
-    (r, in), into totals, in place."""
-    totals[layer.weight].addmm_(d_out.t(), inputs)
-    if layer.bias is not None:
-        totals[layer.bias] += d_out.sum(0)
+        return layer_norm_backward(self.norm, totals, d_normed, rows, mean, rstd).view_as(x), output

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..rng import apply_keep
+from . import by_hand
 from .attention import AttentionBranch, LayerCall
 from .feed_forward import FeedForward, chunk_bounds
 
@@ -61,7 +62,9 @@ def use_hand_written_backward(on: bool) -> bool:
     """Differentiate the position-wise chunks by hand where that path serves (True, the default) or through
     autograd everywhere (False: the benchmarks' A/B, benchmarks/step_ab.py's `backward=autograd`); returns the
     setting before. Both give the same gradients (tests/layers/test_reversible.py)."""
-    before, _HAND_WRITTEN["on"] = _HAND_WRITTEN["on"], bool(on)
+    if not isinstance(on, bool):
+        raise TypeError(f"use_hand_written_backward takes True or False, not {on!r}")
+    before, _HAND_WRITTEN["on"] = _HAND_WRITTEN["on"], on
     return before
 
 
@@ -224,10 +227,10 @@ def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2, kept: torch.
     kept from the forward, the chunks run only up to the activation (`_kept_output_chunk_backward`)."""
     params = list(ff.parameters())
     totals = [torch.zeros_like(p) for p in params]
-    by_hand = _HAND_WRITTEN["on"] and ff.has_chunk_backward(y1)
+    hand_written = _HAND_WRITTEN["on"] and ff.has_chunk_backward(y1)
     sums = dict(zip(params, totals))
     for index, (start, end) in enumerate(chunk_bounds(y1.shape[1], ff.chunk_size)):
-        if by_hand:  # FeedForward.chunk_backward: the products of autograd's, without autograd
+        if hand_written:  # FeedForward.chunk_backward: the products of autograd's, without autograd
             d_input, g = ff.chunk_backward(y1[:, start:end], dy2[:, start:end], seed, index, sums,
                                            need_output=kept is None)
             dy1[:, start:end] += d_input
@@ -285,11 +288,12 @@ def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, 
     out_params = list(branch.out.parameters())
     out_totals = [torch.zeros_like(p) for p in out_params]
     d_attended = torch.empty_like(attended)
-    by_hand = _HAND_WRITTEN["on"] and branch.has_output_backward(attended)  # output_chunk_backward: no autograd
+    hand_written = _HAND_WRITTEN["on"] and branch.has_output_backward(attended)  # output_chunk_backward
+    out_sums = dict(zip(out_params, out_totals))
     for index, (start, end) in enumerate(bounds):
-        if by_hand:
+        if hand_written:
             f, d_attended[:, start:end] = branch.output_chunk_backward(
-                attended[:, start:end].detach(), dy1[:, start:end], call.seed, index, out_totals[0])
+                attended[:, start:end].detach(), dy1[:, start:end], call.seed, index, out_sums)
             y1[:, start:end] -= f
             continue
         with torch.enable_grad():
@@ -345,21 +349,14 @@ def _projection_backward_by_hand(norm: nn.LayerNorm, layers, x2, dx2, d_projecti
     gradients added into `totals` in place, the LayerNorm's backward called directly."""
     for start, end in bounds:
         rows = x2[:, start:end].flatten(0, 1)  # (b*m, d_model)
-        normed, mean, rstd = torch.native_layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        normed, mean, rstd = by_hand.layer_norm(norm, rows)
         d_normed = None
         for layer, d in zip(layers, d_projections):
             part = d[:, start:end].flatten(0, 1)  # (b*m, h*d)
-            totals[layer.weight].addmm_(part.t(), normed)
-            if layer.bias is not None:
-                totals[layer.bias] += part.sum(0)
+            by_hand.add_linear_grads(totals, layer, part, normed)
             d_normed = torch.mm(part, layer.weight) if d_normed is None else d_normed.addmm_(part, layer.weight)
-        d_rows, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
-            d_normed, rows, norm.normalized_shape, mean, rstd, norm.weight, norm.bias,
-            [True, norm.weight is not None, norm.bias is not None])
+        d_rows = by_hand.layer_norm_backward(norm, totals, d_normed, rows, mean, rstd)
         dx2[:, start:end] += d_rows.view(dx2[:, start:end].shape)
-        for parameter, d in ((norm.weight, d_weight), (norm.bias, d_bias)):
-            if parameter is not None:
-                totals[parameter] += d
 
 
 def _accumulate(totals: list[torch.Tensor], grads) -> None:
