@@ -137,6 +137,68 @@ def test_bad_global_masks_and_configs_are_explained():
 def test_config_round_trips_through_json():
     config = sliding_config()
     assert ReformerConfig.from_json(config.to_json()) == config
+    assert config.sliding_global_rule == "longformer"
+    assert ReformerConfig.from_json(sliding_config(sliding_global_rule="global_kv").to_json()).sliding_global_rule \
+        == "global_kv"
+    with pytest.raises(ValueError, match="sliding_global_rule must be one of"):
+        sliding_config(sliding_global_rule="hf")
+
+
+def test_the_config_rule_is_the_layers_and_the_attention_functions():
+    from reformer.attention import sliding
+    from reformer.config import SLIDING_GLOBAL_RULES
+
+    assert SLIDING_GLOBAL_RULES == sliding.GLOBAL_RULES
+    ids, mask, glob = batch_with_globals(sliding_config())
+    logits = {}
+    for rule in SLIDING_GLOBAL_RULES:
+        model = ReformerLM(sliding_config(causal=False, sliding_global_rule=rule)).double().eval()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # global projections apart from the local ones: the rules differ
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+        assert all(layer.attention.attention.global_rule == rule for layer in model.layers
+                   if hasattr(layer.attention.attention, "global_rule"))
+        logits[rule] = model(ids, mask, global_mask=glob).logits
+    assert not torch.allclose(*logits.values())
+
+
+def old_config(**overrides) -> dict:
+    """A config.json as models were saved before sliding_global_rule existed."""
+    data = sliding_config(**overrides).to_dict()
+    del data["sliding_global_rule"]
+    return data
+
+
+def test_models_saved_before_the_longformer_rule_keep_theirs_and_say_so(tmp_path):
+    """A config.json without sliding_global_rule (sliding layers with global projections) loads with the rule
+    it was trained with, "global_kv", and a warning naming the change; other old configs load as they were."""
+    import json
+    import warnings
+
+    from reformer.checkpoint import load_model_config
+
+    with pytest.warns(UserWarning, match="keeps the rule it was trained with, sliding_global_rule='global_kv'"):
+        assert ReformerConfig.from_saved(old_config()).sliding_global_rule == "global_kv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for data in (old_config(sliding_global_projections=False), old_config(attn_layers=("lsh", "local", "full", "local")),
+                     sliding_config().to_dict()):
+            assert ReformerConfig.from_saved(data).sliding_global_rule == "longformer"
+        assert ReformerConfig.from_saved({**old_config(), "sliding_global_rule": "longformer"}) == sliding_config()
+
+    model = ReformerLM(sliding_config(sliding_global_rule="global_kv"))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(old_config()))
+    with pytest.warns(UserWarning, match="sliding_global_rule='longformer'"):
+        loaded = ReformerLM.from_pretrained(tmp_path)
+    assert loaded.config == sliding_config(sliding_global_rule="global_kv")
+    with pytest.warns(UserWarning):
+        assert load_model_config(tmp_path).sliding_global_rule == "global_kv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moved = ReformerLM.from_pretrained(tmp_path, sliding_global_rule="longformer")
+    assert moved.config.sliding_global_rule == "longformer"
 
 
 def training_text() -> bytes:

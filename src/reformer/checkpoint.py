@@ -97,7 +97,7 @@ def load_model_config(path: str | Path) -> ReformerConfig:
     path = Path(path)
     for candidate in (path / "config.json", *(p / "config.json" for p in [latest_checkpoint(path)] if p)):
         if candidate.is_file():
-            return ReformerConfig.from_dict(json.loads(candidate.read_text()))
+            return ReformerConfig.from_saved(json.loads(candidate.read_text()))
     raise CheckpointError(f"no config.json in {path}; give a run directory written by `reformer train`")
 
 

@@ -25,7 +25,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import ReformerConfig, default_axial_dims, default_axial_shape
+from .config import ReformerConfig, default_axial_dims, default_axial_shape, saved_fields
 
 TRAIN_MODEL_DEFAULTS = dict(vocab_size=256, d_model=128, n_heads=2, d_head=64, d_ff=256,
                             attn_layers=("local", "lsh", "local", "lsh"), lsh_chunk_size=64, local_chunk_size=64,
@@ -95,9 +95,10 @@ def model_config_from_args(args: argparse.Namespace, seq_len: int | None = None)
         if not path.is_file():
             raise UserError(f"--config {path}: no such file")
         try:
-            data.update(json.loads(path.read_text()))
+            loaded = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"--config {path} is not valid JSON ({e}); write it with ReformerConfig.to_json") from e
+        data.update(saved_fields(loaded) if getattr(args, "init_from", None) else loaded)  # a saved model's
     explicit = {k[len("model_"):]: v for k, v in vars(args).items() if k.startswith("model_") and v is not None}
     data.update(explicit)
     if seq_len is not None and "max_seq_len" not in explicit and "max_seq_len" not in data:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ ATTENTION_KINDS = ("lsh", "local", "full", "sliding")
 BUCKET_RULES = ("trax", "hf")
 LSH_NORMALIZATIONS = ("softmax", "hf")
 FF_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+SLIDING_GLOBAL_RULES = ("longformer", "global_kv")  # as attention.sliding.GLOBAL_RULES
 
 
 @dataclass
@@ -59,6 +61,9 @@ class ReformerConfig:
     # int (every head), one per head, or one per layer (each an int or one per head): the step between window keys
     sliding_dilation: int | tuple = 1  # 1 = no gaps
     sliding_global_projections: bool = True  # own q, k, v projections for global tokens (Longformer), copies at init
+    # what a non-global query takes at a global key: "longformer" = its own k and v (allenai, HF); "global_kv" =
+    # K_g and V_g, the rule of models saved before "longformer" (`from_saved` gives it to their config.json)
+    sliding_global_rule: str = "longformer"
 
     # --- feed-forward ---
     ff_activation: str = "relu"  # "relu", "gelu", "gelu_new" (tanh approximation) or "silu"
@@ -126,6 +131,9 @@ class ReformerConfig:
             raise ValueError(f"lsh_bucket_rule must be one of {BUCKET_RULES}, got {self.lsh_bucket_rule!r}")
         if self.lsh_normalize not in LSH_NORMALIZATIONS:
             raise ValueError(f"lsh_normalize must be one of {LSH_NORMALIZATIONS}, got {self.lsh_normalize!r}")
+        if self.sliding_global_rule not in SLIDING_GLOBAL_RULES:
+            raise ValueError(f"sliding_global_rule must be one of {SLIDING_GLOBAL_RULES}, got "
+                             f"{self.sliding_global_rule!r}")
         if self.ff_activation not in FF_ACTIVATIONS:
             raise ValueError(f"ff_activation must be one of {FF_ACTIVATIONS}, got {self.ff_activation!r}")
         if self.hash_seed is not None and (not isinstance(self.hash_seed, int) or isinstance(self.hash_seed, bool)):
@@ -267,11 +275,37 @@ class ReformerConfig:
         return cls(**data)
 
     @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "ReformerConfig":
+        """The config of a saved model (its config.json), with `saved_fields`."""
+        return cls.from_dict(saved_fields(data))
+
+    @classmethod
     def from_json(cls, text_or_path: str | Path) -> "ReformerConfig":
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
+
+
+def saved_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a saved model's config, with the values it was trained with where a field came later.
+
+    A config without `sliding_global_rule` was saved before its sliding layers took Longformer's rule for
+    global tokens: with global projections, it keeps the rule it was trained with ("global_kv"), and a
+    warning says what changed and how to move to Longformer's.
+    """
+    data = dict(data)
+    trained_with_global_kv = "sliding" in data.get("attn_layers", ()) and data.get("sliding_global_projections",
+                                                                                  True)
+    if "sliding_global_rule" not in data and trained_with_global_kv:
+        warnings.warn("this model was saved before its sliding layers took Longformer's rule for global tokens, "
+                      "so it keeps the rule it was trained with, sliding_global_rule='global_kv': a non-global "
+                      "query scores the global tokens with K_g and takes V_g. Longformer (and transformers) use "
+                      "its own K and V there; sliding_global_rule='longformer' (--sliding-global-rule longformer) "
+                      "switches to that, which changes the outputs of every query that sees a global token",
+                      UserWarning, stacklevel=3)
+        data["sliding_global_rule"] = "global_kv"
+    return data
 
 
 def _is_int(value) -> bool:

@@ -80,7 +80,8 @@ def build_attention(config: ReformerConfig, kind: str, layer: int) -> nn.Module:
         return SlidingSelfAttention(**common, window=config.sliding_window_of(layer),
                                     dilation=config.sliding_dilation_of(layer), causal=config.causal,
                                     attn_dropout=config.attn_dropout,
-                                    global_projections=config.sliding_global_projections)
+                                    global_projections=config.sliding_global_projections,
+                                    global_rule=config.sliding_global_rule)
     return FullSelfAttention(**common, causal=config.causal, attn_dropout=config.attn_dropout)
 
 
@@ -352,7 +353,7 @@ class ReformerLM(nn.Module):
                 raise FileNotFoundError(f"{directory / name} not found; save_pretrained writes it")
         data = json.loads((directory / "config.json").read_text())
         data.update(overrides)
-        model = cls(ReformerConfig.from_dict(data))
+        model = cls(ReformerConfig.from_saved(data))
         state = load_file(str(directory / "model.safetensors"))
         model.load_state_dict(state)
         return model.to(next(iter(state.values())).dtype) if state else model

@@ -64,6 +64,35 @@ def keep_mask(shape, device: torch.device, p: float, seed: int | None, *stream: 
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # an integer hash's multiplier (< 2^27: a product with a 32-bit value fits in int64)
+
+
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash of x in [0, 2^32) (int64 tensors or ints), into [0, 2^32)."""
+    x = ((x ^ (x >> 16)) * _MIX) & _M32
+    x = ((x ^ (x >> 16)) * _MIX) & _M32
+    return x ^ (x >> 16)
+
+
+def pair_keep_mask(p: float, seed: int | None, batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor,
+                   key: torch.Tensor) -> torch.Tensor | None:
+    """Which attention probabilities dropout keeps, addressed by (batch, head, query position, key position).
+
+    The arguments are int64 tensors that broadcast together (positions below 2^32); the result has their
+    broadcast shape. Each entry is kept with probability 1 - p from a hash of the seed and its four
+    coordinates, so any layout of the same probabilities (chunked, dense, row by row) draws the same mask.
+    `seed=None` or `p == 0` means no dropout (None).
+    """
+    if seed is None or p == 0.0:
+        return None
+    seed = derive_seed(seed, 0)
+    x = _mix32(_mix32(seed >> 32) ^ (seed & _M32))
+    for coordinate in (batch, head, query, key):  # the small ones first: most of the work is the last step
+        x = _mix32(coordinate ^ x)
+    return x >= round(p * (1 << 32))
+
+
 def keep_rows(keep: torch.Tensor | None) -> torch.Tensor | None:
     """A (b, m, n) keep mask as (b*m, n) rows, for tensors flattened the same way; None stays None."""
     return None if keep is None else keep.flatten(0, 1)

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import check_compatible, latest_checkpoint, load_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import (check_compatible, latest_checkpoint, load_model_config, load_state, resolve_checkpoint,
+                         save_checkpoint)
 from .config import ReformerConfig
 from .memory import release_freed_memory_eagerly
 from .model import ReformerLM
@@ -273,7 +274,7 @@ def _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config) 
         return 0, []
     if latest is None:
         raise ValueError(f"--resume: {run.dir} holds no checkpoint yet; drop --resume to start a new run")
-    check_compatible(ReformerConfig.from_json(latest / "config.json"), model_config)
+    check_compatible(load_model_config(latest), model_config)
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(latest / "model.safetensors")))
@@ -289,7 +290,7 @@ def _load_initial_weights(model, path: str, model_config: ReformerConfig) -> Non
     from safetensors.torch import load_file
 
     source = resolve_checkpoint(path)
-    check_compatible(ReformerConfig.from_json(source / "config.json"), model_config)
+    check_compatible(load_model_config(source), model_config)
     model.load_state_dict(load_file(str(source / "model.safetensors")))
 
 

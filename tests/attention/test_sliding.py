@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reformer.attention import sliding, sliding_window_attention
+from reformer.attention import native, sliding, sliding_window_attention
 from reformer.attention.reference import sliding_window_reference
 from tests.conftest import assert_close, seeded
 
@@ -32,11 +32,22 @@ def make_inputs(n, *, masked, global_tokens, global_projections=False, b=2, d=4,
     return q, k, v, extra
 
 
+def use(path: str, monkeypatch) -> None:
+    """Run sliding_window_attention's "fused" path (native kernel), "fused-pytorch" (REFORMER_NATIVE=0) or
+    "explicit" (no fused kernel) until the test ends."""
+    if path == "explicit":
+        monkeypatch.setattr(sliding, "fused_kernel_available", lambda device: False)
+    elif path == "fused-pytorch":
+        monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+
+
 def check(n, *, masked=False, global_tokens=False, global_projections=False, explicit=False,
-          monkeypatch=None, **options):
+          monkeypatch=None, path=None, **options):
     """Outputs and the gradients of q, k, v (and the global projections) equal the reference's to 1e-10."""
     if explicit:
         monkeypatch.setattr(sliding, "fused_kernel_available", lambda device: False)
+    if path is not None:
+        use(path, monkeypatch)
     q, k, v, extra = make_inputs(n, masked=masked, global_tokens=global_tokens,
                                  global_projections=global_projections)
     out = sliding_window_attention(q, k, v, **extra, **options)
@@ -73,17 +84,70 @@ def test_band_matches_reference(monkeypatch, explicit, window, dilation, causal,
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dilation", DILATIONS)
 @pytest.mark.parametrize("window", WINDOWS)
-def test_global_tokens_match_reference(window, dilation, causal, masked, global_projections):
+@pytest.mark.parametrize("path", ["fused", "explicit"])
+def test_global_tokens_match_reference(monkeypatch, path, window, dilation, causal, masked, global_projections):
     check(19, masked=masked, global_tokens=True, global_projections=global_projections, window=window,
-          dilation=dilation, causal=causal)
+          dilation=dilation, causal=causal, path=path, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("path", ["fused", "fused-pytorch", "explicit"])
+def test_the_rule_of_older_models_matches_reference(monkeypatch, path, causal):
+    """global_rule="global_kv": the other rows score the global keys with k_g and take v_g."""
+    check(19, masked=True, global_tokens=True, global_projections=True, window=3, dilation=(1, 2), causal=causal,
+          global_rule="global_kv", path=path, monkeypatch=monkeypatch)
+
+
+def test_the_two_rules_differ_only_with_global_projections_at_global_keys():
+    q, k, v, extra = make_inputs(19, masked=True, global_tokens=True, global_projections=True)
+    options = dict(window=2, **extra)
+    new, old = (sliding_window_attention(q, k, v, global_rule=rule, **options) for rule in sliding.GLOBAL_RULES)
+    assert not torch.allclose(new, old)
+    extra.pop("global_qkv")
+    same = [sliding_window_attention(q, k, v, global_rule=rule, window=2, **extra) for rule in sliding.GLOBAL_RULES]
+    assert torch.equal(*same)
+    with pytest.raises(ValueError, match="global_rule must be one of"):
+        sliding_window_attention(q, k, v, window=2, global_rule="hf")
+
+
+@pytest.mark.parametrize("global_tokens", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dilation", [1, (1, 3)])
+def test_fused_pytorch_kernel_matches_reference(monkeypatch, dilation, causal, global_tokens):
+    """The fused path without the native kernel (REFORMER_NATIVE=0): PyTorch's flash blocks, the columns merged."""
+    check(19, masked=True, global_tokens=global_tokens, global_projections=global_tokens, window=3,
+          dilation=dilation, causal=causal, path="fused-pytorch", monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 5])
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_columns_in_blocks_of_any_size_match_reference(monkeypatch, causal, rows_per_block):
+    """The columns' merge and backward in blocks of few queries (and the window's blocks of one chunk)."""
+    from reformer.attention import fused_chunks
+
+    monkeypatch.setattr(fused_chunks, "BLOCK_ELEMENTS", rows_per_block * 4)  # d = 4: rows of 4 elements
+    check(23, masked=True, global_tokens=True, global_projections=True, window=3, dilation=(2, 1), causal=causal,
+          chunk_size=4)
+
+
+@pytest.mark.parametrize("global_tokens", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dilation", [1, (1, 3)])
+def test_dropout_matches_reference(dilation, causal, global_tokens):
+    """Seeded dropout on the probabilities, band, global columns and global rows, drops the same (batch, head,
+    query, key) weights as the reference: outputs and gradients to 1e-10."""
+    check(19, masked=True, global_tokens=global_tokens, global_projections=global_tokens, window=3,
+          dilation=dilation, causal=causal, dropout=0.4, dropout_seed=11)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 64])
 @pytest.mark.parametrize("global_tokens", [False, True])
-def test_any_chunking_gives_the_same_result(chunk_size, global_tokens):
-    """The layout's chunk (here shorter and longer than the window of 3, dilated) changes nothing."""
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_any_chunking_gives_the_same_result(dropout, chunk_size, global_tokens):
+    """The layout's chunk (here shorter and longer than the window of 3, dilated) changes nothing, dropout
+    included (its mask is drawn by position, not by layout)."""
     check(23, masked=True, global_tokens=global_tokens, window=3, dilation=(2, 1), causal=False,
-          chunk_size=chunk_size)
+          chunk_size=chunk_size, dropout=dropout, dropout_seed=3)
 
 
 @pytest.mark.parametrize("chunks_per_block", [1, 3])

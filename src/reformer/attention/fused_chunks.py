@@ -136,6 +136,30 @@ def blocks(g: int, c: int, w: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, g)) for start in range(0, g, size)]
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Keys that every query of a head row sees besides its window: Longformer's global tokens.
+
+    The call passes their keys and values, (b, h, G, d) each; their scores join each query's window in one
+    softmax, merged by log-sum-exp after the window's (`_merge_columns`). A plan with columns is in
+    position order or sorted (a query's position is its index in its head row after the rounds combine).
+    """
+
+    position: torch.Tensor  # (b, G) int64: each column's sequence position (causal: seen from there on)
+    present: torch.Tensor  # (b, G) bool: which columns exist (batch rows have different counts)
+    causal: bool
+
+    def mask(self, batch: int, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """(end - start, G) additive mask of the queries at positions start..end of batch row `batch`."""
+        allowed = self.present[batch][None, :]  # (1, G)
+        if self.causal:
+            queries = torch.arange(start, end, device=allowed.device)[:, None]  # (rows, 1)
+            allowed = allowed & (self.position[batch][None, :] <= queries)  # (rows, G)
+        _, masked_value = mask_values(dtype)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, masked_value)
+        return bias.expand(end - start, -1)
+
+
 @dataclass
 class Plan:
     """Where every row of the work comes from and goes to (index tensors; small next to the activations)."""
@@ -147,6 +171,7 @@ class Plan:
     shape: tuple[int, int, int]  # (b, n, h) of the (b, n, h, d) rows
     window: tuple[int, int]  # chunks before and after
     scale: float  # logit scale
+    columns: Columns | None = None  # keys every query of a head row sees besides its window (global tokens)
 
     @property
     def n_rows(self) -> int:
@@ -156,8 +181,9 @@ class Plan:
     def nbytes(self) -> int:
         """The bytes of its tensors (index tensors and mask recipe)."""
         recipe = self.recipe
+        columns = (None, None) if self.columns is None else (self.columns.position, self.columns.present)
         return sum(tensor.nbytes for tensor in (self.rows, self.kv_source, self.rank, recipe.q_pos, recipe.k_pos,
-                                                recipe.bias) if tensor is not None)
+                                                recipe.bias, *columns) if tensor is not None)
 
     def head_row(self, rows: torch.Tensor, index: int) -> torch.Tensor:
         """Head row `index`'s (n, ...) strided view of rows in the (b, n, h, ...) layout."""
@@ -215,23 +241,27 @@ class ChunkedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_rows, k_rows, v_rows, plan: Plan, replay: KernelReplay | None = None):
+    def forward(ctx, q_rows, k_rows, v_rows, plan: Plan, replay: KernelReplay | None = None, column_k=None,
+                column_v=None):
         if k_rows is None and plan.rank is None:
             raise ValueError("shared query-keys (k_rows None) need a sorted plan: build it without "
                              "in_position_order, as lsh_attention does")
+        if (plan.columns is None) != (column_k is None) or (column_k is None) != (column_v is None) or (
+                plan.columns is not None and k_rows is None):
+            raise ValueError("columns need a plan with columns, their keys and their values, and separate keys")
         if replay is not None and replay.saved is not None:
             out, lse_slots, lse = replay.saved
             replay.saved, replay.declined = None, True  # served once: a later call computes and keeps nothing
         else:
-            out, lse_slots, lse = ChunkedAttention._attend(q_rows, k_rows, v_rows, plan)
+            out, lse_slots, lse = ChunkedAttention._attend(q_rows, k_rows, v_rows, plan, column_k, column_v)
             if replay is not None and not replay.declined:
                 replay.keep(plan, (out, lse_slots, lse))
-        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse)
+        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse, column_k, column_v)
         ctx.plan = plan
         return out
 
     @staticmethod
-    def _attend(q_rows, k_rows, v_rows, plan: Plan):
+    def _attend(q_rows, k_rows, v_rows, plan: Plan, column_k=None, column_v=None):
         """out (n_rows, d), lse_slots (bh, g, c) and lse (n_rows,) float64, block by block."""
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
@@ -258,16 +288,21 @@ class ChunkedAttention(torch.autograd.Function):
             else:
                 _combine_rounds(plan.head_row(out, row), plan.head_row(lse, row), out_slots,
                                 lse_slots[row].view(-1), plan.rank[row])
+            if plan.columns is not None:
+                _merge_columns(plan, row, q_rows, column_k, column_v, out, lse)
         return out, lse_slots, lse
 
     @staticmethod
     def backward(ctx, grad_out):  # (n_rows, d)
-        q_rows, k_rows, v_rows, lse_slots, out, lse = ctx.saved_tensors
+        q_rows, k_rows, v_rows, lse_slots, out, lse, column_k, column_v = ctx.saved_tensors
         plan = ctx.plan
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
-        one_round = plan.rank is None or plan.rank.shape[1] == 1  # then each round's share of the softmax is 1
+        # one round and no columns: the window's softmax is the whole softmax (its share is 1)
+        one_round = (plan.rank is None or plan.rank.shape[1] == 1) and plan.columns is None
         grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
+        column_grads = None if column_k is None else [torch.zeros_like(x, dtype=accumulation_dtype(x.dtype))
+                                                      for x in (column_k, column_v)]
         work = accumulation_dtype(q_rows.dtype)  # bfloat16: the kernel's float32 backward is the faster one
         grad_out = grad_out.contiguous()
         gathered = _gathers_natively(plan, q_rows, k_rows, v_rows) and grad_out.dtype == q_rows.dtype
@@ -292,7 +327,11 @@ class ChunkedAttention(torch.autograd.Function):
                                                    plan.scale)  # dq (G, c, d); dk, dv on the extended rows
                 grads.add(start, end, dq, dk, dv, raw)
             grads.end()
-        return (*grads.result(), None)
+            if column_grads is not None:
+                _columns_backward(plan, row, q_rows, column_k, column_v, grad_out, out, lse, grads.q, *column_grads)
+        column_grads = [None, None] if column_grads is None else [
+            grad.to(x.dtype) for grad, x in zip(column_grads, (column_k, column_v))]
+        return (*grads.result(), None, *column_grads)
 
 
 class _SlotGradients:
@@ -484,6 +523,61 @@ def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tenso
     out.copy_(combined)
 
 
+def _column_block_rows(columns: Columns, d: int) -> int:
+    """Queries per block of the columns' work: BLOCK_ELEMENTS scores."""
+    return max(1, BLOCK_ELEMENTS // max(1, columns.position.shape[1], d))
+
+
+def _column_logits(plan: Plan, batch: int, queries: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+    """(rows, G) masked logits of the queries (rows, d) at positions start.. against the column keys (G, d)."""
+    logits = torch.mm(queries, keys.t()).mul_(plan.scale)
+    return logits.add_(plan.columns.mask(batch, start, start + queries.shape[0], logits.dtype))
+
+
+def _merge_columns(plan: Plan, row: int, q_rows, column_k, column_v, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Head row `row`'s columns into its window's output and log-sum-exp, in place, position by position:
+    lse' = logaddexp(lse, lse_c), out' = exp(lse - lse') out + exp(s_c - lse') v_c."""
+    h = plan.shape[2]
+    batch, head = divmod(row, h)
+    work = accumulation_dtype(q_rows.dtype)
+    keys, values = column_k[batch, head].to(work), column_v[batch, head].to(work)  # (G, d)
+    queries, outputs, sums = plan.head_row(q_rows, row), plan.head_row(out, row), plan.head_row(lse, row)
+    step = _column_block_rows(plan.columns, keys.shape[1])
+    for start in range(0, queries.shape[0], step):
+        end = min(start + step, queries.shape[0])
+        logits = _column_logits(plan, batch, queries[start:end].to(work), keys, start)  # (rows, G)
+        total = torch.logaddexp(sums[start:end], torch.logsumexp(logits.double(), dim=-1))  # float64
+        window_share = torch.exp(sums[start:end] - total).to(work)[:, None]
+        probabilities = logits.sub_(total.to(work)[:, None]).exp_()  # (rows, G)
+        merged = torch.addmm(outputs[start:end].to(work).mul_(window_share), probabilities, values)
+        outputs[start:end] = merged
+        sums[start:end] = total
+
+
+def _columns_backward(plan: Plan, row: int, q_rows, column_k, column_v, grad_out, out, lse, dq_rows,
+                      d_column_k, d_column_v) -> None:
+    """Head row `row`'s column gradients under the joint softmax (P_c = exp(s_c - lse), lse the merged one):
+    dS = P_c (dO . v_c - rowsum(dO * o)); dq (added onto dq_rows) = scale dS k_c; dk_c = scale dS^T q,
+    dv_c = P_c^T dO (added onto d_column_k, d_column_v at (batch, head))."""
+    h = plan.shape[2]
+    batch, head = divmod(row, h)
+    work = d_column_k.dtype
+    keys, values = column_k[batch, head].to(work), column_v[batch, head].to(work)  # (G, d)
+    queries, outputs, grads = (plan.head_row(x, row) for x in (q_rows, out, grad_out))
+    sums, dq = plan.head_row(lse, row), plan.head_row(dq_rows, row)
+    step = _column_block_rows(plan.columns, keys.shape[1])
+    for start in range(0, queries.shape[0], step):
+        end = min(start + step, queries.shape[0])
+        q_block, grad = queries[start:end].to(work), grads[start:end].to(work)  # (rows, d)
+        probabilities = _column_logits(plan, batch, q_block, keys, start).sub_(
+            sums[start:end].to(work)[:, None]).exp_()  # (rows, G)
+        delta = (grad * outputs[start:end].to(work)).sum(-1, keepdim=True)  # (rows, 1)
+        d_column_v[batch, head].addmm_(probabilities.t(), grad)
+        d_scores = torch.mm(grad, values.t()).sub_(delta).mul_(probabilities)  # (rows, G)
+        dq[start:end] += torch.mm(d_scores, keys).mul_(plan.scale).to(dq.dtype)
+        d_column_k[batch, head].addmm_(d_scores.t(), q_block, alpha=plan.scale)
+
+
 def _add_wrapped(main: torch.Tensor, front: torch.Tensor, back: torch.Tensor) -> None:
     """Fold wrapped-around rows onto main (L, ...): front (F, ...) stands for main's last F rows, cyclically,
     and back (B, ...) for its first B (a window may wrap around more than once when it is longer than main)."""
@@ -524,7 +618,7 @@ def projection_rows(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal,
                in_position_order: bool = False, band: int | None = None,
-               mask_positions: torch.Tensor | None = None) -> Plan:
+               mask_positions: torch.Tensor | None = None, columns: Columns | None = None) -> Plan:
     """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n).
 
     Rounds are n positions long; a window is (before + 1 + after) chunks of c.
@@ -532,6 +626,7 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
     band: a query sees no key more than `band` away, in mask positions (sliding windows).
     mask_positions: (b, h, r*n) integer positions of the slots that the causal and band masks compare
     (default flat_order); dilated sliding windows give each residue class its own range.
+    columns: keys every query sees besides its window (`Columns`; one round only).
     """
     b, h, rn = flat_order.shape
     g, per_round = rn // c, n // c
@@ -549,7 +644,7 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
         slots = torch.arange(rn, device=flat_order.device).view(r, n).expand(b, h, r, n)
         rank = torch.empty_like(slots).scatter_(-1, flat_order.view(b, h, r, n), slots).view(b * h, r, n)
     return Plan(rows=output_rows(flat_order, n).view(b * h, g, c), kv_source=output_rows(extended, n).view(b * h, -1),
-                rank=rank, recipe=recipe, shape=(b, n, h), window=window, scale=scale)
+                rank=rank, recipe=recipe, shape=(b, n, h), window=window, scale=scale, columns=columns)
 
 
 def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:

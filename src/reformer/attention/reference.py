@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..rng import pair_keep_mask
 from .lsh import bucket_factors, normalize_keys, total_buckets
 
 SELF_LOGIT = -1e5  # a position attends to itself only when nothing else is allowed
@@ -186,18 +187,22 @@ def full_attention_reference(q, k, v, *, causal=False, attention_mask=None) -> t
 
 
 def sliding_window_reference(q, k, v, *, window, dilation=1, causal=False, attention_mask=None, global_mask=None,
-                             global_qkv=None) -> torch.Tensor:
+                             global_qkv=None, global_rule="longformer", dropout=0.0, dropout_seed=None) -> torch.Tensor:
     """Longformer attention as a dense mask, row by row.
 
     Head hi uses dilation d = dilation (or dilation[hi]). Query i may see key j when j is real and
     - (band) |i - j| <= window * d and (i - j) % d == 0, or j is global, or i is global;
     - and, causal, j <= i.
-    Global query rows score q_g[i] . k_g[j] against every key with values v_g; other rows score k_g and take
-    v_g at global keys, k and v elsewhere (q_g, k_g, v_g = global_qkv, or q, k, v without it). A padded token
-    is never global. Padded queries output zeros.
+    Global query rows score q_g[i] . k_g[j] against every key, with values v_g (q_g, k_g, v_g = global_qkv,
+    or q, k, v without it). Every other row scores q[i] . k[j] with values v, global keys included: that is
+    Longformer's rule (allenai's `longformer.py`, HF's `LongformerSelfAttention`). global_rule="global_kv" is
+    the rule of models saved before it: those rows scored the global keys with k_g and took v_g.
+    A padded token is never global. Padded queries output zeros.
+    dropout: each weight (batch, head, i, j) is dropped where `pair_keep_mask` says, the rest scaled by 1/(1-p).
     """
     b, h, n, d_head = q.shape
     q_g, k_g, v_g = (q, k, v) if global_qkv is None else global_qkv
+    column_k, column_v = (k_g, v_g) if global_rule == "global_kv" else (k, v)
     real = torch.ones(b, n, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
     is_global = torch.zeros(b, n, dtype=torch.bool) if global_mask is None else global_mask.bool().cpu() & real
     out = torch.zeros_like(v)
@@ -207,7 +212,7 @@ def sliding_window_reference(q, k, v, *, window, dilation=1, causal=False, atten
             for i in range(n):
                 if not real[bi, i]:
                     continue
-                logits, values = [], []
+                seen, logits, values = [], [], []
                 for j in range(n):
                     in_band = abs(i - j) <= window * step and (i - j) % step == 0
                     if not real[bi, j] or (causal and j > i):
@@ -216,11 +221,18 @@ def sliding_window_reference(q, k, v, *, window, dilation=1, causal=False, atten
                         logits.append(q_g[bi, hi, i] @ k_g[bi, hi, j])
                         values.append(v_g[bi, hi, j])
                     elif is_global[bi, j]:
-                        logits.append(q[bi, hi, i] @ k_g[bi, hi, j])
-                        values.append(v_g[bi, hi, j])
+                        logits.append(q[bi, hi, i] @ column_k[bi, hi, j])
+                        values.append(column_v[bi, hi, j])
                     elif in_band:
                         logits.append(q[bi, hi, i] @ k[bi, hi, j])
                         values.append(v[bi, hi, j])
+                    else:
+                        continue
+                    seen.append(j)
                 weights = torch.softmax(torch.stack(logits) / math.sqrt(d_head), dim=0)
+                keep = pair_keep_mask(dropout, dropout_seed, torch.tensor(bi), torch.tensor(hi), torch.tensor(i),
+                                      torch.tensor(seen))
+                if keep is not None:
+                    weights = weights * keep.to(weights.dtype) / (1.0 - dropout)
                 out[bi, hi, i] = weights @ torch.stack(values)
     return out

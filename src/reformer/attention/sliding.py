@@ -6,22 +6,30 @@ w window keys per chunk ((before + 1 + after) * c), G global tokens (the most th
 Query i sees the keys i - window * s, ..., i, ..., i + window * s in steps of s, its head's dilation
 (causal: only up to i): `window` keys on each side. HF's `attention_window` is 2 * window. Global tokens
 attend to every key and every query attends to them, each key counted once; causal keeps both directions
-causal. With `global_qkv` (Longformer's Q_g, K_g, V_g), the global rows use q_g . k_g over every key and
-v_g, and every query scores the global keys with k_g and takes their v_g (HF uses the local k and v for
-those columns). A padded token is never global, and padded queries output zeros.
+causal. With `global_qkv` (Longformer's Q_g, K_g, V_g), the global rows score q_g . k_g over every key
+with values v_g; every other query scores the global keys with its own k and takes v, as allenai's
+`longformer.py` and HF's `LongformerSelfAttention` do (`global_rule="global_kv"` keeps the rule of models
+saved before it: k_g and v_g there). A padded token is never global, and padded queries output zeros.
 
 How. A head with dilation s attends inside the s classes of positions with the same i mod s, each an
 undilated sliding window. The head's slots list its positions class by class (`SlotLayout`). In slot
 order a query's band is the `window` slots on each side inside its class, so chunks of c slots with
 ceil(window / c) neighbour chunks on each side hold every key it may see; a band mask over "mask
-positions" (class * stride + i // s, with classes more than `window` apart) removes the rest. Time and
-memory are O(n * w) per head; nothing is of size n^2.
+positions" (class * stride + i // s, with classes more than `window` apart) removes the rest. Global
+keys leave the band (they come back once, as columns). Time and memory are O(n * (w + G)) per head;
+nothing is of size n^2.
 
-Two executions of that layout:
-- fused (CPU, no global token, no dropout): PyTorch's flash kernel, block by block, under the band mask
-  (`fused_chunks.ChunkedAttention`); the backward recomputes each block, so it stores O(n * d).
-- explicit: the chunk scores as a tensor (b, h, g, c, w), the global columns (b, h, m, G) beside them,
-  one softmax; the global rows (b, h, G, n) are dense and written over their positions.
+Two executions of the band and the columns; `sliding_window_attention` picks one:
+- fused (CPU, no dropout): the window kernel, block by block, under the band mask, with the global keys as
+  columns every query sees, merged into each head row's softmax by log-sum-exp
+  (`fused_chunks.ChunkedAttention` with `Columns`); the backward recomputes each block, so it stores O(n * d).
+- explicit (dropout, or no fused kernel): the chunk scores as a tensor (b, h, g, c, w), the global columns
+  (b, h, m, G) beside them, one softmax.
+The global rows (b, h, G, n) are one dense pass, written over their positions: scaled-dot-product
+attention, or, with dropout, explicit scores.
+
+Dropout drops attention weights by (batch, head, query, key) (`rng.pair_keep_mask`): the same mask for
+any layout or chunking, as the reference draws it.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rng import dropout as seeded_dropout
+import torch.nn.functional as F
+
+from ..rng import pair_keep_mask
 from ._chunking import (
     check_attention_mask,
     check_chunk_size,
@@ -48,10 +58,10 @@ from ._chunking import (
     zero_masked_queries,
     zero_padded,
 )
-from .fused_chunks import (EXACT_FLOAT32, ChunkedAttention, KernelReplay, cached_plan, chunk_plan,
+from .fused_chunks import (EXACT_FLOAT32, ChunkedAttention, Columns, KernelReplay, cached_plan, chunk_plan,
                            fused_kernel_available, projection_rows)
 
-_GLOBAL_ROWS_STREAM = 1  # dropout stream of the global rows (the band and columns use the seed itself)
+GLOBAL_RULES = ("longformer", "global_kv")  # what a non-global query takes at a global key: k, v or k_g, v_g
 
 
 def sliding_window_attention(
@@ -65,6 +75,7 @@ def sliding_window_attention(
     attention_mask: torch.Tensor | None = None,
     global_mask: torch.Tensor | None = None,
     global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    global_rule: str = "longformer",
     dropout: float = 0.0,
     dropout_seed: int | None = None,
     chunk_size: int | None = None,
@@ -79,8 +90,11 @@ def sliding_window_attention(
         causal: no key after the query, global ones included.
         attention_mask: (b, n) bool, True = real token. Padded keys get no weight; padded queries output 0.
         global_mask: (b, n) bool, True = global token (attends to all keys, seen by all queries).
-        global_qkv: (q_g, k_g, v_g), each (b, h, n, d): the global projections; default q, k, v.
-        dropout, dropout_seed: attention-probability dropout from an explicit seed.
+        global_qkv: (q_g, k_g, v_g), each (b, h, n, d): the global projections; default q, k, v. The global
+            rows score q_g . k_g and take v_g; the other rows score every key, global or not, with k and v.
+        global_rule: "longformer" (the above, allenai's and HF's) or "global_kv": the other rows score the
+            global keys with k_g and take v_g there (the rule of models saved before "longformer").
+        dropout, dropout_seed: attention-probability dropout from an explicit seed (`rng.pair_keep_mask`).
         chunk_size: slots per chunk of the layout (default: from the window); the result does not depend on it.
         replay: a `KernelReplay` for the reversible recompute (see `lsh_attention`).
 
@@ -94,18 +108,31 @@ def sliding_window_attention(
     global_mask = check_global_mask(global_mask, b, n, attention_mask)
     if global_qkv is not None:
         global_qkv = check_global_qkv(global_qkv, q.shape)
+    if global_rule not in GLOBAL_RULES:
+        raise ValueError(f"global_rule must be one of {GLOBAL_RULES}, got {global_rule!r}")
     c = default_chunk_size(window) if chunk_size is None else chunk_size
     check_chunk_size(c)
     layout = SlotLayout.build(n, c, window, dilations, causal, q.device)
     q, k, v = (zero_padded(x, attention_mask) for x in (q, k, v))  # NaN in padding cannot reach a real output
+    q_g, k_g, v_g = (q, k, v) if global_qkv is None else (zero_padded(x, attention_mask) for x in global_qkv)
+    columns = None
+    if global_mask is not None:
+        index, present = global_indices(global_mask)  # (b, G) each
+        column_kv = (k, v) if global_rule == "longformer" else (k_g, v_g)
+        columns = (index, present, *(_gather_positions(x, index) for x in column_kv))  # keys, values (b, h, G, d)
+    with_dropout = dropout > 0.0 and dropout_seed is not None
 
-    if global_mask is None and not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
-        return zero_masked_queries(_fused(q, k, v, attention_mask, layout, replay), attention_mask)
-    with explicit_precision(q.device):
-        rows = upcast(q, k, v)
-        global_rows = None if global_qkv is None else upcast(*(zero_padded(x, attention_mask) for x in global_qkv))
-        out = _explicit(*rows, global_rows, attention_mask, global_mask, layout, dropout, dropout_seed)
-    return zero_masked_queries(out.to(q.dtype), attention_mask)
+    if not with_dropout and fused_kernel_available(q.device):
+        out = _fused(q, k, v, attention_mask, global_mask, columns, layout, replay)
+    else:
+        with explicit_precision(q.device):
+            out = _explicit(*upcast(q, k, v), attention_mask, global_mask, columns, layout,
+                            dropout if with_dropout else 0.0, dropout_seed).to(q.dtype)
+    if global_mask is not None:
+        rows = _global_rows(q_g, k_g, v_g, index, present, padded_mask(attention_mask, b, n, n, q.device), causal,
+                            dropout if with_dropout else 0.0, dropout_seed)  # (b, h, G, d)
+        out = torch.where(global_mask[:, None, :, None], _scatter_rows(rows.to(out.dtype), index, present, n), out)
+    return zero_masked_queries(out, attention_mask)
 
 
 def default_chunk_size(window: int) -> int:
@@ -169,45 +196,55 @@ class SlotLayout:
         return x.gather(2, index)[:, :, :self.n]
 
 
-def _fused(q, k, v, attention_mask, layout: SlotLayout, replay: KernelReplay | None = None) -> torch.Tensor:
-    """The band on the CPU flash kernel (no global tokens): (b, h, n, d)."""
+def _band_keys(attention_mask, global_mask, b: int, n: int, m: int, device) -> torch.Tensor:
+    """(b, m) bool: the keys a band may hold, real and not global (global keys are columns)."""
+    mask = padded_mask(attention_mask, b, n, m, device)
+    return mask if global_mask is None else mask & ~pad_length(global_mask, m, dim=1)
+
+
+def _fused(q, k, v, attention_mask, global_mask, columns, layout: SlotLayout,
+           replay: KernelReplay | None = None) -> torch.Tensor:
+    """The band, and the global keys as columns, on the fused window kernel: (b, h, n, d)."""
     b, h, n, d = q.shape
     m = layout.m
-    mask = padded_mask(attention_mask, b, n, m, q.device)  # (b, m)
+    column_plan = column_k = column_v = None
+    if columns is not None:
+        index, present, column_k, column_v = columns
+        column_plan = Columns(position=index, present=present, causal=layout.causal)
+        column_k, column_v = column_k.contiguous(), column_v.contiguous()
     plan = cached_plan(replay, lambda: chunk_plan(
-        layout.order.expand(b, h, m), mask, m, layout.chunk, layout.causal, False, layout.neighbours, q.dtype,
-        scale=1 / math.sqrt(d), self_value=None, self_on_diagonal=True, in_position_order=layout.in_position_order,
-        band=layout.window, mask_positions=layout.mask_positions.expand(b, h, m)))
+        layout.order.expand(b, h, m), _band_keys(attention_mask, global_mask, b, n, m, q.device), m, layout.chunk,
+        layout.causal, False, layout.neighbours, q.dtype, scale=1 / math.sqrt(d), self_value=None,
+        self_on_diagonal=True, in_position_order=layout.in_position_order, band=layout.window,
+        mask_positions=layout.mask_positions.expand(b, h, m), columns=column_plan))
     rows = [projection_rows(pad_length(x, m, dim=2)) for x in (q, k, v)]  # (b*m*h, d) each
-    out = ChunkedAttention.apply(*rows, plan, replay).view(b, m, h, d).permute(0, 2, 1, 3)  # (b, h, m, d)
-    return out[:, :, :n]
+    out = ChunkedAttention.apply(*rows, plan, replay, column_k, column_v)  # (b*m*h, d)
+    return out.view(b, m, h, d).permute(0, 2, 1, 3)[:, :, :n]  # (b, h, n, d)
 
 
-def _explicit(q, k, v, global_qkv, attention_mask, global_mask, layout: SlotLayout, dropout: float,
+def _explicit(q, k, v, attention_mask, global_mask, columns, layout: SlotLayout, dropout: float,
               dropout_seed: int | None) -> torch.Tensor:
-    """The band (and global columns) as explicit chunk scores, one softmax; the global rows written over."""
+    """The band (and the global columns) as explicit chunk scores, one softmax: (b, h, n, d)."""
     b, h, n, d = q.shape
     c, m = layout.chunk, layout.m
     g = m // c
     before, after = layout.neighbours
     scale = 1 / math.sqrt(d)
     _, masked_value = mask_values(q.dtype)
-    mask = padded_mask(attention_mask, b, n, m, q.device)  # (b, m)
-    band_keys = mask if global_mask is None else mask & ~pad_length(global_mask, m, dim=1)  # global: columns
     q_s, k_s, v_s = (layout.to_slots(x) for x in (q, k, v))  # (b, h, m, d)
     q_c = q_s.view(b, h, g, c, d)  # (b, h, g, c, d)
     k_w = look_adjacent(k_s.view(b, h, g, c, d), before, after)  # (b, h, g, w, d)
     v_w = look_adjacent(v_s.view(b, h, g, c, d), before, after)  # (b, h, g, w, d)
     logits = (q_c @ k_w.transpose(-1, -2)) * scale  # (b, h, g, c, w)
-    allowed = _band_allowed(layout, band_keys)  # (b, h, g, c, w)
-    if global_mask is None:
+    allowed = _band_allowed(layout, _band_keys(attention_mask, global_mask, b, n, m, q.device))  # (b, h, g, c, w)
+    key_positions = look_adjacent(layout.order.view(1, h, g, c), before, after)[:, :, :, None, :]  # (1, h, g, 1, w)
+    if columns is None:
         probs = torch.softmax(logits.masked_fill(~allowed, masked_value), dim=-1)
-        probs = seeded_dropout(probs, dropout, dropout_seed)
+        probs = _drop(probs, dropout, dropout_seed, layout.order.view(1, h, g, c, 1), key_positions)
         return layout.to_positions((probs @ v_w).view(b, h, m, d))
 
-    index, present = global_indices(global_mask)  # (b, G) each
-    _, k_g, v_g = (q, k, v) if global_qkv is None else global_qkv
-    keys, values = (_gather_positions(x, index) for x in (k_g, v_g))  # (b, h, G, d)
+    index, present, keys, values = columns
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # (b, h, G, d)
     column_logits = (q_s @ keys.transpose(-1, -2)).view(b, h, g, c, -1) * scale  # (b, h, g, c, G)
     column_allowed = present[:, None, None, :]  # (b, 1, 1, G)
     if layout.causal:
@@ -215,13 +252,22 @@ def _explicit(q, k, v, global_qkv, attention_mask, global_mask, layout: SlotLayo
     column_allowed = column_allowed.expand(b, h, m, -1).reshape(b, h, g, c, -1)
     joint = torch.cat([logits, column_logits], dim=-1).masked_fill(
         ~torch.cat([allowed, column_allowed], dim=-1), masked_value)  # (b, h, g, c, w + G)
-    probs = seeded_dropout(torch.softmax(joint, dim=-1), dropout, dropout_seed)
+    key_positions = torch.cat([key_positions.expand(b, h, g, 1, -1),
+                               index[:, None, None, None, :].expand(b, h, g, 1, -1)], dim=-1)  # (b, h, g, 1, w + G)
+    probs = _drop(torch.softmax(joint, dim=-1), dropout, dropout_seed, layout.order.view(1, h, g, c, 1), key_positions)
     w = k_w.shape[3]
     out = probs[..., :w] @ v_w + probs[..., w:] @ values[:, :, None]  # (b, h, g, c, d)
-    out = layout.to_positions(out.view(b, h, m, d))  # (b, h, n, d)
-    rows = _global_rows(q if global_qkv is None else global_qkv[0], k_g, v_g, index, present, mask[:, :n],
-                        layout.causal, dropout, dropout_seed)  # (b, h, G, d)
-    return torch.where(global_mask[:, None, :, None], _scatter_rows(rows, index, present, n), out)
+    return layout.to_positions(out.view(b, h, m, d))  # (b, h, n, d)
+
+
+def _drop(probs: torch.Tensor, p: float, seed: int | None, query_positions: torch.Tensor,
+          key_positions: torch.Tensor) -> torch.Tensor:
+    """Dropout of probabilities (b, h, ...) whose (query, key) positions broadcast to their shape."""
+    b, h = probs.shape[:2]
+    rest = (1,) * (probs.dim() - 2)
+    keep = pair_keep_mask(p, seed, torch.arange(b, device=probs.device).view(-1, 1, *rest),
+                          torch.arange(h, device=probs.device).view(1, -1, *rest), query_positions, key_positions)
+    return probs if keep is None else probs * keep.to(probs.dtype) / (1.0 - p)
 
 
 def _band_allowed(layout: SlotLayout, key_real: torch.Tensor) -> torch.Tensor:
@@ -261,16 +307,26 @@ def _gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _global_rows(q_g, k_g, v_g, index, present, key_real, causal: bool, dropout: float,
                  dropout_seed: int | None) -> torch.Tensor:
-    """Each global token's query over every real key (causal: up to it): (b, h, G, d)."""
-    n, d = k_g.shape[2], k_g.shape[3]
-    _, masked_value = mask_values(q_g.dtype)
+    """Each global token's query over every real key (causal: up to it): (b, h, G, d).
+
+    One scaled-dot-product attention of the G queries over the n keys (a flash kernel: nothing of size G * n
+    is kept); with dropout, explicit scores (b, h, G, n) and `pair_keep_mask`.
+    """
+    b, h, n, d = k_g.shape
     queries = _gather_positions(q_g, index)  # (b, h, G, d)
-    logits = (queries @ k_g.transpose(-1, -2)) / math.sqrt(d)  # (b, h, G, n)
-    allowed = key_real[:, None, None, :] & present[:, None, :, None]  # (b, 1, G, n)
+    allowed = key_real[:, None, :] & present[:, :, None]  # (b, G, n)
     if causal:
-        allowed = allowed & (torch.arange(n, device=index.device) <= index[:, None, :, None])
-    probs = torch.softmax(logits.masked_fill(~allowed, masked_value), dim=-1)
-    return seeded_dropout(probs, dropout, dropout_seed, _GLOBAL_ROWS_STREAM) @ v_g
+        allowed = allowed & (torch.arange(n, device=index.device) <= index[:, :, None])
+    if dropout == 0.0:
+        allowed = allowed | ~present[:, :, None]  # absent slots see every key (no empty row), then are dropped
+        return F.scaled_dot_product_attention(queries, k_g, v_g, attn_mask=allowed[:, None])
+    with explicit_precision(q_g.device):
+        queries, keys, values = upcast(queries, k_g, v_g)
+        _, masked_value = mask_values(queries.dtype)
+        logits = (queries @ keys.transpose(-1, -2)) / math.sqrt(d)  # (b, h, G, n)
+        probs = torch.softmax(logits.masked_fill(~allowed[:, None], masked_value), dim=-1)
+        probs = _drop(probs, dropout, dropout_seed, index[:, None, :, None], torch.arange(n, device=index.device))
+        return probs @ values
 
 
 def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, present: torch.Tensor, n: int) -> torch.Tensor:

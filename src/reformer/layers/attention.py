@@ -225,18 +225,18 @@ class SlidingSelfAttention(ProjectedAttention):
 
     With `global_projections` the layer owns Longformer's Q_g, K_g, V_g, initialised as copies of q, k, v
     (`copy_global_projections`); they are computed only for calls with global tokens, and otherwise get
-    zero gradients.
+    zero gradients. `global_rule`: what the other queries take at a global key (`sliding_window_attention`).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int, *, window: int, dilation, causal: bool,
-                 attn_dropout: float, global_projections: bool = True):
+                 attn_dropout: float, global_projections: bool = True, global_rule: str = "longformer"):
         super().__init__()
         self.q, self.k, self.v = qkv_projections(d_model, n_heads * d_head)
         self.global_q = self.global_k = self.global_v = None
         if global_projections:
             self.global_q, self.global_k, self.global_v = qkv_projections(d_model, n_heads * d_head)
         self.n_heads, self.window, self.dilation = n_heads, window, dilation
-        self.causal, self.attn_dropout = causal, attn_dropout
+        self.causal, self.attn_dropout, self.global_rule = causal, attn_dropout, global_rule
 
     def projection_layers(self) -> tuple[nn.Linear, ...]:
         local = (self.q, self.k, self.v)
@@ -259,7 +259,7 @@ class SlidingSelfAttention(ProjectedAttention):
         out = sliding_window_attention(
             q, k, v, window=self.window, dilation=self.dilation, causal=self.causal, attention_mask=mask,
             global_mask=call.global_mask, global_qkv=tuple(global_qkv) if global_qkv else None,
-            dropout=self.attn_dropout,
+            global_rule=self.global_rule, dropout=self.attn_dropout,
             dropout_seed=None if call.seed is None else derive_seed(call.seed, STREAM_ATTN_PROBS),
             replay=call.replay,
         )
