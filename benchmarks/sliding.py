@@ -7,7 +7,15 @@ x 64, then the attention, then the backward of the output's sum to the input and
 - hf: `transformers`' `LongformerSelfAttention` (attention_window 256, no dropout), no global tokens.
 - sdpa: `torch.nn.functional.scaled_dot_product_attention` over the whole sequence (exact, O(n^2)).
 - ours, causal / ours, dilation (1, 1, 2, 2): our other options, for reference (no peer has them).
-- ours / hf, 16 global tokens: the first 16 positions global (our explicit path; HF's global code).
+- ours, G global tokens: the first G positions (16 or 64) global (a question before its document, as
+  Longformer's QA models have them), on the same q, k, v as the band: the attention's own cost of global
+  tokens, beside "ours".
+- ours / HF, G global tokens + q_g, k_g, v_g: Longformer's layer, with its separate global projections on
+  both sides (HF's query_global, key_global, value_global): three more linear layers, like for like.
+
+The targets (the Longformer issue's) are checked at 16,384 and 65,536 tokens: with G global tokens ours
+takes at most 1.5x the band's time, and with Longformer's projections it is at least 2.5x faster than HF's
+layer with at most 0.6x its memory (peak RSS, and the step's own memory).
 
 Each (contender, length) runs in a fresh process: one warm-up step, then up to --repeats timed steps
 while they fit in --budget seconds; the table gives the median seconds, the peak RSS of the process, and
@@ -35,15 +43,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-D_MODEL, HEADS, D_HEAD, WINDOW, GLOBALS = 256, 4, 64, 128, 16
-CONTENDERS = ("ours", "hf", "sdpa", "ours_causal", "ours_dilated", "ours_global", "hf_global")
+D_MODEL, HEADS, D_HEAD, WINDOW = 256, 4, 64, 128
+GLOBALS = {"ours_global": 16, "ours_global64": 64, "ours_longformer": 16, "ours_longformer64": 64, "hf_global": 16,
+           "hf_global64": 64}  # global tokens
+GLOBAL_PROJECTIONS = ("ours_longformer", "ours_longformer64", "hf_global", "hf_global64")
+CONTENDERS = ("ours", "hf", "sdpa", "ours_causal", "ours_dilated", "ours_global", "ours_global64", "ours_longformer",
+              "hf_global", "ours_longformer64", "hf_global64")
 LABELS = {"ours": "ours", "hf": "HF LongformerSelfAttention", "sdpa": "SDPA (dense)", "ours_causal": "ours, causal",
-          "ours_dilated": "ours, dilation (1, 1, 2, 2)", "ours_global": f"ours, {GLOBALS} global tokens",
-          "hf_global": f"HF, {GLOBALS} global tokens"}
+          "ours_dilated": "ours, dilation (1, 1, 2, 2)",
+          **{name: f"{'ours' if name.startswith('ours') else 'HF'}, {count} global tokens"
+             + (" + q_g, k_g, v_g" if name in GLOBAL_PROJECTIONS else "") for name, count in GLOBALS.items()}}
+PEERS = {"hf": "ours", "sdpa": "ours", "hf_global": "ours_longformer", "hf_global64": "ours_longformer64"}  # : ours
+TARGET_LENGTHS = (16384, 65536)
+BAND_TARGET, SPEED_TARGET, MEMORY_TARGET = 1.5, 2.5, 0.6
 
 
-def projections(torch):
-    return [torch.nn.Linear(D_MODEL, HEADS * D_HEAD) for _ in range(3)]
+def projections(torch, count: int = 3):
+    return [torch.nn.Linear(D_MODEL, HEADS * D_HEAD) for _ in range(count)]
+
+
+def global_positions(torch, contender: str, length: int):
+    """(1, n) bool: the first GLOBALS[contender] positions."""
+    return torch.arange(length)[None] < GLOBALS[contender]
 
 
 def build(contender: str, length: int):
@@ -58,8 +79,8 @@ def build(contender: str, length: int):
                                   attention_probs_dropout_prob=0.0)
         layer = LongformerSelfAttention(config, layer_id=0)
         mask = torch.zeros(1, length)  # HF's encoding: 0 local, > 0 global, < 0 padding
-        if contender == "hf_global":
-            mask[:, :GLOBALS] = 1.0
+        if contender in GLOBALS:
+            mask[global_positions(torch, contender, length)] = 1.0
 
         def hf(x):
             return layer(x, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=mask > 0,
@@ -70,22 +91,22 @@ def build(contender: str, length: int):
 
     from reformer.attention import sliding_window_attention
 
-    q_proj, k_proj, v_proj = projections(torch)
-    params = [p for layer in (q_proj, k_proj, v_proj) for p in layer.parameters()]
+    layers = projections(torch, 6 if contender in GLOBAL_PROJECTIONS else 3)  # q, k, v (and q_g, k_g, v_g)
+    params = [p for layer in layers for p in layer.parameters()]
     options = dict(window=WINDOW, causal=contender == "ours_causal",
                    dilation=(1, 1, 2, 2) if contender == "ours_dilated" else 1)
-    if contender == "ours_global":
-        options["global_mask"] = torch.arange(length)[None] < GLOBALS
+    if contender in GLOBALS:
+        options["global_mask"] = global_positions(torch, contender, length)
 
     def heads(x):
         return x.view(1, length, HEADS, D_HEAD).transpose(1, 2)  # (1, h, n, d)
 
     def attend(x):
-        q, k, v = heads(q_proj(x)), heads(k_proj(x)), heads(v_proj(x))
+        q, k, v, *global_qkv = (heads(layer(x)) for layer in layers)
         if contender == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = sliding_window_attention(q, k, v, **options)
+            out = sliding_window_attention(q, k, v, global_qkv=tuple(global_qkv) or None, **options)
         return out.transpose(1, 2).reshape(1, length, HEADS * D_HEAD)
     return attend, params
 
@@ -146,13 +167,37 @@ def table(results: dict, lengths, contenders) -> list[str]:
                 rows.append(f"| {length:,} | {LABELS[contender]} | {r.get('error', 'not run')} | | | | | |")
                 continue
             speed, memory = "", ""
-            ours = results.get(("ours_global" if contender == "hf_global" else "ours", length), {})
-            if contender in ("hf", "sdpa", "hf_global") and "step_s" in ours:
+            ours = results.get((PEERS.get(contender), length), {})
+            if contender in PEERS and "step_s" in ours:
                 speed = f"{r['step_s'] / ours['step_s']:.2f}x"
                 memory = f"{ours['step_mib'] / r['step_mib']:.2f}"
             rows.append(f"| {length:,} | {LABELS[contender]} | {r['step_s']:.3f} | {r['peak_mib'] / 1024:.2f} "
                         f"| {r['step_mib']:.0f} | {r['step_mib'] / length * 1024:.1f} | {speed} | {memory} |")
     return rows
+
+
+def targets(results: dict) -> list[str]:
+    """The global-token targets at TARGET_LENGTHS, from the cells that ran (none: no lines)."""
+    rows = []
+    for length in TARGET_LENGTHS:
+        for count, ours, full, peer in ((16, "ours_global", "ours_longformer", "hf_global"),
+                                        (64, "ours_global64", "ours_longformer64", "hf_global64")):
+            cells = [results.get((name, length), {}) for name in ("ours", ours, full, peer)]
+            if not all("step_s" in cell for cell in cells):
+                continue
+            band, alone, with_projections, hf = cells
+            ratio, speed = alone["step_s"] / band["step_s"], hf["step_s"] / with_projections["step_s"]
+            peak, step = with_projections["peak_mib"] / hf["peak_mib"], with_projections["step_mib"] / hf["step_mib"]
+            met = ratio <= BAND_TARGET and speed >= SPEED_TARGET and max(peak, step) <= MEMORY_TARGET
+            rows.append(f"| {length:,} | {count} | {ratio:.2f}x ({with_projections['step_s'] / band['step_s']:.2f}x) "
+                        f"| {speed:.2f}x | {peak:.2f} / {step:.2f} | {'met' if met else 'NOT met'} |")
+    if not rows:
+        return []
+    return ["Targets: with G global tokens, ours takes at most 1.5x the band's time (in brackets: with Longformer's "
+            "global projections, three more linear layers); with the projections, HF takes at least 2.5x our time "
+            "and we at most 0.6x its memory (peak RSS / the step's own memory).", "",
+            "| tokens | global tokens | ours over the band | HF over ours | memory over HF's | targets |",
+            "|---:|---:|---:|---:|---:|---|", *rows, ""]
 
 
 def plot(results: dict, lengths, contenders, path: Path) -> bool:
@@ -218,9 +263,10 @@ def main(argv=None) -> None:
         f"q, k, v projections to {HEADS} heads x {D_HEAD}, the attention, and the backward of the output's sum. "
         f"Window: {WINDOW} keys on each side ({2 * WINDOW + 1} in all; HF's attention_window {2 * WINDOW}). "
         "Medians over the timed steps after one warm-up; each cell in a fresh process.", "",
-        "'ours: speed-up' is the contender's time over ours (HF with global tokens: over ours with them); "
-        "'ours: memory ratio' is our step's own memory over the contender's.", "",
+        "'ours: speed-up' is the contender's time over ours (HF with global tokens: over ours with as many and "
+        "the same projections); 'ours: memory ratio' is our step's own memory over the contender's.", "",
         *table(results, args.lengths, args.contenders), "",
+        *targets(results),
     ]
     if plot(results, args.lengths, args.contenders, args.out / "sliding.png"):
         lines += ["![time and memory against length](sliding.png)", ""]

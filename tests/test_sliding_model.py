@@ -39,8 +39,12 @@ def gradients(model, ids, mask, glob, seed=3):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("with_globals", [False, True])
-def test_reversible_equals_plain(causal, with_globals):
-    config = sliding_config(causal=causal, dropout=0.1, attn_dropout=0.1)
+@pytest.mark.parametrize("execution", [dict(attn_dropout=0.1), dict(attn_dropout=0.0),
+                                       dict(attn_dropout=0.0, reversible_keep_attention=True)],
+                         ids=["explicit", "fused", "fused-kept"])
+def test_reversible_equals_plain(causal, with_globals, execution):
+    """Attention dropout takes the explicit path; without it the fused kernel runs, its recompute replayed or not."""
+    config = sliding_config(causal=causal, dropout=0.1, **execution)
     reversible = ReformerLM(config).double()
     plain = ReformerLM(ReformerConfig.from_dict({**config.to_dict(), "reversible": False})).double()
     plain.load_state_dict(reversible.state_dict())

@@ -238,13 +238,15 @@ def test_dropout_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
 
 
-@pytest.mark.parametrize("global_tokens", [False, True])
+@pytest.mark.parametrize("global_tokens", [0, 4, 64])
 def test_saved_memory_grows_with_length_times_window_not_length_squared(global_tokens):
-    """Everything autograd keeps for the backward is O(n * (window + globals)), never n^2 (n = 4,096)."""
+    """Everything autograd keeps for the backward is O(n * (window + globals)), never n^2 (n = 4,096; 0, 4 or
+    64 global tokens, with their own projections)."""
     n, window, d = 4096, 8, 4
-    q, k, v = (torch.randn(1, HEADS, n, d, requires_grad=True) for _ in range(3))
+    q, k, v, *global_qkv = (torch.randn(1, HEADS, n, d, requires_grad=True) for _ in range(6))
     glob = torch.zeros(1, n, dtype=torch.bool)
-    glob[0, ::1024] = True  # 4 global tokens
+    if global_tokens:
+        glob[0, ::n // global_tokens] = True
     largest = []
 
     def pack(x):
@@ -252,7 +254,8 @@ def test_saved_memory_grows_with_length_times_window_not_length_squared(global_t
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = sliding_window_attention(q, k, v, window=window, global_mask=glob if global_tokens else None)
+        out = sliding_window_attention(q, k, v, window=window, global_mask=glob if global_tokens else None,
+                                       global_qkv=tuple(global_qkv))
     out.sum().backward()
     chunk = sliding.default_chunk_size(window)
     per_query = chunk + 2 * chunk * -(-window // chunk) + 4  # the chunk layout's window, and the global columns

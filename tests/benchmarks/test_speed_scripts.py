@@ -131,11 +131,35 @@ def test_ceiling_records_every_product_of_a_step_and_matches_the_analytic_count(
 @pytest.mark.slow
 def test_sliding_quick_run_writes_a_table_and_a_plot(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sliding.py"), "--lengths", "512", "1024",
-                    "--contenders", "ours", "hf", "ours_global", "--repeats", "1", "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True, timeout=600)
+                    "--contenders", "ours", "hf", "ours_global", "ours_longformer", "hf_global", "--repeats", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
     text = (tmp_path / "sliding.md").read_text()
     assert "| 1,024 | HF LongformerSelfAttention |" in text and "--lengths 512 1024" in text
+    assert "| 1,024 | HF, 16 global tokens + q_g, k_g, v_g |" in text
     assert (tmp_path / "sliding.png").is_file()
+
+
+def test_sliding_targets_compare_the_cells_the_issue_names():
+    """The band ratio is ours with global tokens over ours; speed and memory are HF's over ours with the same
+    six projections; a target missed says NOT met."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import sliding
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def cell(step_s, peak, step):
+        return {"step_s": step_s, "peak_mib": peak, "step_mib": step}
+
+    results = {("ours", 16384): cell(1.0, 400, 200), ("ours_global", 16384): cell(1.4, 400, 200),
+               ("ours_longformer", 16384): cell(2.0, 500, 300), ("hf_global", 16384): cell(6.0, 1000, 600),
+               ("ours_global64", 16384): cell(1.6, 400, 200), ("ours_longformer64", 16384): cell(2.0, 500, 300),
+               ("hf_global64", 16384): cell(6.0, 1000, 600)}
+    rows = sliding.targets(results)
+    assert "| 16,384 | 16 | 1.40x (2.00x) | 3.00x | 0.50 / 0.50 | met |" in rows
+    assert "| 16,384 | 64 | 1.60x (2.00x) | 3.00x | 0.50 / 0.50 | NOT met |" in rows
+    assert not any("65,536" in row for row in rows)  # its cells did not run
+    assert sliding.targets({}) == []
 
 
 @pytest.mark.slow

@@ -51,6 +51,8 @@ from ..keep import KeepBudget
 from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, mask_values, neighbour_mask,
                         unit_length_keys)
 from . import native
+from .global_tokens import (GlobalTokens, columns_backward, global_rows_backward, global_rows_forward,
+                            merge_columns)
 from .window_kernel import (BlockMask, GatheredBlock, gathered_block_backward, gathered_block_forward,
                             window_block_backward, window_block_forward, windows)
 
@@ -136,30 +138,6 @@ def blocks(g: int, c: int, w: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, g)) for start in range(0, g, size)]
 
 
-@dataclass(frozen=True)
-class Columns:
-    """Keys that every query of a head row sees besides its window: Longformer's global tokens.
-
-    The call passes their keys and values, (b, h, G, d) each; their scores join each query's window in one
-    softmax, merged by log-sum-exp after the window's (`_merge_columns`). A plan with columns is in
-    position order or sorted (a query's position is its index in its head row after the rounds combine).
-    """
-
-    position: torch.Tensor  # (b, G) int64: each column's sequence position (causal: seen from there on)
-    present: torch.Tensor  # (b, G) bool: which columns exist (batch rows have different counts)
-    causal: bool
-
-    def mask(self, batch: int, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-        """(end - start, G) additive mask of the queries at positions start..end of batch row `batch`."""
-        allowed = self.present[batch][None, :]  # (1, G)
-        if self.causal:
-            queries = torch.arange(start, end, device=allowed.device)[:, None]  # (rows, 1)
-            allowed = allowed & (self.position[batch][None, :] <= queries)  # (rows, G)
-        _, masked_value = mask_values(dtype)
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, masked_value)
-        return bias.expand(end - start, -1)
-
-
 @dataclass
 class Plan:
     """Where every row of the work comes from and goes to (index tensors; small next to the activations)."""
@@ -171,7 +149,7 @@ class Plan:
     shape: tuple[int, int, int]  # (b, n, h) of the (b, n, h, d) rows
     window: tuple[int, int]  # chunks before and after
     scale: float  # logit scale
-    columns: Columns | None = None  # keys every query of a head row sees besides its window (global tokens)
+    global_tokens: GlobalTokens | None = None  # Longformer's global tokens: columns and rows (one round only)
 
     @property
     def n_rows(self) -> int:
@@ -181,9 +159,9 @@ class Plan:
     def nbytes(self) -> int:
         """The bytes of its tensors (index tensors and mask recipe)."""
         recipe = self.recipe
-        columns = (None, None) if self.columns is None else (self.columns.position, self.columns.present)
-        return sum(tensor.nbytes for tensor in (self.rows, self.kv_source, self.rank, recipe.q_pos, recipe.k_pos,
-                                                recipe.bias, *columns) if tensor is not None)
+        tokens = 0 if self.global_tokens is None else self.global_tokens.nbytes()
+        return tokens + sum(tensor.nbytes for tensor in (self.rows, self.kv_source, self.rank, recipe.q_pos,
+                                                         recipe.k_pos, recipe.bias) if tensor is not None)
 
     def head_row(self, rows: torch.Tensor, index: int) -> torch.Tensor:
         """Head row `index`'s (n, ...) strided view of rows in the (b, n, h, ...) layout."""
@@ -241,33 +219,39 @@ class ChunkedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_rows, k_rows, v_rows, plan: Plan, replay: KernelReplay | None = None, column_k=None,
-                column_v=None):
+    def forward(ctx, q_rows, k_rows, v_rows, plan: Plan, replay: KernelReplay | None = None, q_g_rows=None,
+                k_g_rows=None, v_g_rows=None):
+        """q_g_rows, k_g_rows, v_g_rows: the global tokens' own projections (all three or none: then q, k, v)."""
         if k_rows is None and plan.rank is None:
             raise ValueError("shared query-keys (k_rows None) need a sorted plan: build it without "
                              "in_position_order, as lsh_attention does")
-        if (plan.columns is None) != (column_k is None) or (column_k is None) != (column_v is None) or (
-                plan.columns is not None and k_rows is None):
-            raise ValueError("columns need a plan with columns, their keys and their values, and separate keys")
+        if plan.global_tokens is not None and (k_rows is None or plan.rank is not None and plan.rank.shape[1] > 1):
+            raise ValueError("global tokens need separate keys (k_rows) and one round")
+        if len({q_g_rows is None, k_g_rows is None, v_g_rows is None}) > 1:
+            raise ValueError("give the global projections' rows q_g_rows, k_g_rows, v_g_rows all three, or none")
+        global_rows = (q_rows, k_rows, v_rows) if q_g_rows is None else (q_g_rows, k_g_rows, v_g_rows)
         if replay is not None and replay.saved is not None:
-            out, lse_slots, lse = replay.saved
+            out, lse_slots, lse, lse_global = replay.saved
             replay.saved, replay.declined = None, True  # served once: a later call computes and keeps nothing
         else:
-            out, lse_slots, lse = ChunkedAttention._attend(q_rows, k_rows, v_rows, plan, column_k, column_v)
+            out, lse_slots, lse, lse_global = ChunkedAttention._attend(q_rows, k_rows, v_rows, plan, *global_rows)
             if replay is not None and not replay.declined:
-                replay.keep(plan, (out, lse_slots, lse))
-        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse, column_k, column_v)
+                replay.keep(plan, (out, lse_slots, lse, lse_global))
+        ctx.save_for_backward(q_rows, k_rows, v_rows, lse_slots, out, lse, lse_global, q_g_rows, k_g_rows, v_g_rows)
         ctx.plan = plan
         return out
 
     @staticmethod
-    def _attend(q_rows, k_rows, v_rows, plan: Plan, column_k=None, column_v=None):
-        """out (n_rows, d), lse_slots (bh, g, c) and lse (n_rows,) float64, block by block."""
+    def _attend(q_rows, k_rows, v_rows, plan: Plan, q_g_rows, k_g_rows, v_g_rows):
+        """out (n_rows, d), lse_slots (bh, g, c), lse (n_rows,) float64 and the global rows' lse_global (bh, G)
+        float64 (empty without global tokens), block by block."""
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
         out = q_rows.new_empty(plan.n_rows, d)
         lse = q_rows.new_empty((plan.n_rows,), dtype=torch.float64)  # float64: exact near -1e5
         lse_slots = q_rows.new_empty(bh, g, c, dtype=accumulation_dtype(q_rows.dtype))  # as the kernel returns it
+        tokens = plan.global_tokens
+        lse_global = q_rows.new_empty((bh, 0 if tokens is None else tokens.position.shape[1]), dtype=torch.float64)
         out_slots = None if plan.rank is None else q_rows.new_empty(g * c, d)  # one head row's, reused
         gathered = _gathers_natively(plan, q_rows, k_rows, v_rows)
         for row in range(bh):
@@ -288,21 +272,23 @@ class ChunkedAttention(torch.autograd.Function):
             else:
                 _combine_rounds(plan.head_row(out, row), plan.head_row(lse, row), out_slots,
                                 lse_slots[row].view(-1), plan.rank[row])
-            if plan.columns is not None:
-                _merge_columns(plan, row, q_rows, column_k, column_v, out, lse)
-        return out, lse_slots, lse
+            if tokens is not None:
+                _global_tokens_forward(plan, row, q_rows, k_rows, v_rows, q_g_rows, k_g_rows, v_g_rows, out, lse,
+                                       lse_global[row])
+        return out, lse_slots, lse, lse_global
 
     @staticmethod
     def backward(ctx, grad_out):  # (n_rows, d)
-        q_rows, k_rows, v_rows, lse_slots, out, lse, column_k, column_v = ctx.saved_tensors
+        q_rows, k_rows, v_rows, lse_slots, out, lse, lse_global, q_g_rows, k_g_rows, v_g_rows = ctx.saved_tensors
         plan = ctx.plan
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
-        # one round and no columns: the window's softmax is the whole softmax (its share is 1)
-        one_round = (plan.rank is None or plan.rank.shape[1] == 1) and plan.columns is None
+        # one round and no global tokens: the window's softmax is the whole softmax (its share is 1)
+        one_round = (plan.rank is None or plan.rank.shape[1] == 1) and plan.global_tokens is None
         grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
-        column_grads = None if column_k is None else [torch.zeros_like(x, dtype=accumulation_dtype(x.dtype))
-                                                      for x in (column_k, column_v)]
+        separate = q_g_rows is not None  # global projections of their own: their gradients too
+        global_grads = [torch.zeros_like(x, dtype=accumulation_dtype(x.dtype)) for x in (q_g_rows, k_g_rows, v_g_rows)
+                        ] if separate else [None] * 3
         work = accumulation_dtype(q_rows.dtype)  # bfloat16: the kernel's float32 backward is the faster one
         grad_out = grad_out.contiguous()
         gathered = _gathers_natively(plan, q_rows, k_rows, v_rows) and grad_out.dtype == q_rows.dtype
@@ -327,11 +313,62 @@ class ChunkedAttention(torch.autograd.Function):
                                                    plan.scale)  # dq (G, c, d); dk, dv on the extended rows
                 grads.add(start, end, dq, dk, dv, raw)
             grads.end()
-            if column_grads is not None:
-                _columns_backward(plan, row, q_rows, column_k, column_v, grad_out, out, lse, grads.q, *column_grads)
-        column_grads = [None, None] if column_grads is None else [
-            grad.to(x.dtype) for grad, x in zip(column_grads, (column_k, column_v))]
-        return (*grads.result(), None, *column_grads)
+            if plan.global_tokens is not None:
+                own = (q_rows, k_rows, v_rows, grads.q, grads.k, grads.v)
+                projections = (q_g_rows, k_g_rows, v_g_rows, *global_grads) if separate else own
+                _global_tokens_backward(plan, row, own, projections, grad_out, out, lse, lse_global[row])
+        if separate:
+            global_grads = [grad.to(x.dtype) for grad, x in zip(global_grads, (q_g_rows, k_g_rows, v_g_rows))]
+        return (*grads.result(), None, *global_grads)
+
+
+def _global_tokens_forward(plan: Plan, row: int, q_rows, k_rows, v_rows, q_g_rows, k_g_rows, v_g_rows,
+                           out: torch.Tensor, lse: torch.Tensor, lse_global: torch.Tensor) -> None:
+    """Head row `row`'s global tokens: their columns merged into every query's softmax, then their rows written
+    over their positions of out, with lse +inf there (`global_tokens`); lse_global (G,) gets the rows' own."""
+    tokens = plan.global_tokens
+    batch, work = row // plan.shape[2], accumulation_dtype(q_rows.dtype)
+    position, present = tokens.position[batch], tokens.present[batch]  # (G,)
+    outputs, sums = plan.head_row(out, row), plan.head_row(lse, row)  # (m, d), (m,)
+    column_source = (k_g_rows, v_g_rows) if tokens.columns_from_global else (k_rows, v_rows)
+    keys, values = (plan.head_row(x, row).index_select(0, position).to(work) for x in column_source)  # (G, d)
+    merge_columns(tokens, batch, plan.head_row(q_rows, row), keys, values, outputs, sums, plan.scale)
+    queries = plan.head_row(q_g_rows, row).index_select(0, position).to(work)  # (G, d)
+    rows, lse_global[:] = global_rows_forward(tokens, batch, queries, plan.head_row(k_g_rows, row),
+                                              plan.head_row(v_g_rows, row), plan.scale)
+    written = position[present]
+    outputs[written] = rows[present].to(outputs.dtype)
+    sums[written] = torch.inf  # the overwritten window and columns get no gradient (their share is 0)
+
+
+def _global_tokens_backward(plan: Plan, row: int, own: tuple, projections: tuple, grad_out, out, lse,
+                            lse_global) -> None:
+    """Head row `row`'s global tokens' gradients, added onto the gradient rows of the columns' keys and values
+    and of the global projections. own, projections: (q, k, v rows, their gradient rows), for the window's
+    projections and the global tokens' (the same when the layer has no separate ones)."""
+    tokens = plan.global_tokens
+    batch = row // plan.shape[2]
+    position, present = tokens.position[batch], tokens.present[batch]  # (G,)
+    q_rows, k_rows, v_rows, dq_rows, dk_rows, dv_rows = own
+    q_g_rows, k_g_rows, v_g_rows, dq_g_rows, dk_g_rows, dv_g_rows = projections
+    work = dq_rows.dtype
+    grads, outputs, sums = plan.head_row(grad_out, row), plan.head_row(out, row), plan.head_row(lse, row)
+
+    column_source = (k_g_rows, v_g_rows, dk_g_rows, dv_g_rows) if tokens.columns_from_global else (
+        k_rows, v_rows, dk_rows, dv_rows)
+    keys, values = (plan.head_row(x, row).index_select(0, position).to(work) for x in column_source[:2])
+    d_keys, d_values = columns_backward(tokens, batch, plan.head_row(q_rows, row), keys, values, grads, outputs,
+                                        sums, plan.head_row(dq_rows, row), plan.scale)
+    for target, grad in zip(column_source[2:], (d_keys, d_values)):
+        plan.head_row(target, row).index_add_(0, position, grad.to(target.dtype))
+
+    queries = plan.head_row(q_g_rows, row).index_select(0, position).to(work)  # (G, d)
+    grad_rows = grads.index_select(0, position).to(work).mul_(present[:, None])  # absent slots: no gradient
+    d_queries = global_rows_backward(tokens, batch, queries, plan.head_row(k_g_rows, row),
+                                     plan.head_row(v_g_rows, row), grad_rows,
+                                     outputs.index_select(0, position).to(work), lse_global,
+                                     plan.head_row(dk_g_rows, row), plan.head_row(dv_g_rows, row), plan.scale)
+    plan.head_row(dq_g_rows, row).index_add_(0, position, d_queries.to(dq_g_rows.dtype))
 
 
 class _SlotGradients:
@@ -523,61 +560,6 @@ def _combine_rounds(out: torch.Tensor, lse: torch.Tensor, out_slots: torch.Tenso
     out.copy_(combined)
 
 
-def _column_block_rows(columns: Columns, d: int) -> int:
-    """Queries per block of the columns' work: BLOCK_ELEMENTS scores."""
-    return max(1, BLOCK_ELEMENTS // max(1, columns.position.shape[1], d))
-
-
-def _column_logits(plan: Plan, batch: int, queries: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
-    """(rows, G) masked logits of the queries (rows, d) at positions start.. against the column keys (G, d)."""
-    logits = torch.mm(queries, keys.t()).mul_(plan.scale)
-    return logits.add_(plan.columns.mask(batch, start, start + queries.shape[0], logits.dtype))
-
-
-def _merge_columns(plan: Plan, row: int, q_rows, column_k, column_v, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Head row `row`'s columns into its window's output and log-sum-exp, in place, position by position:
-    lse' = logaddexp(lse, lse_c), out' = exp(lse - lse') out + exp(s_c - lse') v_c."""
-    h = plan.shape[2]
-    batch, head = divmod(row, h)
-    work = accumulation_dtype(q_rows.dtype)
-    keys, values = column_k[batch, head].to(work), column_v[batch, head].to(work)  # (G, d)
-    queries, outputs, sums = plan.head_row(q_rows, row), plan.head_row(out, row), plan.head_row(lse, row)
-    step = _column_block_rows(plan.columns, keys.shape[1])
-    for start in range(0, queries.shape[0], step):
-        end = min(start + step, queries.shape[0])
-        logits = _column_logits(plan, batch, queries[start:end].to(work), keys, start)  # (rows, G)
-        total = torch.logaddexp(sums[start:end], torch.logsumexp(logits.double(), dim=-1))  # float64
-        window_share = torch.exp(sums[start:end] - total).to(work)[:, None]
-        probabilities = logits.sub_(total.to(work)[:, None]).exp_()  # (rows, G)
-        merged = torch.addmm(outputs[start:end].to(work).mul_(window_share), probabilities, values)
-        outputs[start:end] = merged
-        sums[start:end] = total
-
-
-def _columns_backward(plan: Plan, row: int, q_rows, column_k, column_v, grad_out, out, lse, dq_rows,
-                      d_column_k, d_column_v) -> None:
-    """Head row `row`'s column gradients under the joint softmax (P_c = exp(s_c - lse), lse the merged one):
-    dS = P_c (dO . v_c - rowsum(dO * o)); dq (added onto dq_rows) = scale dS k_c; dk_c = scale dS^T q,
-    dv_c = P_c^T dO (added onto d_column_k, d_column_v at (batch, head))."""
-    h = plan.shape[2]
-    batch, head = divmod(row, h)
-    work = d_column_k.dtype
-    keys, values = column_k[batch, head].to(work), column_v[batch, head].to(work)  # (G, d)
-    queries, outputs, grads = (plan.head_row(x, row) for x in (q_rows, out, grad_out))
-    sums, dq = plan.head_row(lse, row), plan.head_row(dq_rows, row)
-    step = _column_block_rows(plan.columns, keys.shape[1])
-    for start in range(0, queries.shape[0], step):
-        end = min(start + step, queries.shape[0])
-        q_block, grad = queries[start:end].to(work), grads[start:end].to(work)  # (rows, d)
-        probabilities = _column_logits(plan, batch, q_block, keys, start).sub_(
-            sums[start:end].to(work)[:, None]).exp_()  # (rows, G)
-        delta = (grad * outputs[start:end].to(work)).sum(-1, keepdim=True)  # (rows, 1)
-        d_column_v[batch, head].addmm_(probabilities.t(), grad)
-        d_scores = torch.mm(grad, values.t()).sub_(delta).mul_(probabilities)  # (rows, G)
-        dq[start:end] += torch.mm(d_scores, keys).mul_(plan.scale).to(dq.dtype)
-        d_column_k[batch, head].addmm_(d_scores.t(), q_block, alpha=plan.scale)
-
-
 def _add_wrapped(main: torch.Tensor, front: torch.Tensor, back: torch.Tensor) -> None:
     """Fold wrapped-around rows onto main (L, ...): front (F, ...) stands for main's last F rows, cyclically,
     and back (B, ...) for its first B (a window may wrap around more than once when it is longer than main)."""
@@ -618,7 +600,7 @@ def projection_rows(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal,
                in_position_order: bool = False, band: int | None = None,
-               mask_positions: torch.Tensor | None = None, columns: Columns | None = None) -> Plan:
+               mask_positions: torch.Tensor | None = None, global_tokens: GlobalTokens | None = None) -> Plan:
     """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n).
 
     Rounds are n positions long; a window is (before + 1 + after) chunks of c.
@@ -626,7 +608,7 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
     band: a query sees no key more than `band` away, in mask positions (sliding windows).
     mask_positions: (b, h, r*n) integer positions of the slots that the causal and band masks compare
     (default flat_order); dilated sliding windows give each residue class its own range.
-    columns: keys every query sees besides its window (`Columns`; one round only).
+    global_tokens: Longformer's global tokens (`global_tokens.GlobalTokens`; one round only).
     """
     b, h, rn = flat_order.shape
     g, per_round = rn // c, n // c
@@ -644,7 +626,8 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
         slots = torch.arange(rn, device=flat_order.device).view(r, n).expand(b, h, r, n)
         rank = torch.empty_like(slots).scatter_(-1, flat_order.view(b, h, r, n), slots).view(b * h, r, n)
     return Plan(rows=output_rows(flat_order, n).view(b * h, g, c), kv_source=output_rows(extended, n).view(b * h, -1),
-                rank=rank, recipe=recipe, shape=(b, n, h), window=window, scale=scale, columns=columns)
+                rank=rank, recipe=recipe, shape=(b, n, h), window=window, scale=scale,
+                global_tokens=global_tokens)
 
 
 def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:

@@ -40,8 +40,6 @@ from dataclasses import dataclass
 
 import torch
 
-import torch.nn.functional as F
-
 from ..rng import pair_keep_mask
 from ._chunking import (
     check_attention_mask,
@@ -58,8 +56,9 @@ from ._chunking import (
     zero_masked_queries,
     zero_padded,
 )
-from .fused_chunks import (EXACT_FLOAT32, ChunkedAttention, Columns, KernelReplay, cached_plan, chunk_plan,
+from .fused_chunks import (EXACT_FLOAT32, ChunkedAttention, KernelReplay, cached_plan, chunk_plan,
                            fused_kernel_available, projection_rows)
+from .global_tokens import GlobalTokens
 
 GLOBAL_RULES = ("longformer", "global_kv")  # what a non-global query takes at a global key: k, v or k_g, v_g
 
@@ -114,24 +113,14 @@ def sliding_window_attention(
     check_chunk_size(c)
     layout = SlotLayout.build(n, c, window, dilations, causal, q.device)
     q, k, v = (zero_padded(x, attention_mask) for x in (q, k, v))  # NaN in padding cannot reach a real output
-    q_g, k_g, v_g = (q, k, v) if global_qkv is None else (zero_padded(x, attention_mask) for x in global_qkv)
-    columns = None
-    if global_mask is not None:
-        index, present = global_indices(global_mask)  # (b, G) each
-        column_kv = (k, v) if global_rule == "longformer" else (k_g, v_g)
-        columns = (index, present, *(_gather_positions(x, index) for x in column_kv))  # keys, values (b, h, G, d)
-    with_dropout = dropout > 0.0 and dropout_seed is not None
-
-    if not with_dropout and fused_kernel_available(q.device):
-        out = _fused(q, k, v, attention_mask, global_mask, columns, layout, replay)
+    if global_qkv is not None:
+        global_qkv = tuple(zero_padded(x, attention_mask) for x in global_qkv)
+    if global_mask is None:
+        global_qkv = None  # nothing reads them
+    if not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
+        out = _fused(q, k, v, global_qkv, attention_mask, global_mask, global_rule, layout, replay)
     else:
-        with explicit_precision(q.device):
-            out = _explicit(*upcast(q, k, v), attention_mask, global_mask, columns, layout,
-                            dropout if with_dropout else 0.0, dropout_seed).to(q.dtype)
-    if global_mask is not None:
-        rows = _global_rows(q_g, k_g, v_g, index, present, padded_mask(attention_mask, b, n, n, q.device), causal,
-                            dropout if with_dropout else 0.0, dropout_seed)  # (b, h, G, d)
-        out = torch.where(global_mask[:, None, :, None], _scatter_rows(rows.to(out.dtype), index, present, n), out)
+        out = _explicit(q, k, v, global_qkv, attention_mask, global_mask, global_rule, layout, dropout, dropout_seed)
     return zero_masked_queries(out, attention_mask)
 
 
@@ -202,29 +191,52 @@ def _band_keys(attention_mask, global_mask, b: int, n: int, m: int, device) -> t
     return mask if global_mask is None else mask & ~pad_length(global_mask, m, dim=1)
 
 
-def _fused(q, k, v, attention_mask, global_mask, columns, layout: SlotLayout,
+def _fused(q, k, v, global_qkv, attention_mask, global_mask, global_rule: str, layout: SlotLayout,
            replay: KernelReplay | None = None) -> torch.Tensor:
-    """The band, and the global keys as columns, on the fused window kernel: (b, h, n, d)."""
+    """The band, and the global tokens' columns and rows, on the fused window kernel: (b, h, n, d)."""
     b, h, n, d = q.shape
     m = layout.m
-    column_plan = column_k = column_v = None
-    if columns is not None:
-        index, present, column_k, column_v = columns
-        column_plan = Columns(position=index, present=present, causal=layout.causal)
-        column_k, column_v = column_k.contiguous(), column_v.contiguous()
+    tokens = None
+    if global_mask is not None:
+        index, present = global_indices(global_mask)  # (b, G) each
+        tokens = GlobalTokens(position=index, present=present, key_real=padded_mask(attention_mask, b, n, m, q.device),
+                              causal=layout.causal, columns_from_global=global_qkv is not None
+                              and global_rule == "global_kv")
     plan = cached_plan(replay, lambda: chunk_plan(
         layout.order.expand(b, h, m), _band_keys(attention_mask, global_mask, b, n, m, q.device), m, layout.chunk,
         layout.causal, False, layout.neighbours, q.dtype, scale=1 / math.sqrt(d), self_value=None,
         self_on_diagonal=True, in_position_order=layout.in_position_order, band=layout.window,
-        mask_positions=layout.mask_positions.expand(b, h, m), columns=column_plan))
-    rows = [projection_rows(pad_length(x, m, dim=2)) for x in (q, k, v)]  # (b*m*h, d) each
-    out = ChunkedAttention.apply(*rows, plan, replay, column_k, column_v)  # (b*m*h, d)
+        mask_positions=layout.mask_positions.expand(b, h, m), global_tokens=tokens))
+    rows = [projection_rows(pad_length(x, m, dim=2)) for x in (q, k, v, *(global_qkv or ()))]  # (b*m*h, d) each
+    out = ChunkedAttention.apply(*rows[:3], plan, replay, *rows[3:])  # (b*m*h, d)
     return out.view(b, m, h, d).permute(0, 2, 1, 3)[:, :, :n]  # (b, h, n, d)
 
 
-def _explicit(q, k, v, attention_mask, global_mask, columns, layout: SlotLayout, dropout: float,
-              dropout_seed: int | None) -> torch.Tensor:
-    """The band (and the global columns) as explicit chunk scores, one softmax: (b, h, n, d)."""
+def _explicit(q, k, v, global_qkv, attention_mask, global_mask, global_rule: str, layout: SlotLayout,
+              dropout: float, dropout_seed: int | None) -> torch.Tensor:
+    """The band and the global columns as explicit chunk scores, one softmax, then the global rows as dense
+    scores written over their positions: (b, h, n, d). Dropout from `pair_keep_mask`."""
+    if dropout_seed is None:  # eval: no dropout
+        dropout = 0.0
+    with explicit_precision(q.device):
+        rows = upcast(q, k, v)
+        if global_mask is None:
+            return _explicit_band(*rows, attention_mask, None, None, layout, dropout, dropout_seed).to(q.dtype)
+        q_g, k_g, v_g = rows if global_qkv is None else upcast(*global_qkv)
+        index, present = global_indices(global_mask)  # (b, G) each
+        column_kv = (k_g, v_g) if global_rule == "global_kv" else rows[1:]
+        columns = (index, present, *(_gather_positions(x, index) for x in column_kv))  # keys, values (b, h, G, d)
+        out = _explicit_band(*rows, attention_mask, global_mask, columns, layout, dropout, dropout_seed)
+        b, _, n, _ = q.shape
+        global_rows = _global_rows(q_g, k_g, v_g, index, present, padded_mask(attention_mask, b, n, n, q.device),
+                                   layout.causal, dropout, dropout_seed)  # (b, h, G, d)
+        return _put_rows(out, global_rows, index, present).to(q.dtype)
+
+
+def _explicit_band(q, k, v, attention_mask, global_mask, columns, layout: SlotLayout, dropout: float,
+                   dropout_seed: int | None) -> torch.Tensor:
+    """The band (and the global columns: positions, present, keys, values) as explicit chunk scores, one
+    softmax: (b, h, n, d)."""
     b, h, n, d = q.shape
     c, m = layout.chunk, layout.m
     g = m // c
@@ -244,7 +256,6 @@ def _explicit(q, k, v, attention_mask, global_mask, columns, layout: SlotLayout,
         return layout.to_positions((probs @ v_w).view(b, h, m, d))
 
     index, present, keys, values = columns
-    keys, values = keys.to(q.dtype), values.to(q.dtype)  # (b, h, G, d)
     column_logits = (q_s @ keys.transpose(-1, -2)).view(b, h, g, c, -1) * scale  # (b, h, g, c, G)
     column_allowed = present[:, None, None, :]  # (b, 1, 1, G)
     if layout.causal:
@@ -307,34 +318,25 @@ def _gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _global_rows(q_g, k_g, v_g, index, present, key_real, causal: bool, dropout: float,
                  dropout_seed: int | None) -> torch.Tensor:
-    """Each global token's query over every real key (causal: up to it): (b, h, G, d).
-
-    One scaled-dot-product attention of the G queries over the n keys (a flash kernel: nothing of size G * n
-    is kept); with dropout, explicit scores (b, h, G, n) and `pair_keep_mask`.
-    """
-    b, h, n, d = k_g.shape
+    """Each global token's query over every real key (causal: up to it), as dense scores (b, h, G, n):
+    (b, h, G, d)."""
+    n, d = k_g.shape[2], k_g.shape[3]
+    _, masked_value = mask_values(q_g.dtype)
     queries = _gather_positions(q_g, index)  # (b, h, G, d)
-    allowed = key_real[:, None, :] & present[:, :, None]  # (b, G, n)
+    logits = (queries @ k_g.transpose(-1, -2)) / math.sqrt(d)  # (b, h, G, n)
+    allowed = key_real[:, None, None, :] & present[:, None, :, None]  # (b, 1, G, n)
     if causal:
-        allowed = allowed & (torch.arange(n, device=index.device) <= index[:, :, None])
-    if dropout == 0.0:
-        allowed = allowed | ~present[:, :, None]  # absent slots see every key (no empty row), then are dropped
-        return F.scaled_dot_product_attention(queries, k_g, v_g, attn_mask=allowed[:, None])
-    with explicit_precision(q_g.device):
-        queries, keys, values = upcast(queries, k_g, v_g)
-        _, masked_value = mask_values(queries.dtype)
-        logits = (queries @ keys.transpose(-1, -2)) / math.sqrt(d)  # (b, h, G, n)
-        probs = torch.softmax(logits.masked_fill(~allowed[:, None], masked_value), dim=-1)
-        probs = _drop(probs, dropout, dropout_seed, index[:, None, :, None], torch.arange(n, device=index.device))
-        return probs @ values
+        allowed = allowed & (torch.arange(n, device=index.device) <= index[:, None, :, None])
+    probs = torch.softmax(logits.masked_fill(~allowed, masked_value), dim=-1)
+    return _drop(probs, dropout, dropout_seed, index[:, None, :, None], torch.arange(n, device=index.device)) @ v_g
 
 
-def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, present: torch.Tensor, n: int) -> torch.Tensor:
-    """rows (b, h, G, d) written at their positions of a (b, h, n, d) zero tensor (absent slots dropped)."""
-    b, h, _, d = rows.shape
-    target = torch.where(present, index, n)  # absent slots land on an extra row that is cut off
-    out = rows.new_zeros(b, h, n + 1, d)
-    return out.scatter(2, target[:, None, :, None].expand(b, h, -1, d), rows)[:, :, :n]
+def _put_rows(out: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """out (b, h, n, d) with rows (b, h, G, d) written over the positions index (b, G) where present."""
+    batch, slot = present.nonzero(as_tuple=True)  # (P,) each
+    heads = torch.arange(out.shape[1], device=out.device)
+    return out.index_put((batch[:, None], heads[None, :], index[batch, slot][:, None]),
+                         rows[batch, :, slot])  # rows (P, h, d)
 
 
 # --- checks ---------------------------------------------------------------------------------------
