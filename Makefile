@@ -53,7 +53,7 @@ bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (wr
 bench-generate: $(STAMP)  ## generation tokens/s with and without the cache (writes benchmarks/results/generate.md)
 	$(PY) benchmarks/generate.py --new-tokens 32
 
-bench-sliding: $(STAMP)  ## sliding-window attention beside HF Longformer and SDPA (about 10 minutes; writes benchmarks/results/sliding.md)
+bench-sliding: $(STAMP)  ## sliding-window attention (global tokens too) beside HF Longformer and SDPA (about 20 minutes; writes benchmarks/results/sliding.md)
 	$(PY) benchmarks/sliding.py
 
 bench-prefix-lsh: $(STAMP)  ## prefix-consistent LSH beside standard LSH and full attention: quality, then speed (about 40 minutes)

@@ -66,16 +66,17 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, masked_value)
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _merge(out: torch.Tensor, lse: torch.Tensor, logits: torch.Tensor, values: torch.Tensor) -> None:
     """Merge a block of scores (R, K) over values (K, d) into out (R, d) with log-sum-exps lse (R,) float64,
-    in place; returns the merged out (logits are consumed: one exp over them)."""
+    in place: out = exp(lse - lse') out + exp(s - lse') values, lse' = logaddexp(lse, logsumexp(s)). The
+    logits are consumed (one exp over them); out is in the logits' dtype (it may be a strided view)."""
     peak = logits.amax(dim=-1, keepdim=True)  # (R, 1)
     weights = logits.sub_(peak).exp_()  # (R, K): exp(s - peak)
     peak = peak[:, 0].double()
     total = torch.logaddexp(lse, peak + weights.sum(dim=-1).double().log())  # with the block's log-sum-exp
-    share, weight_scale = torch.exp(lse - total).to(out.dtype), torch.exp(peak - total).to(out.dtype)
+    out.mul_(torch.exp(lse - total).to(out.dtype)[:, None])
+    out.addmm_(weights.mul_(torch.exp(peak - total).to(weights.dtype)[:, None]), values)  # exp(s - lse') values
     lse.copy_(total)
-    return torch.mm(weights, values).mul_(weight_scale[:, None]).addcmul_(out, share[:, None])  # exp(s - total) v
 
 
 def merge_columns(tokens: GlobalTokens, batch: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -87,7 +88,10 @@ def merge_columns(tokens: GlobalTokens, batch: int, queries: torch.Tensor, keys:
         end = min(start + step, queries.shape[0])
         logits = torch.mm(queries[start:end].to(keys.dtype), keys.t()).mul_(scale)  # (B, G)
         logits += tokens.column_mask(batch, start, end, logits.dtype)
-        out[start:end] = _merge(out[start:end].to(keys.dtype), lse[start:end], logits, values)
+        block = out[start:end].to(keys.dtype)  # a copy only when out is in a lower precision (bfloat16)
+        _merge(block, lse[start:end], logits, values)
+        if block.data_ptr() != out[start:end].data_ptr():
+            out[start:end] = block
 
 
 def columns_backward(tokens: GlobalTokens, batch: int, queries: torch.Tensor, keys: torch.Tensor,
@@ -121,7 +125,7 @@ def global_rows_forward(tokens: GlobalTokens, batch: int, queries: torch.Tensor,
         end = min(start + step, keys.shape[0])
         logits = torch.mm(queries, keys[start:end].to(queries.dtype).t()).mul_(scale)  # (G, B)
         logits += tokens.row_mask(batch, start, end, logits.dtype)
-        out = _merge(out, lse, logits, values[start:end].to(queries.dtype))
+        _merge(out, lse, logits, values[start:end].to(queries.dtype))
     return out, lse
 
 
