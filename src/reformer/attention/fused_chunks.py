@@ -36,6 +36,12 @@ computed) onto its extended slots; the slots are gathered back into position
 order once per head row (the native kernel reads the rows and adds onto the
 slot buffers itself). Nothing of size (chunks, c, w) outlives a block.
 
+Longformer's global tokens (a plan's `global_tokens`, one round) join each head
+row after its blocks (`global_tokens.py`): their keys as columns of every
+query's softmax, merged by log-sum-exp, and their own rows over every key,
+written over their positions; the backward adds their gradients after the
+head row's blocks, from the same log-sum-exps.
+
 bfloat16 rows (autocast): the forward kernel runs in bfloat16 (faster than
 float32 on CPUs with AMX); masks, log-sum-exps, the rounds' combination and
 the gradient sums are float32. The backward upcasts each block to float32.

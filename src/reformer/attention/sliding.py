@@ -113,10 +113,10 @@ def sliding_window_attention(
     check_chunk_size(c)
     layout = SlotLayout.build(n, c, window, dilations, causal, q.device)
     q, k, v = (zero_padded(x, attention_mask) for x in (q, k, v))  # NaN in padding cannot reach a real output
-    if global_qkv is not None:
+    if global_qkv is not None and global_mask is not None:  # without global tokens nothing reads them
         global_qkv = tuple(zero_padded(x, attention_mask) for x in global_qkv)
-    if global_mask is None:
-        global_qkv = None  # nothing reads them
+    else:
+        global_qkv = None
     if not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
         out = _fused(q, k, v, global_qkv, attention_mask, global_mask, global_rule, layout, replay)
     else:
