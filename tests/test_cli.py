@@ -78,6 +78,35 @@ def test_sliding_layers_from_the_command_line(tmp_path, text_file, capsys):
                    "sliding_window must be integers >= 1")
 
 
+def test_runs_saved_before_the_longformer_rule_resume_with_theirs_and_fine_tune_with_either(tmp_path, text_file,
+                                                                                         capsys):
+    """A sliding run whose config.json lacks sliding_global_rule (saved before it) was trained with "global_kv":
+    --resume says how to keep it, and continues with it; --init-from keeps it, or moves to Longformer's rule."""
+    model = [*MODEL[:6], "--attn-layers", "sliding,lsh", "--lsh-chunk-size", "16", "--sliding-window", "4"]
+    run = tmp_path / "old"
+    common = ["--data", str(text_file), "--batch-size", "2", "--seq-len", "64", "--no-progress", *model]
+    assert main(["train", "--out", str(run), "--steps", "2", *common]) == 0
+    for path in run.rglob("config.json"):  # as runs were saved before the field existed
+        data = json.loads(path.read_text())
+        if "attn_layers" in data:
+            del data["sliding_global_rule"]
+            path.write_text(json.dumps(data))
+    for rule in ("global_kv", "longformer"):
+        out = tmp_path / rule
+        flags = [] if rule == "global_kv" else ["--sliding-global-rule", rule]
+        with pytest.warns(UserWarning, match="global_kv"):
+            assert main(["train", "--out", str(out), "--steps", "1", "--init-from", str(run), *common, *flags]) == 0
+        assert json.loads((out / "config.json").read_text())["sliding_global_rule"] == rule
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="global_kv"):
+        one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", *common],
+                       "add --sliding-global-rule global_kv to continue as it was trained")
+    with pytest.warns(UserWarning, match="global_kv"):
+        assert main(["train", "--out", str(run), "--resume", "--steps", "3", *common, "--sliding-global-rule",
+                     "global_kv"]) == 0
+    assert json.loads((run / "config.json").read_text())["sliding_global_rule"] == "global_kv"
+
+
 def test_bad_inputs_give_one_line(tmp_path, text_file, trained, capsys):
     train = ["train", "--out", str(tmp_path / "new"), "--steps", "1", "--no-progress", "--seq-len", "64", *MODEL]
     one_line_error(capsys, [*train, "--data", str(tmp_path / "missing.txt")], "not found")

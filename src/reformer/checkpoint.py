@@ -114,15 +114,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def check_compatible(saved: ReformerConfig, wanted: ReformerConfig) -> None:
-    """The weights of `saved` must fit `wanted`: the same fields except execution choices."""
+def check_compatible(saved: ReformerConfig, wanted: ReformerConfig, fine_tune: bool = False) -> None:
+    """The weights of `saved` must fit `wanted`: the same fields except execution choices.
+
+    fine_tune (`--init-from`, a new run from these weights): the rule of global tokens may change too (the
+    same weights, computed with Longformer's rule); a resumed run keeps the rule it was trained with.
+    """
     free = {"reversible", "reversible_keep_attention", "reversible_keep_attention_mib", "reversible_keep_feed_forward",
             "ff_chunk_size", "loss_chunk_size", "n_hashes", "dropout", "attn_dropout", "lsh_attn_dropout"}
+    if fine_tune:
+        free.add("sliding_global_rule")
     differ = [
         f"{name}: checkpoint {getattr(saved, name)!r} vs requested {getattr(wanted, name)!r}"
         for name in saved.to_dict()
         if name not in free and getattr(saved, name) != getattr(wanted, name)
     ]
+    if saved.sliding_global_rule != wanted.sliding_global_rule and not fine_tune:
+        differ.append(f"add --sliding-global-rule {saved.sliding_global_rule} to continue as it was trained")
     if differ:
         raise CheckpointError("the checkpoint's model config differs (" + "; ".join(differ) +
                               "); drop the conflicting flags, or start a new run with a new --out")

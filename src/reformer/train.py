@@ -290,7 +290,7 @@ def _load_initial_weights(model, path: str, model_config: ReformerConfig) -> Non
     from safetensors.torch import load_file
 
     source = resolve_checkpoint(path)
-    check_compatible(load_model_config(source), model_config)
+    check_compatible(load_model_config(source), model_config, fine_tune=True)
     model.load_state_dict(load_file(str(source / "model.safetensors")))
 
 

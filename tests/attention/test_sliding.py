@@ -121,11 +121,13 @@ def test_fused_pytorch_kernel_matches_reference(monkeypatch, dilation, causal, g
 
 @pytest.mark.parametrize("rows_per_block", [1, 5])
 @pytest.mark.parametrize("causal", [False, True])
-def test_global_columns_in_blocks_of_any_size_match_reference(monkeypatch, causal, rows_per_block):
-    """The columns' merge and backward in blocks of few queries (and the window's blocks of one chunk)."""
-    from reformer.attention import fused_chunks
+def test_global_tokens_in_blocks_of_any_size_match_reference(monkeypatch, causal, rows_per_block):
+    """The global columns' merge and backward in blocks of few queries, the global rows' in blocks of few keys
+    (and the window's blocks of one chunk)."""
+    from reformer.attention import fused_chunks, global_tokens
 
-    monkeypatch.setattr(fused_chunks, "BLOCK_ELEMENTS", rows_per_block * 4)  # d = 4: rows of 4 elements
+    monkeypatch.setattr(global_tokens, "BLOCK_ELEMENTS", rows_per_block * 4)  # d = 4: rows (keys) of 4 elements
+    monkeypatch.setattr(fused_chunks, "BLOCK_ELEMENTS", 4 * 12)  # the window's blocks: one chunk of 4
     check(23, masked=True, global_tokens=True, global_projections=True, window=3, dilation=(2, 1), causal=causal,
           chunk_size=4)
 
@@ -272,6 +274,27 @@ def test_bfloat16_follows_float64():
         low = sliding_window_attention(*(x.bfloat16() for x in (q, k, v)), window=6, dilation=(1, 2), **options)
         assert low.dtype == torch.bfloat16
         assert (low.double() - exact).abs().max() <= exact.abs().max() * 2 ** -6
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("path", ["fused", "explicit"])
+def test_global_tokens_under_bfloat16_autocast_follow_float64(monkeypatch, path, causal):
+    """float32 rows under autocast(bfloat16), global tokens with their own projections: out and the gradients of
+    all six within 2^-6 of the largest entry of the float64 reference's."""
+    use(path, monkeypatch)
+    q, k, v, extra = make_inputs(61, masked=True, global_tokens=True, global_projections=True, d=16)
+    leaves = [q, k, v, *extra["global_qkv"]]
+    options = dict(window=6, dilation=(1, 2), causal=causal, attention_mask=extra["attention_mask"],
+                   global_mask=extra["global_mask"])
+    rows = [x.detach().float().requires_grad_() for x in leaves]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = sliding_window_attention(*rows[:3], global_qkv=tuple(rows[3:]), **options)
+    weights = torch.randn(low.shape, generator=seeded(5), dtype=F64)
+    low_grads = torch.autograd.grad((low.double() * weights).sum(), rows)
+    exact = sliding_window_reference(q, k, v, global_qkv=tuple(leaves[3:]), **options)
+    exact_grads = torch.autograd.grad((exact * weights).sum(), leaves)
+    for name, a, b in zip(["out", "q", "k", "v", "q_g", "k_g", "v_g"], [low, *low_grads], [exact, *exact_grads]):
+        assert (a.double() - b).abs().max() <= b.abs().max() * 2 ** -6, name
 
 
 def test_bad_input_is_explained():

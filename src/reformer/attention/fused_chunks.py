@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..keep import KeepBudget
-from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, mask_values, neighbour_mask,
+from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, explicit_precision, mask_values,
+                        neighbour_mask,
                         unit_length_keys)
 from . import native
 from .global_tokens import (GlobalTokens, columns_backward, global_rows_backward, global_rows_forward,
@@ -186,11 +187,11 @@ class KernelReplay:
     """
 
     plan: Plan | None = None
-    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # out, lse_slots, lse
+    saved: tuple[torch.Tensor, ...] | None = None  # out, lse_slots, lse, lse_global (global tokens' rows)
     budget: KeepBudget = field(default_factory=KeepBudget)
     declined: bool = False  # it kept nothing, or it has served: it never keeps again
 
-    def keep(self, plan: Plan, saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    def keep(self, plan: Plan, saved: tuple[torch.Tensor, ...]) -> None:
         """Keep the plan and `saved` if the budget makes room for them; otherwise give up."""
         if self.budget.take(self, plan.nbytes() + sum(tensor.nbytes for tensor in saved)):
             self.saved = saved
@@ -279,8 +280,9 @@ class ChunkedAttention(torch.autograd.Function):
                 _combine_rounds(plan.head_row(out, row), plan.head_row(lse, row), out_slots,
                                 lse_slots[row].view(-1), plan.rank[row])
             if tokens is not None:
-                _global_tokens_forward(plan, row, q_rows, k_rows, v_rows, q_g_rows, k_g_rows, v_g_rows, out, lse,
-                                       lse_global[row])
+                with explicit_precision(q_rows.device):  # its products in float32 at least, under autocast too
+                    _global_tokens_forward(plan, row, q_rows, k_rows, v_rows, q_g_rows, k_g_rows, v_g_rows, out,
+                                           lse, lse_global[row])
         return out, lse_slots, lse, lse_global
 
     @staticmethod
@@ -322,7 +324,8 @@ class ChunkedAttention(torch.autograd.Function):
             if plan.global_tokens is not None:
                 own = (q_rows, k_rows, v_rows, grads.q, grads.k, grads.v)
                 projections = (q_g_rows, k_g_rows, v_g_rows, *global_grads) if separate else own
-                _global_tokens_backward(plan, row, own, projections, grad_out, out, lse, lse_global[row])
+                with explicit_precision(q_rows.device):
+                    _global_tokens_backward(plan, row, own, projections, grad_out, out, lse, lse_global[row])
         if separate:
             global_grads = [grad.to(x.dtype) for grad, x in zip(global_grads, (q_g_rows, k_g_rows, v_g_rows))]
         return (*grads.result(), None, *global_grads)

@@ -230,9 +230,9 @@ def sliding_window_reference(q, k, v, *, window, dilation=1, causal=False, atten
                         continue
                     seen.append(j)
                 weights = torch.softmax(torch.stack(logits) / math.sqrt(d_head), dim=0)
-                keep = pair_keep_mask(dropout, dropout_seed, torch.tensor(bi), torch.tensor(hi), torch.tensor(i),
-                                      torch.tensor(seen))
+                keep = pair_keep_mask(dropout, dropout_seed, *(torch.tensor(x, device=q.device) for x in (bi, hi, i)),
+                                      torch.tensor(seen, device=q.device))
                 if keep is not None:
-                    weights = weights * keep.to(weights.dtype) / (1.0 - dropout)
+                    weights = weights * keep.to(weights) / (1.0 - dropout)
                 out[bi, hi, i] = weights @ torch.stack(values)
     return out

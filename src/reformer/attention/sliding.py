@@ -19,14 +19,15 @@ positions" (class * stride + i // s, with classes more than `window` apart) remo
 keys leave the band (they come back once, as columns). Time and memory are O(n * (w + G)) per head;
 nothing is of size n^2.
 
-Two executions of the band and the columns; `sliding_window_attention` picks one:
-- fused (CPU, no dropout): the window kernel, block by block, under the band mask, with the global keys as
-  columns every query sees, merged into each head row's softmax by log-sum-exp
-  (`fused_chunks.ChunkedAttention` with `Columns`); the backward recomputes each block, so it stores O(n * d).
+Two executions; `sliding_window_attention` picks one:
+- fused (CPU, no dropout): the window kernel, block by block, under the band mask; the global keys as
+  columns every query sees, merged into each head row's softmax by log-sum-exp, and the global rows as a
+  dense pass over every key, block of keys by block, written over their positions
+  (`fused_chunks.ChunkedAttention` with `global_tokens.GlobalTokens`). The backward recomputes each
+  block, so it stores O(n * d).
 - explicit (dropout, or no fused kernel): the chunk scores as a tensor (b, h, g, c, w), the global columns
-  (b, h, m, G) beside them, one softmax.
-The global rows (b, h, G, n) are one dense pass, written over their positions: scaled-dot-product
-attention, or, with dropout, explicit scores.
+  (b, h, m, G) beside them, one softmax; the global rows as dense scores (b, h, G, n), written over their
+  positions.
 
 Dropout drops attention weights by (batch, head, query, key) (`rng.pair_keep_mask`): the same mask for
 any layout or chunking, as the reference draws it.
@@ -196,17 +197,20 @@ def _fused(q, k, v, global_qkv, attention_mask, global_mask, global_rule: str, l
     """The band, and the global tokens' columns and rows, on the fused window kernel: (b, h, n, d)."""
     b, h, n, d = q.shape
     m = layout.m
-    tokens = None
-    if global_mask is not None:
+
+    def global_tokens() -> GlobalTokens | None:
+        if global_mask is None:
+            return None
         index, present = global_indices(global_mask)  # (b, G) each
-        tokens = GlobalTokens(position=index, present=present, key_real=padded_mask(attention_mask, b, n, m, q.device),
-                              causal=layout.causal, columns_from_global=global_qkv is not None
-                              and global_rule == "global_kv")
+        return GlobalTokens(position=index, present=present, key_real=padded_mask(attention_mask, b, n, m, q.device),
+                            causal=layout.causal, columns_from_global=global_qkv is not None
+                            and global_rule == "global_kv")
+
     plan = cached_plan(replay, lambda: chunk_plan(
         layout.order.expand(b, h, m), _band_keys(attention_mask, global_mask, b, n, m, q.device), m, layout.chunk,
         layout.causal, False, layout.neighbours, q.dtype, scale=1 / math.sqrt(d), self_value=None,
         self_on_diagonal=True, in_position_order=layout.in_position_order, band=layout.window,
-        mask_positions=layout.mask_positions.expand(b, h, m), global_tokens=tokens))
+        mask_positions=layout.mask_positions.expand(b, h, m), global_tokens=global_tokens()))
     rows = [projection_rows(pad_length(x, m, dim=2)) for x in (q, k, v, *(global_qkv or ()))]  # (b*m*h, d) each
     out = ChunkedAttention.apply(*rows[:3], plan, replay, *rows[3:])  # (b*m*h, d)
     return out.view(b, m, h, d).permute(0, 2, 1, 3)[:, :, :n]  # (b, h, n, d)
