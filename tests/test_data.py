@@ -65,7 +65,8 @@ def test_binary_non_utf8_file_is_fine(tmp_path):
     ids, labels = WindowSampler(data, 64, 3, seeded(0)).next_batch()
     assert ids.dtype == torch.int64 and int(ids.max()) < 256 and torch.equal(ids, labels)
     assert isinstance(decode(ids[0]), str)
-    assert bytes(torch.cat(list(eval_windows(data, 100)), dim=1)[0].tolist()) == content
+    windows = list(eval_windows(data, 100))
+    assert bytes(torch.cat([windows[0][0]] + [w[0, 1:] for w in windows[1:]]).tolist()) == content
 
 
 def test_missing_file(tmp_path):
@@ -207,27 +208,30 @@ def test_sampler_argument_checks():
 # --- evaluation windows ---------------------------------------------------
 
 
-@pytest.mark.parametrize("n, seq_len, lengths", [(10, 5, [5, 5]), (11, 4, [4, 4, 3]), (10, 3, [3, 3, 3]),
+@pytest.mark.parametrize("n, seq_len, lengths", [(10, 5, [5, 5, 2]), (11, 4, [4, 4, 4, 2]), (10, 3, [3, 3, 3, 3, 2]),
                                                  (7, 100, [7])])
-def test_eval_windows_are_contiguous_and_cover_the_data(n, seq_len, lengths):
+def test_eval_windows_predict_every_byte_but_the_first_once(n, seq_len, lengths):
+    """Each window starts at the last byte of the one before: its first byte is context, the rest predicted."""
     data = ByteData.from_bytes(ramp(n))
     windows = list(eval_windows(data, seq_len))
     assert [w.shape for w in windows] == [(1, k) for k in lengths]
-    covered = torch.cat(windows, dim=1)[0]
-    assert bytes(covered.tolist()) == ramp(n)[:sum(lengths)]
-    assert n - sum(lengths) <= 1, "only a trailing single byte (nothing to predict) may be left out"
+    for before, after in zip(windows, windows[1:]):
+        assert before[0, -1] == after[0, 0]
+    predicted = torch.cat([w[0, 1:] for w in windows])
+    assert bytes(predicted.tolist()) == ramp(n)[1:]
+    assert sum(data.byte_counts([0], k) for k in lengths) == n - 1
 
 
 def test_eval_windows_max_windows():
     windows = list(eval_windows(ByteData.from_bytes(ramp(100)), 8, max_windows=3))
-    assert len(windows) == 3 and bytes(windows[2][0].tolist()) == ramp(100)[16:24]
+    assert len(windows) == 3 and bytes(windows[2][0].tolist()) == ramp(100)[14:22]
 
 
 def test_eval_windows_reads_a_memmap(tmp_path):
     data = ByteData.open(write(tmp_path, ramp(300)))
     _, valid = data.split(0.5)
     windows = list(eval_windows(valid, 64))
-    assert bytes(torch.cat(windows, dim=1)[0].tolist()) == ramp(300)[150:]
+    assert bytes(torch.cat([windows[0][0]] + [w[0, 1:] for w in windows[1:]]).tolist()) == ramp(300)[150:]
     with pytest.raises(DataError, match="nothing to evaluate"):
         eval_windows(ByteData.from_bytes(b"a"), 8)
 

@@ -1,22 +1,34 @@
-"""Training checkpoints: written atomically, complete enough to resume bit for bit.
+"""Training checkpoints: written atomically, verified before use, complete enough to resume bit for bit.
 
 Layout of a run directory:
 
-    RUN_DIR/checkpoints/step-00000100/   model.safetensors, config.json, state.pt
+    RUN_DIR/checkpoints/step-00000100/   model.safetensors, config.json, state.pt, manifest.json
     RUN_DIR/checkpoints/latest           the name of the newest complete checkpoint
 
 A checkpoint is written into `step-XXXXXXXX.tmp`, flushed, then renamed; only then
 does `latest` (itself written to a temporary file and renamed) point at it. A
 crash at any moment leaves either the previous checkpoint or the new one, never
 half of one. `state.pt` holds the optimizer and scheduler states, the step, the
-model's generator state and the data sampler's state.
+model's generator state and the data sampler's state; `manifest.json` the size
+and sha256 of every other file.
+
+Reading a run (`latest_checkpoint`) verifies its newest checkpoint against the
+manifest (a checkpoint of an older version, without one: its safetensors header
+against the file's size, and state.pt's zip structure) and falls back to the
+newest intact one, with a warning that names both. A damaged checkpoint is never
+deleted: pruning skips it, and a save that meets one at its own step moves it
+aside as `step-XXXXXXXX.damaged` first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +37,7 @@ import torch
 from .config import ReformerConfig
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -53,18 +66,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, model, state: dict[str, Any], step: int, keep: int = 2) -> Path:
-    """Write model weights, config and training `state` for `step`; keep the newest `keep` checkpoints."""
+    """Write model weights, config and training `state` for `step`; keep the newest `keep` intact checkpoints."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished write
     model.save_pretrained(tmp)
     torch.save({**state, "step": step}, tmp / "state.pt")
+    _write_manifest(tmp)
     for name in os.listdir(tmp):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # a resumed run saves this step again: ours if intact, else kept aside
+        if damage(final) is None:
+            shutil.rmtree(final)
+        else:
+            final.rename(_aside(final))
     tmp.rename(final)
     _fsync_dir(root)
     _write_atomically(root / LATEST, final.name + "\n")
@@ -72,20 +90,113 @@ def save_checkpoint(run_dir: str | Path, model, state: dict[str, Any], step: int
     return final
 
 
+def _aside(path: Path) -> Path:
+    """A new name beside `path` for a damaged checkpoint: step-X.damaged, step-X.damaged-2, ..."""
+    candidate, n = path.with_name(path.name + ".damaged"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.damaged-{n}")
+    return candidate
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+             for name in sorted(os.listdir(directory)) if name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint directory `path` cannot be used (a short reason), or None when it is intact."""
+    try:
+        manifest = path / MANIFEST
+        if manifest.is_file():
+            files = json.loads(manifest.read_text())["files"]
+            for name, expected in files.items():
+                file = path / name
+                if not file.is_file():
+                    return f"{name} is missing"
+                if file.stat().st_size != expected["size"]:
+                    return f"{name} is {file.stat().st_size:,} bytes, {expected['size']:,} when written"
+                if _sha256(file) != expected["sha256"]:
+                    return f"{name} does not match its sha256"
+            return None
+        return _structure_damage(path, with_state=True)  # written before manifests
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+        return f"unreadable ({error})"
+
+
+def model_damage(path: Path) -> str | None:
+    """Why the model directory `path` (config.json, model.safetensors) cannot be loaded, or None."""
+    try:
+        return _structure_damage(path, with_state=False)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+        return f"unreadable ({error})"
+
+
+def _structure_damage(path: Path, with_state: bool) -> str | None:
+    for name in ("model.safetensors", "config.json", *(["state.pt"] if with_state else [])):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    weights = path / "model.safetensors"
+    with open(weights, "rb") as f:
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_size))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if weights.stat().st_size != 8 + header_size + end:
+        return f"model.safetensors is {weights.stat().st_size:,} bytes, its header needs {8 + header_size + end:,}"
+    json.loads((path / "config.json").read_text())
+    if not with_state:
+        return None
+    try:
+        with zipfile.ZipFile(path / "state.pt") as archive:
+            if archive.testzip() is not None:
+                return "state.pt is corrupt"
+    except zipfile.BadZipFile:
+        return "state.pt is truncated or corrupt"
+    return None
+
+
 def _prune(root: Path, keep: int) -> None:
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """Delete intact checkpoints but the newest `keep`; damaged ones (and everything else) stay."""
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and _is_step(p.name))
     for old in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if damage(old) is None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_step(name: str) -> bool:
+    return name.startswith("step-") and name[5:].isdigit()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None when it has none."""
+    """The newest intact checkpoint of a run, or None when it has none yet.
+
+    A newer checkpoint that is damaged (a truncated file, a kill during a copy) is passed over with a warning
+    that names it and the one used; CheckpointError when every checkpoint is damaged.
+    """
     root = checkpoint_dir(run_dir)
-    pointer = root / LATEST
-    if not pointer.is_file():
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and _is_step(p.name)), reverse=True) \
+        if root.is_dir() else []
+    if not steps:
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    skipped = []
+    for path in steps:
+        reason = damage(path)
+        if reason is None:
+            if skipped:
+                warnings.warn(f"{'; '.join(skipped)}: using {path} (the newest intact checkpoint); the damaged "
+                              "files are left as they are", UserWarning, stacklevel=2)
+            return path
+        skipped.append(f"{path.name} is damaged ({reason})")
+    raise CheckpointError(f"{run_dir} holds no intact checkpoint: {'; '.join(skipped)}")
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -107,6 +218,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a run directory written by `reformer train --out`")
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        is_checkpoint = (path / "state.pt").is_file() or (path / MANIFEST).is_file()
+        reason = damage(path) if is_checkpoint else model_damage(path)
+        if reason is not None:
+            raise CheckpointError(f"{path} is damaged ({reason}); give its run directory to use the newest intact "
+                                  "checkpoint")
         return path
     latest = latest_checkpoint(path)
     if latest is None:

@@ -1,6 +1,7 @@
 """The `reformer` command line: it parses arguments and calls library functions, nothing else.
 
-    reformer train --data FILE | --task duplication --out RUN_DIR [options] [model flags]
+    reformer train --data FILE | --task duplication --out RUN_DIR [--tokenizer FILE] [options] [model flags]
+    reformer train --out RUN_DIR --resume [--steps N]   (everything else from the run itself)
     torchrun --nproc_per_node N -m reformer train ...     (data-parallel: one process per rank)
     reformer eval --checkpoint RUN_DIR --data FILE | --task duplication
     reformer generate --checkpoint RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --seed S]
@@ -9,8 +10,10 @@
     reformer convert --to-hf RUN_DIR --out HF_DIR [--allow-differences] [--fold-bias auto|yes|no]
 
 Every model flag (`--d-model`, `--attn-layers lsh,local`, ...) overrides one field of
-`ReformerConfig`; its help is the field's comment in `reformer/config.py`.
-Errors the user can fix print one line and exit with status 2.
+`ReformerConfig`; its help is the field's comment in `reformer/config.py`, with the
+command line's default (its default model is smaller than ReformerConfig's own).
+Errors the user can fix print one line on stderr and exit with status 2
+(REFORMER_DEBUG=1 shows the traceback); warnings print one line each.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 import typing
@@ -27,13 +31,28 @@ from pathlib import Path
 
 from .config import ReformerConfig, default_axial_dims, default_axial_shape, saved_fields
 
+# the command line's default model (ReformerConfig's own defaults are HF's larger ones); shown in --help
 TRAIN_MODEL_DEFAULTS = dict(vocab_size=256, d_model=128, n_heads=2, d_head=64, d_ff=256,
                             attn_layers=("local", "lsh", "local", "lsh"), lsh_chunk_size=64, local_chunk_size=64,
                             n_hashes=2, ff_chunk_size=1024)
+DERIVED_DEFAULTS = {"vocab_size": "256, or the --tokenizer's vocabulary", "max_seq_len": "--seq-len",
+                    "axial_shape": "from max_seq_len", "axial_dims": "from d_model"}
+# on --resume, these may differ from the run's (reported); every other option must agree with it
+RESUME_MAY_CHANGE = {"steps", "eval_every", "eval_batches", "save_every", "progress", "device", "static_graph",
+                     "compile"}
+MODEL_MAY_CHANGE = {"reversible", "reversible_keep_attention", "reversible_keep_attention_mib",
+                    "reversible_keep_feed_forward", "ff_chunk_size", "loss_chunk_size"}  # execution only
 
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to read more, instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 # --- model flags from the config dataclass ------------------------------------
@@ -45,6 +64,8 @@ def _field_comments() -> dict[str, str]:
 
 def _parse_field(kind: str):
     def parse(text: str):
+        if text.lower() == "auto" and "str" in kind:
+            return "auto"
         if "tuple" in kind or ("int" in kind and "," in text):
             if text.lower() == "none":
                 return None
@@ -77,8 +98,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         hint = hints[field.name]
         kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         flag = "--" + ("model-seed" if field.name == "seed" else field.name.replace("_", "-"))
+        default = DERIVED_DEFAULTS.get(field.name, TRAIN_MODEL_DEFAULTS.get(field.name, field.default))
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = comments.get(field.name, "").replace("%", "%%") + f" (default: {shown})"
         group.add_argument(flag, dest=f"model_{field.name}", type=_parse_field(kind), default=None,
-                           metavar=_metavar(kind), help=comments.get(field.name, ""))
+                           metavar=_metavar(kind), help=help_text)
 
 
 def _metavar(kind: str) -> str:
@@ -87,9 +111,12 @@ def _metavar(kind: str) -> str:
     return kind.split("|")[0].split("[")[0].strip().upper()
 
 
-def model_config_from_args(args: argparse.Namespace, seq_len: int | None = None) -> ReformerConfig:
+def model_config_from_args(args: argparse.Namespace, seq_len: int | None = None,
+                           vocab_size: int | None = None) -> ReformerConfig:
     """--config JSON, then the training defaults for what it lacks, then every explicit flag."""
     data = dict(TRAIN_MODEL_DEFAULTS)
+    if vocab_size is not None:
+        data["vocab_size"] = vocab_size
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -98,48 +125,115 @@ def model_config_from_args(args: argparse.Namespace, seq_len: int | None = None)
             loaded = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"--config {path} is not valid JSON ({e}); write it with ReformerConfig.to_json") from e
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {path} holds no JSON object; write it with ReformerConfig.to_json")
         data.update(saved_fields(loaded) if getattr(args, "init_from", None) else loaded)  # a saved model's
-    explicit = {k[len("model_"):]: v for k, v in vars(args).items() if k.startswith("model_") and v is not None}
+    explicit = _model_flags(args)
     data.update(explicit)
     if seq_len is not None and "max_seq_len" not in explicit and "max_seq_len" not in data:
         data["max_seq_len"] = seq_len
     data.setdefault("max_seq_len", seq_len or 4096)
-    if "axial_shape" not in data:
-        data["axial_shape"] = default_axial_shape(data["max_seq_len"])
-    if "axial_dims" not in data and data["axial_shape"] is not None:
-        data["axial_dims"] = default_axial_dims(data.get("d_model", 256), len(data["axial_shape"]))
     try:
         return ReformerConfig.from_dict(data)
     except (TypeError, ValueError) as e:
         raise UserError(f"model config: {e}") from e
 
 
+def _model_flags(args: argparse.Namespace) -> dict:
+    return {k[len("model_"):]: v for k, v in vars(args).items() if k.startswith("model_") and v is not None}
+
+
 # --- subcommands ------------------------------------------------------------------
+
+# train flags: (flag, TrainConfig field); their defaults are TrainConfig's, applied after --resume reads the run
+TRAIN_OPTIONS = (("--data", "data"), ("--valid-data", "valid_data"), ("--task", "task"), ("--tokenizer", "tokenizer"),
+                 ("--steps", "steps"), ("--batch-size", "batch_size"), ("--seq-len", "seq_len"),
+                 ("--grad-accum", "grad_accum"), ("--lr", "lr"), ("--warmup", "warmup"),
+                 ("--weight-decay", "weight_decay"), ("--grad-clip", "grad_clip"), ("--precision", "precision"),
+                 ("--compile", "compile"), ("--seed", "seed"), ("--device", "device"),
+                 ("--ddp-static-graph", "static_graph"), ("--eval-every", "eval_every"),
+                 ("--eval-batches", "eval_batches"), ("--save-every", "save_every"), ("--no-progress", "progress"))
+PATH_OPTIONS = {"data", "valid_data", "tokenizer"}
+
+
+def _given_train_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the command line set explicitly (argparse leaves the others None)."""
+    given = {}
+    for _, field in TRAIN_OPTIONS:
+        value = getattr(args, field)
+        if value is None:
+            continue
+        if field == "progress":
+            value = not value  # --no-progress
+        if field in PATH_OPTIONS:
+            value = str(Path(value).absolute())
+        given[field] = value
+    return given
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
+    if args.resume:
+        cfg, model_config = _resume_settings(args)
+    else:
+        cfg, model_config = _new_run_settings(args, TrainConfig)
+    history = train(cfg, model_config)
+    last_eval = [r for r in history if r["split"] == "eval"][-1:]
+    if last_eval:
+        from .train import describe_eval
+
+        print(f"done: step {last_eval[0]['step']}, {describe_eval(last_eval[0])}; run directory {args.out}")
+    return 0
+
+
+def _new_run_settings(args: argparse.Namespace, TrainConfig):
+    from .tokenizer import load_tokenizer
+
+    given = _given_train_options(args)
     if args.init_from:
         if args.config:
             raise UserError("give --init-from or --config, not both: --init-from brings its own config")
         from .checkpoint import resolve_checkpoint
 
         args.config = str(resolve_checkpoint(args.init_from) / "config.json")
-    model_config = model_config_from_args(args, seq_len=args.seq_len)
-    cfg = TrainConfig(
-        out=args.out, data=args.data, task=args.task, valid_data=args.valid_data, steps=args.steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
-        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-        precision=args.precision, seed=args.seed, resume=args.resume, progress=not args.no_progress,
-        init_from=args.init_from, device=args.device, static_graph=args.ddp_static_graph, compile=args.compile,
-    )
-    history = train(cfg, model_config)
-    last_eval = [r for r in history if r["split"] == "eval"][-1:]
-    if last_eval:
-        print(f"done: step {last_eval[0]['step']}, eval loss {last_eval[0]['loss']:.4f} "
-              f"({last_eval[0]['bpc']:.4f} bits per token); run directory {args.out}")
-    return 0
+    seq_len = given.get("seq_len", TrainConfig.seq_len)
+    tokenizer = load_tokenizer(given.get("tokenizer"))
+    model_config = model_config_from_args(args, seq_len=seq_len,
+                                          vocab_size=None if tokenizer.kind == "bytes" else tokenizer.vocab_size)
+    cfg = TrainConfig(out=args.out, init_from=args.init_from, **given)
+    return cfg, model_config
+
+
+def _resume_settings(args: argparse.Namespace):
+    """The run's own options and model config, with the flags given again checked against them."""
+    from .train import check_data_unchanged, run_settings
+
+    if args.config or args.init_from:
+        raise UserError("--resume continues the run with its own config and weights; drop --config / --init-from")
+    cfg, model_config = run_settings(args.out)
+    changes, model = [], model_config.to_dict()
+    for field, value in _given_train_options(args).items():
+        if value != getattr(cfg, field):
+            flag = next(f for f, name in TRAIN_OPTIONS if name == field)
+            if field not in RESUME_MAY_CHANGE:
+                raise UserError(f"{flag} {value} differs from the run's {getattr(cfg, field)}; drop {flag} to resume "
+                                "the run as it was started, or start a new run with a new --out")
+            changes.append(f"{flag} {getattr(cfg, field)} -> {value}")
+            setattr(cfg, field, value)
+    for field, value in _model_flags(args).items():
+        if value != model[field]:
+            flag = "--" + ("model-seed" if field == "seed" else field.replace("_", "-"))
+            if field not in MODEL_MAY_CHANGE:
+                raise UserError(f"{flag} {value} differs from the run's {model[field]}; drop {flag} to resume the "
+                                "run as it was started, or start a new run with a new --out")
+            changes.append(f"{flag} {model[field]} -> {value}")
+            model[field] = value
+    cfg.resume, cfg.out, cfg.init_from = True, args.out, None
+    check_data_unchanged(args.out, cfg)
+    if changes:
+        print(f"reformer train: resuming {args.out} with {'; '.join(changes)}", file=sys.stderr)
+    return cfg, ReformerConfig.from_dict(model)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -151,7 +245,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("give --data FILE to score, or --task duplication")
     result = evaluate_file(args.checkpoint, args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                            progress=not args.no_progress)
-    print(f"{result['tokens']:,} tokens: loss {result['loss']:.4f} nats, {result['bpc']:.4f} bits per byte")
+    print(f"{args.data}: {result['tokens']:,} tokens ({result['bytes']:,} bytes): loss {result['loss']:.4f} nats "
+          f"per token, {result['bits_per_byte']:.4f} bits per byte")
     return 0
 
 
@@ -170,21 +265,43 @@ def _eval_duplication(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .data import encode
+    import torch
+
+    from .checkpoint import resolve_checkpoint
     from .generate import check_sampling_args, generate
+    from .tokenizer import find_tokenizer
     from .train import load_for_eval
 
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    model = load_for_eval(args.checkpoint)
-    prompt = encode(args.prompt)
-    if model.config.vocab_size < 256 and len(prompt) and int(prompt.max()) >= model.config.vocab_size:
-        raise UserError(f"the prompt has bytes >= {model.config.vocab_size}, outside this model's vocabulary; "
+    source = resolve_checkpoint(args.checkpoint)
+    model, tokenizer = load_for_eval(source), find_tokenizer(source)
+    prompt = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8"))[0], dtype=torch.long)
+    if len(prompt) == 0:
+        raise UserError("the prompt is empty; give --prompt some text")
+    if int(prompt.max()) >= model.config.vocab_size:
+        raise UserError(f"the prompt has tokens >= {model.config.vocab_size}, outside this model's vocabulary; "
                         "use characters the model was trained on")
+    room = model.config.max_seq_len - len(prompt)
+    if args.max_new_tokens > room:
+        raise UserError(f"the prompt ({len(prompt)} tokens) and --max-new-tokens {args.max_new_tokens} exceed the "
+                        f"model's max_seq_len {model.config.max_seq_len}; give --max-new-tokens {max(room, 0)} or "
+                        "less, or a shorter prompt")
     stream = _Utf8Stream(sys.stdout)
-    stream.write(bytes(prompt.tolist()))
+    stream.write(args.prompt.encode("utf-8"))
+    generated, written = [], b""
+    eos = model.config.eos_token_id
     for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed):
-        stream.write(bytes([token]) if token < 256 else f"<{token}>".encode())
+        if token == eos:
+            break
+        generated.append(token)
+        if tokenizer.kind == "bytes":
+            stream.write(bytes([token]) if token < 256 else f"<{token}>".encode())
+            continue
+        text = tokenizer.decode(generated)  # whole: a token's text may depend on its neighbours
+        if text.startswith(written):
+            stream.write(text[len(written):])
+            written = text
     stream.close()
     return 0
 
@@ -207,27 +324,45 @@ class _Utf8Stream:
         self.out.flush()
 
 
+def _check_new_dir(path: Path, flag: str) -> None:
+    """A directory we may write a model into: absent or empty (nothing of the user's is overwritten)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; give a new or empty directory")
+    if path.is_dir() and any(path.iterdir()):
+        shown = ", ".join(sorted(os.listdir(path))[:4])
+        raise UserError(f"{flag} {path} is not empty ({shown}); give a new or empty directory: nothing there is "
+                        "overwritten")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .checkpoint import resolve_checkpoint
     from .hf import from_hf, to_hf
+    from .tokenizer import FOUND, find_tokenizer
     from .train import load_for_eval
 
     if (args.from_hf is None) == (args.to_hf is None):
         raise UserError("give exactly one of --from-hf HF_DIR or --to-hf RUN_DIR")
     out = Path(args.out)
+    _check_new_dir(out, "--out")
     if args.from_hf is not None:
         model = from_hf(args.from_hf)
         model.save_pretrained(out)
+        for name in FOUND:  # its tokenizer (spiece.model for google/reformer-crime-and-punishment) comes along
+            if (Path(args.from_hf) / name).is_file():
+                shutil.copyfile(Path(args.from_hf) / name, out / name)
         print(f"wrote {out} ({model.config.n_layers} layers {','.join(model.config.attn_layers)}, "
               f"{sum(p.numel() for p in model.parameters()):,} parameters); "
               f"use it with --checkpoint {out}, or train on with --init-from {out}")
         return 0
-    model = load_for_eval(args.to_hf)
+    source = resolve_checkpoint(args.to_hf)
+    model, tokenizer = load_for_eval(source), find_tokenizer(source)
     fold = {"auto": None, "yes": True, "no": False}[args.fold_bias]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        to_hf(model, out, strict=not args.allow_differences, fold_bias=fold)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    to_hf(model, out, strict=not args.allow_differences, fold_bias=fold)
+    if tokenizer.path is not None:  # HF's ReformerTokenizer reads spiece.model
+        shutil.copyfile(tokenizer.path, out / ("spiece.model" if tokenizer.kind == "sentencepiece" else
+                                               "tokenizer.json"))
     architecture = "ReformerModelWithLMHead" if model.config.causal else "ReformerForMaskedLM"
     print(f"wrote {out}; load it with transformers.{architecture}.from_pretrained({str(out)!r})")
     return 0
@@ -243,44 +378,55 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reformer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .train import TrainConfig
+
+    def default(field: str) -> str:
+        return f"(default {getattr(TrainConfig, field)})"
+
+    parser = _Parser(prog="reformer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a model on a text file or the duplication task")
     what = tr.add_argument_group("data")
-    what.add_argument("--data", help="a file of any bytes (UTF-8 or not); bytes are tokens")
+    what.add_argument("--data", help="a file of any bytes (UTF-8 or not); bytes are tokens unless --tokenizer")
     what.add_argument("--valid-data", help="a separate validation file (default: the last 5%% of --data)")
     what.add_argument("--task", choices=["duplication"], help="the paper's synthetic task: 0 w 0 w")
-    what.add_argument("--out", required=True, help="run directory: config, metrics.jsonl, checkpoints, curves.png")
+    what.add_argument("--tokenizer", metavar="FILE", help="a SentencePiece .model or a tokenizers tokenizer.json, "
+                      "stored in the run (eval and generate use it); default: bytes are tokens")
+    what.add_argument("--out", required=True, help="run directory: config, metrics.jsonl, checkpoints, curves.png; "
+                      "new, empty, or a run of ours (nothing else is overwritten)")
     opt = tr.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
-    opt.add_argument("--batch-size", type=int, default=8,
-                     help="sequences per micro-batch, over all processes together (default 8)")
-    opt.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    opt.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
-    opt.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
-    opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
-    opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                     help="bf16: torch.autocast(bfloat16); softmax statistics, loss, weights and AdamW stay float32")
-    opt.add_argument("--compile", action="store_true",
+    opt.add_argument("--steps", type=int, help=f"optimizer steps in total {default('steps')}")
+    opt.add_argument("--batch-size", type=int,
+                     help=f"sequences per micro-batch, over all processes together {default('batch_size')}")
+    opt.add_argument("--seq-len", type=int, help=f"tokens per sequence {default('seq_len')}")
+    opt.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step {default('grad_accum')}")
+    opt.add_argument("--lr", type=float, help=f"peak AdamW learning rate {default('lr')}")
+    opt.add_argument("--warmup", type=int, help=f"linear warm-up steps before the cosine decay {default('warmup')}")
+    opt.add_argument("--weight-decay", type=float, help=f"AdamW weight decay {default('weight_decay')}")
+    opt.add_argument("--grad-clip", type=float, help=f"max gradient norm; 0 turns clipping off {default('grad_clip')}")
+    opt.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: torch.autocast(bfloat16); softmax "
+                     f"statistics, loss, weights and AdamW stay float32 {default('precision')}")
+    opt.add_argument("--compile", action="store_true", default=None,
                      help="torch.compile the position-wise parts (feed-forward, projections, loss); see README")
-    opt.add_argument("--seed", type=int, default=0, help="seed of the data order (the model has --model-seed)")
+    opt.add_argument("--seed", type=int, help=f"seed of the data order (the model has --model-seed) {default('seed')}")
     par = tr.add_argument_group("devices (under `torchrun --nproc_per_node N`, one process per rank)")
-    par.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                     help="auto: CUDA when there is one (each rank on cuda:LOCAL_RANK), else the CPU")
-    par.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
+    par.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                     help=f"auto: CUDA when there is one (each rank on cuda:LOCAL_RANK), else the CPU {default('device')}")
+    par.add_argument("--ddp-static-graph", dest="static_graph", action="store_true", default=None,
+                     help="DistributedDataParallel(static_graph=True)")
     run = tr.add_argument_group("evaluation and checkpoints")
-    run.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (0: at the end)")
-    run.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
-    run.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: at the end)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--eval-every", type=int, help=f"steps between evaluations (0: at the end) {default('eval_every')}")
+    run.add_argument("--eval-batches", type=int, help=f"held-out batches per evaluation {default('eval_batches')}")
+    run.add_argument("--save-every", type=int,
+                     help=f"steps between checkpoints (0: at the end) {default('save_every')}")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest intact "
+                     "checkpoint, with the run's own data, model and options (flags given again must agree; "
+                     "--steps, --eval-every, --eval-batches, --save-every, devices and execution may change)")
     run.add_argument("--init-from", metavar="MODEL_DIR", default=None,
                      help="start from these weights and their config (a run, a checkpoint, or "
                           "`reformer convert --from-hf` output); model flags may change execution fields")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", dest="progress", action="store_true", default=None, help="no progress bar")
     add_model_flags(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -298,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="sample text from a trained model, streamed as it is produced")
     ge.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
     ge.add_argument("--prompt", required=True, help="the text to continue")
-    ge.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    ge.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     ge.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
-    ge.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes only")
+    ge.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     ge.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much mass")
     ge.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
     ge.set_defaults(func=cmd_generate)
@@ -329,25 +475,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted; `--resume` continues from the latest checkpoint", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - user-facing errors become one line
-        if _is_user_error(e):
-            print(f"reformer {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a one-line usage error (2)
+        return stop.code if isinstance(stop.code, int) else 2
+    debug = os.environ.get("REFORMER_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **kw: print(f"reformer {args.command}: warning: {message}",
+                                                                   file=sys.stderr)
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as interrupt:
+            print(f"reformer {args.command}: {_interrupted(args, interrupt)}", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - user-facing errors become one line
+            if _is_user_error(e) and not debug:
+                print(f"reformer {args.command}: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            raise
+
+
+def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> str:
+    """What an interrupt left behind, in one line."""
+    from .train import Interrupted
+
+    if isinstance(interrupt, Interrupted):
+        if interrupt.checkpoint is None:
+            return "interrupted before the first step ended; nothing was saved"
+        return (f"interrupted at step {interrupt.step}; saved {interrupt.checkpoint}; "
+                f"`reformer train --out {args.out} --resume` continues")
+    if args.command != "train":
+        return "interrupted"
+    from .checkpoint import CheckpointError, latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(args.out) if Path(args.out).is_dir() else None
+    except CheckpointError:
+        latest = None
+    if latest is None:
+        return "interrupted; no checkpoint was saved"
+    return f"interrupted; `reformer train --out {args.out} --resume` continues from {latest}"
+
+
+def _one_line(error: Exception) -> str:
+    message = str(error) if not isinstance(error, OSError) or not error.filename else (
+        f"{error.filename}: {error.strerror or error}")
+    return " ".join(message.split()) or type(error).__name__
 
 
 def _is_user_error(e: Exception) -> bool:
     from .checkpoint import CheckpointError
+    from .fetch import FetchError
 
-    names = {type(c).__name__ for c in type(e).__mro__}
-    return isinstance(e, (UserError, CheckpointError, ValueError, FileNotFoundError)) or bool(
-        names & {"DataError", "FetchError"})
+    return isinstance(e, (UserError, CheckpointError, FetchError, ValueError, OSError))
 
 
 if __name__ == "__main__":

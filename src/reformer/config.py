@@ -83,8 +83,10 @@ class ReformerConfig:
     pad_to_multiple: int = 0  # right-pad inputs to a multiple of this, as HF does (lcm of its chunks); 0 = off
 
     # --- positions ---
-    axial_shape: tuple[int, ...] | None = (64, 64)  # axial position grid; None = learned absolute positions
-    axial_dims: tuple[int, ...] | None = (64, 192)  # feature split of the axial embedding; sums to d_model
+    # axial position grid, "auto" = from max_seq_len (4096: (64, 64)); None = learned absolute positions
+    axial_shape: tuple[int, ...] | str | None = "auto"
+    # feature split of the axial embedding, summing to d_model; "auto" = from d_model (256: (64, 192))
+    axial_dims: tuple[int, ...] | str | None = "auto"
     max_seq_len: int = 4096  # longest sequence; at most prod(axial_shape)
 
     # --- regularisation and init ---
@@ -95,6 +97,7 @@ class ReformerConfig:
     # HF's axial std is 1.0; next to 0.02 token embeddings it kept a byte LM on the unigram plateau for long
     axial_init_std: float = 0.02  # std of the normal init of the axial position weights
     seed: int = 0  # seeds the init, the eval-time LSH rotations and the model's own generator
+    eos_token_id: int | None = None  # the end-of-sequence token (HF's eos_token_id): `reformer generate` stops there
 
     def __post_init__(self) -> None:
         self.attn_layers = tuple(self.attn_layers)
@@ -104,9 +107,14 @@ class ReformerConfig:
             self.sliding_window = tuple(self.sliding_window)
         if isinstance(self.sliding_dilation, list):
             self.sliding_dilation = tuple(tuple(x) if isinstance(x, list) else x for x in self.sliding_dilation)
-        if self.axial_shape is not None:
+        if self.axial_shape == "auto" and isinstance(self.max_seq_len, int) and self.max_seq_len >= 1:
+            self.axial_shape = default_axial_shape(self.max_seq_len)
+        if self.axial_shape is not None and not isinstance(self.axial_shape, str):
             self.axial_shape = tuple(self.axial_shape)
-        if self.axial_dims is not None:
+        if self.axial_dims == "auto":
+            self.axial_dims = None if self.axial_shape is None else default_axial_dims(
+                self.d_model, len(self.axial_shape) if isinstance(self.axial_shape, tuple) else 2)
+        if self.axial_dims is not None and not isinstance(self.axial_dims, str):
             self.axial_dims = tuple(self.axial_dims)
         self.validate()
 
@@ -234,6 +242,13 @@ class ReformerConfig:
         return value
 
     def _validate_positions(self) -> None:
+        for name in ("axial_shape", "axial_dims"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, tuple) and all(_is_int(x) for x in value)):
+                raise ValueError(f"{name} must be a tuple of integers, 'auto' or None, got {value!r}")
+        if self.eos_token_id is not None and (not _is_int(self.eos_token_id)
+                                              or not 0 <= self.eos_token_id < self.vocab_size):
+            raise ValueError(f"eos_token_id must be None or a token id in [0, vocab_size), got {self.eos_token_id!r}")
         if (self.axial_shape is None) != (self.axial_dims is None):
             raise ValueError("set both axial_shape and axial_dims, or both to None for learned absolute positions")
         if self.axial_shape is None:

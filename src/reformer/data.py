@@ -112,6 +112,10 @@ class ByteData:
         """(train, valid) views of this data, no copy: the last `valid_fraction` of the bytes is validation."""
         return split(self, valid_fraction)
 
+    def byte_counts(self, starts: torch.Tensor | Sequence[int], length: int) -> int:
+        """The bytes of text that the predicted tokens (all but the first) of these windows stand for."""
+        return len(starts) * (length - 1)
+
 
 def _check_file(path: Path) -> None:
     if not path.exists():
@@ -129,13 +133,44 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path} is empty (0 bytes); give a file with text in it, or {FETCH_HINT}")
 
 
+class TokenData(ByteData):
+    """Token ids of a text (a 1-D int64 array) with the byte offset where each token's text ends (`ends`)."""
+
+    def __init__(self, ids: np.ndarray, ends: np.ndarray, name: str = "<tokens>"):
+        if ids.ndim != 1 or ends.shape != ids.shape:
+            raise TypeError("TokenData takes 1-D token ids and their byte ends, of one length")
+        self.array, self.ends, self.name = ids, ends, name
+
+    def __repr__(self) -> str:
+        return f"TokenData({self.name!r}, {len(self):,} tokens)"
+
+    def byte_counts(self, starts: torch.Tensor | Sequence[int], length: int) -> int:
+        starts = np.asarray([int(s) for s in (starts.tolist() if isinstance(starts, torch.Tensor) else starts)])
+        return int((self.ends[starts + length - 1] - self.ends[starts]).sum()) if len(starts) else 0
+
+
 def as_byte_data(data: ByteData | np.ndarray | bytes) -> ByteData:
-    """Accept ByteData, a 1-D uint8 numpy array, or bytes."""
+    """Accept ByteData (or TokenData), a 1-D uint8 numpy array, or bytes."""
     if isinstance(data, ByteData):
         return data
     if isinstance(data, (bytes, bytearray)):
         return ByteData.from_bytes(data)
     return ByteData(data)
+
+
+def open_tokens(path: str | os.PathLike, tokenizer=None) -> ByteData:
+    """A file as tokens: its bytes memory-mapped (no tokenizer, or bytes), else encoded by `tokenizer`."""
+    data = ByteData.open(path)
+    if tokenizer is None or tokenizer.kind == "bytes":
+        return data
+    return encode_data(data.array, tokenizer, data.name)
+
+
+def encode_data(array: np.ndarray, tokenizer, name: str) -> TokenData:
+    ids, ends = tokenizer.encode(array.tobytes())
+    if len(ids) == 0:
+        raise DataError(f"{name} encodes to no tokens; give a file with text in it")
+    return TokenData(ids, ends, f"{name} ({tokenizer.kind} tokens)")
 
 
 def split(data: ByteData | np.ndarray | bytes, valid_fraction: float = 0.05) -> tuple[ByteData, ByteData]:
@@ -157,13 +192,22 @@ def split(data: ByteData | np.ndarray | bytes, valid_fraction: float = 0.05) -> 
 
 
 def load_splits(
-    train_path: str | os.PathLike, valid_path: str | os.PathLike | None = None, valid_fraction: float = 0.05
+    train_path: str | os.PathLike, valid_path: str | os.PathLike | None = None, valid_fraction: float = 0.05,
+    tokenizer=None,
 ) -> tuple[ByteData, ByteData]:
-    """(train, valid): two files (e.g. enwik8's train and valid), or one file split by `valid_fraction`."""
-    train = ByteData.open(train_path)
-    if valid_path is None:
-        return train.split(valid_fraction)
-    return train, ByteData.open(valid_path)
+    """(train, valid): two files (e.g. enwik8's train and valid), or one file split by `valid_fraction` (of its
+    bytes); with a tokenizer, each part encoded on its own."""
+    if valid_path is not None:
+        return open_tokens(train_path, tokenizer), open_tokens(valid_path, tokenizer)
+    train, valid = ByteData.open(train_path).split(valid_fraction)
+    if tokenizer is None or tokenizer.kind == "bytes":
+        return train, valid
+    cut = len(train)
+    while cut < len(train) + len(valid) - 1 and (int(valid.array[cut - len(train)]) & 0xC0) == 0x80:
+        cut += 1  # not inside a UTF-8 character
+    whole = np.concatenate([train.array, valid.array]) if cut != len(train) else None
+    train_part, valid_part = (train.array, valid.array) if whole is None else (whole[:cut], whole[cut:])
+    return (encode_data(train_part, tokenizer, train.name), encode_data(valid_part, tokenizer, valid.name))
 
 
 # --- sampling -------------------------------------------------------------
@@ -191,9 +235,20 @@ class ShardedSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, labels), each (batch_size, length) int64: this rank's shard of the next global batch."""
+        return self._build(self._my_rows())
+
+    def next_batch_with_bytes(self) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """(ids, labels, bytes): `next_batch` and the bytes of text its predicted tokens stand for (None when
+        its tokens are not text)."""
+        rows = self._my_rows()
+        return (*self._build(rows), self._bytes(rows))
+
+    def _my_rows(self) -> torch.Tensor:
         plan = self._draw_plan(self.batch_size * self.world_size)  # (batch_size * world_size, ...)
-        mine = plan[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return self._build(mine)
+        return plan[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def _bytes(self, plan: torch.Tensor) -> int | None:
+        return None
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.next_batch()
@@ -252,6 +307,9 @@ class WindowSampler(ShardedSampler):
         ids = self.data.windows(plan, self.seq_len)  # (batch_size, seq_len)
         return ids, ids
 
+    def _bytes(self, plan: torch.Tensor) -> int:
+        return self.data.byte_counts(plan, self.seq_len)
+
 
 def check_window_fits(data: ByteData, seq_len: int) -> None:
     """DataError unless `data` holds at least one full window of `seq_len` (>= 2) bytes."""
@@ -265,14 +323,10 @@ def check_window_fits(data: ByteData, seq_len: int) -> None:
 def eval_windows(
     data: ByteData | np.ndarray | bytes, seq_len: int, max_windows: int | None = None
 ) -> Iterator[torch.Tensor]:
-    """Contiguous, non-overlapping (1, <= seq_len) int64 windows from the start of `data`.
-
-    Together they cover the data (the last window is the shorter remainder; a
-    remainder of a single byte, which holds nothing to predict, is left out).
-    Use `model(w, labels=w)` on each and weight the losses by `n_tokens` for
-    bits per byte. The first byte of every window has no context and is never
-    predicted (standard for non-overlapping evaluation); longer windows mean
-    fewer such bytes. `max_windows` stops after that many windows.
+    """Contiguous (1, <= seq_len) int64 windows from the start of `data`, each starting at the last token of the
+    one before: with `model(w, labels=w)` on each, every token but the first of `data` is predicted exactly
+    once (a window's first token is its context). Weight the losses by `n_tokens`; the bytes those tokens
+    stand for are `data.byte_counts([start], len(window))`. `max_windows` stops after that many windows.
     """
     data = as_byte_data(data)
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
@@ -285,11 +339,15 @@ def eval_windows(
 
 
 def _eval_windows(data: ByteData, seq_len: int, max_windows: int | None) -> Iterator[torch.Tensor]:
-    for index, start in enumerate(range(0, len(data) - 1, seq_len)):
-        if max_windows is not None and index >= max_windows:
-            return
+    for start in eval_window_starts(len(data), seq_len, max_windows):
         end = min(start + seq_len, len(data))
         yield torch.from_numpy(np.array(data.array[start:end])).long()[None]  # (1, end - start)
+
+
+def eval_window_starts(n: int, seq_len: int, max_windows: int | None = None) -> list[int]:
+    """The starts of `eval_windows` over n tokens: every seq_len - 1 tokens."""
+    starts = list(range(0, n - 1, seq_len - 1))
+    return starts if max_windows is None else starts[:max_windows]
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -14,28 +14,36 @@ from .train import load_for_eval
 @torch.no_grad()
 def evaluate_file(checkpoint: str | Path, path: str | Path, *, seq_len: int | None = None,
                   max_windows: int | None = None, progress: bool = True) -> dict[str, float]:
-    """Mean next-byte loss over contiguous windows of `path`; returns loss (nats), bpc and tokens."""
-    from .data import ByteData, eval_windows
+    """The model's loss on the text of `path`, with the tokenizer stored with it (bytes when none).
 
-    model = load_for_eval(checkpoint)
+    Windows of seq_len tokens (default: the model's max_seq_len), each starting at the last token of the one
+    before, predict every token but the first once. Returns loss (nats per token), bits_per_token,
+    bits_per_byte (total nats / ln 2 / the bytes of text those tokens stand for: comparable across
+    tokenizers), tokens and bytes.
+    """
+    from .checkpoint import resolve_checkpoint
+    from .data import eval_window_starts, open_tokens
+    from .tokenizer import find_tokenizer
+
+    source = resolve_checkpoint(checkpoint)
+    model = load_for_eval(source)
+    tokenizer = find_tokenizer(source)
     seq_len = seq_len or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}; "
-                         "give a smaller --seq-len")
-    data = ByteData.open(path)
-    windows = list(eval_windows(data, seq_len, max_windows))
-    total, count = 0.0, 0
-    for ids in tqdm(windows, disable=not progress, unit="window"):
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-        if ids.shape[1] < 2:
-            continue
+    if seq_len > model.config.max_seq_len or seq_len < 2:
+        raise ValueError(f"--seq-len {seq_len} must be in [2, the model's max_seq_len {model.config.max_seq_len}]")
+    data = open_tokens(path, tokenizer)
+    if len(data) < 2:
+        raise ValueError(f"{path} is too short to score: it needs at least 2 tokens")
+    total, count, n_bytes = 0.0, 0, 0
+    for start in tqdm(eval_window_starts(len(data), seq_len, max_windows), disable=not progress, unit="window"):
+        length = min(seq_len, len(data) - start)
+        ids = data.windows([start], length)  # (1, length)
         out = model(ids, labels=ids)
         total += out.loss.item() * out.n_tokens
         count += out.n_tokens
-    if count == 0:
-        raise ValueError(f"{path} is too short to score: it needs at least 2 bytes")
-    loss = total / count
-    return {"loss": loss, "bpc": loss / math.log(2), "tokens": count}
+        n_bytes += data.byte_counts([start], length)
+    return {"loss": total / count, "bits_per_token": total / count / math.log(2),
+            "bits_per_byte": total / max(n_bytes, 1) / math.log(2), "tokens": count, "bytes": n_bytes}
 
 
 TABLE2_COLUMNS = ("Full", "LSH-8", "LSH-4", "LSH-2", "LSH-1")

@@ -8,6 +8,8 @@ step runs the model over the last `max_seq_len` tokens.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator
 
 import torch
@@ -85,3 +87,13 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int = 100, *, temp
                 logits = decode_step(model, next_id, state)
     finally:
         model.train(was_training)
+
+
+class _CallableModule(types.ModuleType):
+    """`reformer.generate(...)` calls `generate` (this module's main function); `reformer.generate.generate` too."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -150,12 +150,18 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ReformerConfig:
         axial_dims=tuple(c["axial_pos_embds_dim"]) if axial else None,
         max_seq_len=max_len, dropout=c["hidden_dropout_prob"], attn_dropout=c["local_attention_probs_dropout_prob"],
         layer_norm_eps=c["layer_norm_eps"], init_std=c["initializer_range"], axial_init_std=c["axial_norm_std"],
+        eos_token_id=_eos_token(hf.get("eos_token_id", HF_DEFAULTS["eos_token_id"]), c["vocab_size"]),
     )
     data.update(overrides)
     try:
         return ReformerConfig(**data)
     except (TypeError, ValueError) as e:
         raise ConversionError(f"the HF config converts to an invalid ReformerConfig: {e}") from e
+
+
+def _eos_token(value, vocab_size: int) -> int | None:
+    """HF's eos_token_id when it names a token of the vocabulary (HF's default is 2), else None."""
+    return value if isinstance(value, int) and 0 <= value < vocab_size else None
 
 
 def _check_supported_hf_config(c: dict[str, Any]) -> None:
@@ -193,7 +199,7 @@ def config_to_hf(config: ReformerConfig) -> dict[str, Any]:
         "axial_pos_shape": list(config.axial_shape) if axial else HF_DEFAULTS["axial_pos_shape"],
         "chunk_size_feed_forward": config.ff_chunk_size,
         "chunk_size_lm_head": 0,
-        "eos_token_id": None,  # our models have no end-of-sequence token; HF's default (2) would stop generate()
+        "eos_token_id": config.eos_token_id,  # None: no end-of-sequence token (HF's default, 2, would stop generate)
         "feed_forward_size": config.d_ff,
         "hash_seed": config.hash_seed,
         "hidden_act": activation,

@@ -347,14 +347,31 @@ class ReformerLM(nn.Module):
         """Read config.json (fields may be overridden, e.g. reversible=False) and model.safetensors."""
         from safetensors.torch import load_file
 
+        from .checkpoint import CheckpointError
+
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found; save_pretrained writes it")
-        data = json.loads((directory / "config.json").read_text())
+        try:
+            data = json.loads((directory / "config.json").read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{directory / 'config.json'} is not valid JSON ({error})") from None
         data.update(overrides)
         model = cls(ReformerConfig.from_saved(data))
-        state = load_file(str(directory / "model.safetensors"))
+        try:
+            state = load_file(str(directory / "model.safetensors"))
+        except Exception as error:  # safetensors' own error type: a truncated or corrupt file
+            raise CheckpointError(f"{directory / 'model.safetensors'} cannot be read ({error})") from None
+        expected = model.state_dict()
+        missing = [name for name in expected if name not in state]
+        unexpected = [name for name in state if name not in expected]
+        wrong = [name for name, tensor in state.items() if name in expected and expected[name].shape != tensor.shape]
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"{directory / 'model.safetensors'} does not fit {directory / 'config.json'} "
+                                  f"({len(missing)} weights missing, {len(unexpected)} unexpected, {len(wrong)} of "
+                                  f"another shape, e.g. {(missing + unexpected + wrong)[0]}); they were not written "
+                                  "together")
         model.load_state_dict(state)
         return model.to(next(iter(state.values())).dtype) if state else model
 

@@ -7,7 +7,16 @@ options), `metrics.jsonl` (one JSON object per train or eval record),
 
 Resuming restores the weights, AdamW and scheduler states, the step, the model's
 generator and the data sampler, so an interrupted-and-resumed run reproduces the
-uninterrupted one, loss for loss, on the CPU.
+uninterrupted one, loss for loss, on the CPU. `train.json` records the options with
+absolute data paths and each data file's size and sha256 (`run_settings` reads
+them back; a resume refuses data that changed). SIGINT (Ctrl-C) finishes the step,
+saves a checkpoint and raises `Interrupted`; a second one stops at once.
+
+The run directory must be new, empty, or a run of ours (`check_out_dir`): nothing
+else is ever overwritten, and a run that fails before writing anything leaves no
+directory behind. Records: `loss` in nats per token, `bits_per_token`, and for
+evaluations of text `bits_per_byte` (nats / ln 2 / the bytes the predicted tokens
+stand for: the same number as bits per token when tokens are bytes).
 
 Under torchrun (see `reformer.distributed`) every process trains a DDP replica
 on its shard of each global batch: `batch_size` sequences per micro-batch in
@@ -20,9 +29,15 @@ all-reduce until the last micro-step.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +46,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import (check_compatible, latest_checkpoint, load_model_config, load_state, resolve_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (check_compatible, checkpoint_dir, latest_checkpoint, load_model_config, load_state,
+                         resolve_checkpoint, save_checkpoint)
 from .config import ReformerConfig
 from .memory import release_freed_memory_eagerly
 from .model import ReformerLM
@@ -66,6 +81,7 @@ class TrainConfig:
     seed: int = 0  # data order; the model's seed is in its config
     resume: bool = False  # continue from the latest checkpoint in `out`
     init_from: str | None = None  # start a new run from these weights (a model, checkpoint or run directory)
+    tokenizer: str | None = None  # a SentencePiece .model or tokenizers .json file (None: bytes are tokens)
     progress: bool = True  # show a tqdm progress bar
 
     def validate(self) -> None:
@@ -73,11 +89,28 @@ class TrainConfig:
             raise ValueError("give exactly one of --data PATH or --task duplication")
         if self.task not in (None, "duplication"):
             raise ValueError(f"unknown task {self.task!r}; the only task is 'duplication'")
+        if self.task is not None and self.tokenizer is not None:
+            raise ValueError("--tokenizer reads text: give --data with it, not --task")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        for name in ("warmup", "eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 0, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in (0, 1), got {self.valid_fraction!r}")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -107,11 +140,16 @@ def make_samplers(cfg: TrainConfig, model_config: ReformerConfig, process: distr
         valid = DuplicationSampler(rows, cfg.seq_len, model_config.vocab_size, eval_gen, **shard)
     else:
         from .data import WindowSampler, load_splits
+        from .tokenizer import load_tokenizer
 
-        train_data, valid_data = load_splits(cfg.data, cfg.valid_data, cfg.valid_fraction)
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocab_size is "
+                             f"{model_config.vocab_size:,}; give --vocab-size {tokenizer.vocab_size} (or leave it out)")
+        train_data, valid_data = load_splits(cfg.data, cfg.valid_data, cfg.valid_fraction, tokenizer)
         train = WindowSampler(train_data, cfg.seq_len, rows, gen, **shard)
         valid = WindowSampler(valid_data, cfg.seq_len, rows, eval_gen, **shard)
-    return train, [valid.next_batch() for _ in range(cfg.eval_batches)]
+    return train, [valid.next_batch_with_bytes() for _ in range(cfg.eval_batches)]
 
 
 def _autocast(precision: str, device: torch.device):
@@ -121,21 +159,94 @@ def _autocast(precision: str, device: torch.device):
 @torch.no_grad()
 def evaluate(model: ReformerLM, batches, precision: str = "fp32",
              process: distributed.Process | None = None) -> dict[str, float]:
-    """Token-weighted mean loss (and bits per token) over `batches`, in eval mode; over every rank's shard."""
+    """Token-weighted mean loss (nats per token) and bits per token over `batches` ((ids, labels) or (ids, labels,
+    bytes)), in eval mode, over every rank's shard; bits per byte too when every batch knows its bytes."""
     model = distributed.unwrapped(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for ids, labels in batches:
+    total, count, n_bytes = 0.0, 0, 0
+    for ids, labels, *extra in batches:
         with _autocast(precision, device):
             out = model(ids.to(device), labels=labels.to(device))
         total += out.loss.item() * out.n_tokens
         count += out.n_tokens
+        n_bytes = None if n_bytes is None or not extra or extra[0] is None else n_bytes + extra[0]
     model.train(was_training)
-    total, count = distributed.sum_over_ranks([total, count], process or distributed.Process())
+    sums = [total, count] + ([] if n_bytes is None else [n_bytes])
+    total, count, *n_bytes = distributed.sum_over_ranks(sums, process or distributed.Process())
     loss = total / max(count, 1)
-    return {"loss": loss, "bpc": loss / LN2}
+    record = {"loss": loss, "bits_per_token": loss / LN2}
+    if n_bytes:
+        record["bits_per_byte"] = total / max(n_bytes[0], 1) / LN2
+    return record
+
+
+RUN_FILES = ("train.json", "config.json")  # a directory with both is a run of ours
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return all((path / name).is_file() for name in RUN_FILES)
+
+
+def check_out_dir(out: str | Path) -> bool:
+    """Refuse an --out that holds anything but a run of ours; True when the directory exists already."""
+    path = Path(out)
+    if not path.exists():
+        if path.is_symlink():
+            raise ValueError(f"--out {path} is a broken link; give a directory")
+        parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot create --out {path}: {parent} is not writable; choose a writable place")
+        return False
+    if not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a directory; give a new directory (or a run of ours)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write in --out {path} (permission denied); choose a writable directory")
+    entries = sorted(os.listdir(path))
+    if entries and not is_run_dir(path):
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise ValueError(f"--out {path} holds files that are not a reformer run ({shown}); give a new or empty "
+                         "directory: nothing there is overwritten")
+    return True
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """{"size", "sha256"} of a file: a resumed run checks that its data did not change."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def run_settings(run_dir: str | Path) -> tuple[TrainConfig, ReformerConfig]:
+    """The training options and model config a run was started with (train.json, config.json)."""
+    from .checkpoint import CheckpointError
+
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise CheckpointError(f"{run_dir} is not a run of ours (no train.json and config.json there); give the "
+                              "--out of a `reformer train` run")
+    try:
+        saved = json.loads((run_dir / "train.json").read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{run_dir / 'train.json'} is not valid JSON ({error})") from None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in fields}), load_model_config(run_dir)
+
+
+def check_data_unchanged(run_dir: str | Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a run whose data files are gone or differ from those it started with."""
+    saved = json.loads((Path(run_dir) / "train.json").read_text()).get("data_files", {})
+    for path, fingerprint in saved.items():
+        if not Path(path).is_file():
+            raise ValueError(f"the run's data file {path} is gone; put it back to resume (its sha256 is "
+                             f"{fingerprint['sha256'][:16]}...)")
+        if Path(path).stat().st_size != fingerprint["size"] or file_fingerprint(path) != fingerprint:
+            raise ValueError(f"the run's data file {path} changed since the run started; resume with the same "
+                             "data, or start a new run with a new --out")
 
 
 class _Run:
@@ -145,15 +256,37 @@ class _Run:
         self.dir = Path(out)
         self.process = process
         self.writer = process.is_main
+        self.created = False
         if self.writer:
+            existed = check_out_dir(self.dir)
             self.dir.mkdir(parents=True, exist_ok=True)
+            self.created = not existed
         self.metrics = self.dir / "metrics.jsonl"
 
     def write_configs(self, cfg: TrainConfig, model_config: ReformerConfig) -> None:
         if not self.writer:
             return
+        from .tokenizer import load_tokenizer, store_tokenizer
+
+        options = dataclasses.asdict(cfg)
+        data_files = {}
+        for key in ("data", "valid_data", "tokenizer"):
+            if options[key] is not None:
+                options[key] = str(Path(options[key]).absolute())
+                if key != "tokenizer":
+                    data_files[options[key]] = file_fingerprint(options[key])
+        if cfg.resume and (self.dir / "train.json").is_file():
+            data_files = json.loads((self.dir / "train.json").read_text()).get("data_files", data_files)
+        stored = store_tokenizer(load_tokenizer(cfg.tokenizer), self.dir)
+        if stored is not None:
+            options["tokenizer"] = str(stored.absolute())
         model_config.to_json(self.dir / "config.json")
-        (self.dir / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (self.dir / "train.json").write_text(json.dumps({**options, "data_files": data_files}, indent=2) + "\n")
+
+    def remove_if_empty(self) -> None:
+        """A directory this run created and left empty (it failed before writing anything) goes again."""
+        if self.created and self.dir.is_dir() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     def truncate_metrics(self, step: int) -> list[dict]:
         """Keep the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
@@ -172,10 +305,44 @@ class _Run:
             f.write(json.dumps(record) + "\n")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT after saving a checkpoint at `step` (`checkpoint`; None when no step had run)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _SigintToCheckpoint:
+    """While training, the first SIGINT asks for a checkpoint after the running step; a second stops at once.
+
+    Only in the main thread (where Python delivers signals); elsewhere SIGINT keeps its usual meaning.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
     """Train (or resume) a ReformerLM; returns the metrics records of the whole run.
 
-    Under torchrun, every process calls this; each returns the same history.
+    Under torchrun, every process calls this; each returns the same history. Raises `Interrupted` after saving
+    a checkpoint when SIGINT arrives.
     """
     cfg.validate()
     if cfg.seq_len > model_config.max_seq_len:
@@ -183,7 +350,8 @@ def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
                          f"lower --seq-len or raise --max-seq-len")
     process = distributed.start(cfg.device)
     try:
-        history = _train(cfg, model_config, process)
+        with _SigintToCheckpoint() as interrupt:
+            history = _train(cfg, model_config, process, interrupt)
     except BaseException:
         distributed.stop(process, wait=False)
         raise
@@ -191,18 +359,23 @@ def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
     return history
 
 
-def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.Process) -> list[dict]:
+def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.Process,
+           interrupt: _SigintToCheckpoint) -> list[dict]:
     release_freed_memory_eagerly()
-    run = _Run(cfg.out, process)
     model = ReformerLM(model_config).to(process.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
-    sampler, eval_batches = make_samplers(cfg, model_config, process)
-    step, history = _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config)
-    if step == 0 and cfg.init_from:
-        _load_initial_weights(model, cfg.init_from, model_config)
-    run.write_configs(cfg, model_config)
+    sampler, eval_batches = make_samplers(cfg, model_config, process)  # bad data fails before --out is touched
+    run = _Run(cfg.out, process)
+    try:
+        step, history = _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config)
+        if step == 0 and cfg.init_from:
+            _load_initial_weights(model, cfg.init_from, model_config)
+        run.write_configs(cfg, model_config)
+    except BaseException:
+        run.remove_if_empty()
+        raise
     if cfg.compile:
         from .compile import compile_model
 
@@ -213,29 +386,54 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
                dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     start, start_step = time.perf_counter(), step
+    saved_step = step if latest_checkpoint(run.dir) is not None else None
     while step < cfg.steps:
         loss = _train_step(cfg, replica, optimizer, scheduler, sampler, process)
         step += 1
         rate = (step - start_step) * tokens_per_step / (time.perf_counter() - start)
-        record = {"step": step, "split": "train", "loss": loss, "bpc": loss / LN2,
+        record = {"step": step, "split": "train", "loss": loss, "bits_per_token": loss / LN2,
                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate}
         run.log(record)
         history.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}", tok_s=f"{rate:,.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", bits=f"{loss / LN2:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             record = {"step": step, "split": "eval", **evaluate(model, eval_batches, cfg.precision, process)}
             run.log(record)
             history.append(record)
-            bar.write(f"step {step}: eval loss {record['loss']:.4f}, {record['bpc']:.4f} bits per token")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            if process.is_main:
+                bar.write(f"step {step}: {describe_eval(record)}")
+        stop = _all_ranks_any(interrupt.requested, process)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
             if process.is_main:
                 _save(run, model, optimizer, scheduler, sampler, step)
+            saved_step = step
             distributed.barrier(process)  # no rank runs ahead of a checkpoint that may be resumed from
+        if stop:
+            bar.close()
+            raise Interrupted(step, checkpoint_dir(run.dir) / f"step-{step:08d}")
     bar.close()
+    if interrupt.requested and saved_step is None:  # interrupted before the first step ended: nothing to save
+        raise Interrupted(step, None)
     if process.is_main:
         plot_curves(history, run.dir / "curves.png")
     return history
+
+
+def describe_eval(record: dict) -> str:
+    """One evaluation record in words: its loss per token, and bits per byte when the data is text."""
+    words = f"eval loss {record['loss']:.4f} nats per token"
+    if "bits_per_byte" in record:
+        return words + f", {record['bits_per_byte']:.4f} bits per byte"
+    return words + f", {record['bits_per_token']:.4f} bits per token"
+
+
+def _all_ranks_any(flag: bool, process: distributed.Process) -> bool:
+    """Whether any rank has `flag` set (one scalar all-reduce with several processes)."""
+    if process.world_size == 1:
+        return flag
+    (count,) = distributed.sum_over_ranks([float(flag)], process)
+    return count > 0
 
 
 def _train_step(cfg, model, optimizer, scheduler, sampler, process: distributed.Process | None = None) -> float:
@@ -323,3 +521,13 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
 def load_for_eval(path: str | Path, **overrides: Any) -> ReformerLM:
     """A trained model from a run directory or a checkpoint directory, in eval mode."""
     return ReformerLM.from_pretrained(resolve_checkpoint(path), **overrides).eval()
+
+
+class _CallableModule(types.ModuleType):
+    """`reformer.train(cfg, model_config)` calls `train` (this module's main function); `reformer.train.train` too."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
