@@ -160,8 +160,10 @@ def test_torchrun_two_processes_then_resume_with_one(tmp_path, text_file):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     run = tmp_path / "run"
     train_args = ["train", "--data", str(text_file), "--out", str(run), "--steps", "4"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "reformer", *command(*train_args)], check=True, env=env, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "reformer", *command(*train_args)], check=True, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.stdout.count("step 2: eval") == 1 and done.stdout.count("done: step 4") == 1  # rank 0 prints
     two_processes, two_records = final_weights(run), records(run)
     assert [r["step"] for r in two_records] == [1, 2, 2, 3, 4, 4]
     (run / "checkpoints" / "latest").write_text("step-00000002\n")  # as if stopped after step 2

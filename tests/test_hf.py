@@ -371,3 +371,13 @@ def test_convert_train_and_convert_back_on_the_command_line(tmp_path, capsys):
     assert "exactly one of --from-hf" in capsys.readouterr().err
     assert main(["convert", "--from-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_eos_token_id_survives_the_round_trip():
+    """HF's eos_token_id comes in (generate stops there) and goes out again; None stays None."""
+    from reformer.hf import config_from_hf, config_to_hf
+
+    hf = tiny_hf(vocab=30)
+    for eos in (2, None):
+        config = config_from_hf({**hf.config.to_dict(), "eos_token_id": eos})
+        assert config.eos_token_id == eos and config_to_hf(config)["eos_token_id"] == eos

@@ -115,6 +115,8 @@ def run_cli(args, **kwargs):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, text_file):
+    """kill -9, then `reformer train --out RUN --resume` alone (data, model with dropout 0.1, options from the run):
+    the same losses, step for step."""
     common = ["--data", str(text_file), "--steps", "30", *CLI_TRAIN]
     assert run_cli([*common, "--out", str(tmp_path / "full")]).wait(timeout=600) == 0
 
@@ -130,7 +132,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, text_file):
     killed_at = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert killed_at < 30
 
-    assert run_cli([*common, "--out", str(tmp_path / "killed"), "--resume"]).wait(timeout=600) == 0
+    assert run_cli(["--out", str(tmp_path / "killed"), "--resume"]).wait(timeout=600) == 0  # the run's own settings
     losses = [
         {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
          if r["split"] == "train"}

@@ -146,9 +146,15 @@ def _structure_damage(path: Path, with_state: bool) -> str | None:
         if not (path / name).is_file():
             return f"{name} is missing"
     weights = path / "model.safetensors"
+    size = weights.stat().st_size
     with open(weights, "rb") as f:
-        header_size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_size))
+        header_size = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
+        if header_size is None or 8 + header_size > size:
+            return f"model.safetensors is {size:,} bytes, too short for its header: truncated or not safetensors"
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "model.safetensors has no valid header: not a safetensors file"
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if weights.stat().st_size != 8 + header_size + end:
         return f"model.safetensors is {weights.stat().st_size:,} bytes, its header needs {8 + header_size + end:,}"
@@ -177,7 +183,7 @@ def _is_step(name: str) -> bool:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest intact checkpoint of a run, or None when it has none yet.
+    """The newest intact checkpoint of a run (at or before the one `latest` names), or None when it has none yet.
 
     A newer checkpoint that is damaged (a truncated file, a kill during a copy) is passed over with a warning
     that names it and the one used; CheckpointError when every checkpoint is damaged.
@@ -185,6 +191,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = checkpoint_dir(run_dir)
     steps = sorted((p for p in root.glob("step-*") if p.is_dir() and _is_step(p.name)), reverse=True) \
         if root.is_dir() else []
+    pointer = root / LATEST
+    if pointer.is_file():  # the newest the run committed to; newer ones were never pointed at
+        newest = pointer.read_text().strip()
+        steps = [p for p in steps if p.name <= newest]
     if not steps:
         return None
     skipped = []

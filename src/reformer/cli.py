@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, model_config = _new_run_settings(args, TrainConfig)
     history = train(cfg, model_config)
     last_eval = [r for r in history if r["split"] == "eval"][-1:]
-    if last_eval:
+    if last_eval and _is_first_rank():
         from .train import describe_eval
 
         print(f"done: step {last_eval[0]['step']}, {describe_eval(last_eval[0])}; run directory {args.out}")
@@ -197,11 +197,11 @@ def _new_run_settings(args: argparse.Namespace, TrainConfig):
         from .checkpoint import resolve_checkpoint
 
         args.config = str(resolve_checkpoint(args.init_from) / "config.json")
-    seq_len = given.get("seq_len", TrainConfig.seq_len)
-    tokenizer = load_tokenizer(given.get("tokenizer"))
-    model_config = model_config_from_args(args, seq_len=seq_len,
-                                          vocab_size=None if tokenizer.kind == "bytes" else tokenizer.vocab_size)
     cfg = TrainConfig(out=args.out, init_from=args.init_from, **given)
+    cfg.validate()  # the options first: a tokenizer is not loaded for a run that cannot start
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model_config = model_config_from_args(args, seq_len=cfg.seq_len,
+                                          vocab_size=None if tokenizer.kind == "bytes" else tokenizer.vocab_size)
     return cfg, model_config
 
 
@@ -231,9 +231,14 @@ def _resume_settings(args: argparse.Namespace):
             model[field] = value
     cfg.resume, cfg.out, cfg.init_from = True, args.out, None
     check_data_unchanged(args.out, cfg)
-    if changes:
+    if changes and _is_first_rank():
         print(f"reformer train: resuming {args.out} with {'; '.join(changes)}", file=sys.stderr)
     return cfg, ReformerConfig.from_dict(model)
+
+
+def _is_first_rank() -> bool:
+    """Under torchrun every rank runs this command; rank 0 speaks for them."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

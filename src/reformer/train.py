@@ -387,6 +387,9 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     start, start_step = time.perf_counter(), step
     saved_step = step if latest_checkpoint(run.dir) is not None else None
+    if _all_ranks_any(interrupt.requested, process):  # before the first step: nothing new to save
+        bar.close()
+        raise Interrupted(step, latest_checkpoint(run.dir) if saved_step is not None else None)
     while step < cfg.steps:
         loss = _train_step(cfg, replica, optimizer, scheduler, sampler, process)
         step += 1
@@ -413,8 +416,6 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
             bar.close()
             raise Interrupted(step, checkpoint_dir(run.dir) / f"step-{step:08d}")
     bar.close()
-    if interrupt.requested and saved_step is None:  # interrupted before the first step ended: nothing to save
-        raise Interrupted(step, None)
     if process.is_main:
         plot_curves(history, run.dir / "curves.png")
     return history
