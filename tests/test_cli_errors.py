@@ -24,7 +24,7 @@ def files(tmp_path_factory):
     paths = {"tmp": root, "text": root / "text.txt", "binary": root / "blob.bin", "empty": root / "empty.txt",
              "short": root / "short.txt", "bad_json": root / "bad.json", "run": root / "run",
              "foreign": root / "foreign", "a_file": root / "a_file.txt", "model": root / "model",
-             "damaged": root / "damaged", "empty_dir": root / "empty_dir"}
+             "damaged": root / "damaged", "empty_dir": root / "empty_dir", "not_options": root / "not_options"}
     paths["text"].write_bytes(TEXT)
     paths["binary"].write_bytes(bytes(range(256)) * 8)
     paths["empty"].write_bytes(b"")
@@ -38,6 +38,8 @@ def files(tmp_path_factory):
     assert main(["train", "--data", str(paths["text"]), "--out", str(paths["run"]), "--steps", "4", "--batch-size",
                  "2", "--seq-len", "64", "--eval-every", "2", "--save-every", "2", "--no-progress", *MODEL]) == 0
     shutil.copytree(paths["run"], paths["damaged"])
+    shutil.copytree(paths["run"], paths["not_options"])
+    (paths["not_options"] / "train.json").write_text("[1, 2]")
     for checkpoint in (paths["damaged"] / "checkpoints").glob("step-*"):
         with open(checkpoint / "model.safetensors", "r+b") as f:
             f.truncate(100)  # every checkpoint truncated: nothing intact to fall back to
@@ -87,6 +89,9 @@ CASES = [
     (["train", "--out", "{run}", "--resume", "--data", "{binary}"], "--data"),
     (["train", "--out", "{run}", "--resume", "--config", "{bad_json}"], "drop --config"),
     (["train", "--out", "{damaged}", "--resume"], "holds no intact checkpoint"),
+    (["train", "--out", "{run}", "--resume", "--steps", "-3"], "--steps must be a whole number >= 1"),
+    (["train", "--out", "{run}", "--resume", "--steps", "4"], "the run is at step 4 already (--steps 4)"),
+    (["train", "--out", "{not_options}", "--resume"], "is not the options of a `reformer train` run"),
     ([*TRAIN, "--data", "{text}", "--out", NEW, "--init-from", "{tmp}/nothing"], "does not exist"),
     ([*TRAIN, "--data", "{text}", "--out", NEW, "--init-from", "{run}", "--d-model", "64", "--d-head", "32"],
      "d_model = 64"),
@@ -95,6 +100,7 @@ CASES = [
     (["eval", "--checkpoint", "{run}"], "give --data FILE"),
     (["eval", "--checkpoint", "{run}", "--data", "{text}", "--seq-len", "999"], "--seq-len 999 must be in"),
     (["eval", "--checkpoint", "{run}", "--data", "{empty}"], "is empty"),
+    (["eval", "--checkpoint", "{run}", "--data", "{text}", "--max-windows", "0"], "--max-windows must be"),
     (["eval", "--checkpoint", "{foreign}", "--data", "{text}"], "is damaged (model.safetensors is 7 bytes"),
     (["eval", "--checkpoint", "{damaged}", "--data", "{text}"], "holds no intact checkpoint"),
     (["eval", "--checkpoint", "{damaged}/checkpoints/step-00000004", "--data", "{text}"], "is damaged"),

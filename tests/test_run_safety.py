@@ -161,3 +161,94 @@ def test_library_train_raises_interrupted_with_the_checkpoint(tmp_path, text_fil
                                                attn_layers=("local",), local_chunk_size=16))
     assert caught.value.step == 2 and caught.value.checkpoint.name == "step-00000002"
     assert torch.load(caught.value.checkpoint / "state.pt", weights_only=False)["step"] == 2
+
+
+def test_a_new_run_never_deletes_checkpoints_of_the_directory(tmp_path, text_file, capsys):
+    """An unreadable `latest` does not make a run look empty; pruning keeps the checkpoint just saved, the one
+    before it and every damaged one."""
+    from reformer.checkpoint import damage
+
+    run = tmp_path / "run"
+    assert train_cli("--data", str(text_file), "--out", str(run), "--steps", "3", "--save-every", "1", *MODEL) == 0
+    (run / "checkpoints" / "latest").write_text("garbage\n")
+    assert train_cli("--data", str(text_file), "--out", str(run), "--steps", "1", *MODEL) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]
+    (run / "checkpoints" / "latest").write_text("step-00000003\n")
+    with open(run / "checkpoints" / "step-00000002" / "state.pt", "r+b") as f:
+        f.truncate(10)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--no-progress"]) == 0
+    names = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert names == ["step-00000002", "step-00000004", "step-00000005"]  # the damaged step 2 stays
+    assert damage(run / "checkpoints" / "step-00000002") is not None
+
+
+def test_the_tokenizer_of_an_earlier_attempt_goes_and_a_moved_run_resumes(tmp_path, text_file):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    lines = tmp_path / "lines.txt"
+    lines.write_text(TEXT.decode().replace(". ", ".\n"))
+    sentencepiece.SentencePieceTrainer.train(input=str(lines), model_prefix=str(tmp_path / "sp"), vocab_size=295,
+                                             byte_fallback=True, minloglevel=2)
+    run = tmp_path / "run"
+    assert train_cli("--data", str(lines), "--tokenizer", str(tmp_path / "sp.model"), "--out", str(run), "--steps",
+                     "2", *MODEL) == 0
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert main(["train", "--out", str(moved), "--resume", "--steps", "3", "--no-progress"]) == 0
+    assert main(["train", "--out", str(moved), "--resume", "--steps", "4", "--no-progress", "--tokenizer",
+                 str(tmp_path / "sp.model"), "--data", os.path.relpath(lines)]) == 0  # the same files, other paths
+    shutil.rmtree(moved / "checkpoints")  # an attempt that saved nothing: the directory starts over, in bytes
+    assert train_cli("--data", str(text_file), "--out", str(moved), "--steps", "1", *MODEL) == 0
+    assert not (moved / "tokenizer.model").exists()
+    assert json.loads((moved / "config.json").read_text())["vocab_size"] == 256
+
+
+def test_a_run_from_before_absolute_paths_resumes_with_its_data_given(tmp_path, text_file, capsys, monkeypatch):
+    run = tmp_path / "old"
+    assert train_cli("--data", str(text_file), "--out", str(run), "--steps", "2", *MODEL) == 0
+    options = json.loads((run / "train.json").read_text())
+    del options["data_files"]
+    options["data"] = "text.txt"  # relative to where it was started
+    (run / "train.json").write_text(json.dumps(options))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for record in records:  # the record names of older runs
+        record["bpc"] = record.pop("bits_per_token")
+        record.pop("bits_per_byte", None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.chdir(tmp_path / "old")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 2
+    assert "give --data with its path" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress", "--data",
+                 str(text_file)]) == 0
+
+
+def test_a_second_sigint_while_saving_waits_for_the_checkpoint(tmp_path, text_file, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real_save = train_module._save
+
+    def save_with_another_interrupt(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_step", interrupting_step(after=2, signals=1))
+    monkeypatch.setattr(train_module, "_save", save_with_another_interrupt)
+    assert train_cli("--data", str(text_file), "--out", str(run), "--steps", "8", "--save-every", "100", *MODEL) == 130
+    assert "--resume` continues from" in capsys.readouterr().err
+    assert latest_checkpoint(run).name == "step-00000002"
+
+
+def test_damage_reads_any_manifest_and_state_without_a_traceback(tmp_path, text_file, capsys):
+    from reformer.checkpoint import damage
+
+    run = tmp_path / "run"
+    assert train_cli("--data", str(text_file), "--out", str(run), "--steps", "2", *MODEL) == 0
+    checkpoint = run / "checkpoints" / "step-00000002"
+    (checkpoint / "manifest.json").write_text('{"files": []}')
+    assert damage(checkpoint) == "manifest.json is not a manifest"
+    (checkpoint / "manifest.json").unlink()  # as written before manifests: its state.pt decides
+    torch.save({"step": 2}, checkpoint / "state.pt")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 2
+    assert "lacks optimizer, scheduler, model_generator, sampler: not a checkpoint" in capsys.readouterr().err

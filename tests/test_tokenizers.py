@@ -126,3 +126,20 @@ def test_binary_data_with_a_tokenizer_is_one_line(made, tmp_path, capsys):
     assert main(["train", "--data", str(blob), "--tokenizer", str(made["sp"]), "--out", str(tmp_path / "run"),
                  "--steps", "1", "--seq-len", "32", "--no-progress", *MODEL]) == 2
     assert "is not UTF-8" in capsys.readouterr().err
+
+
+def test_generated_text_streams_whole_characters_with_spaces_between_pieces(made):
+    """Token by token, the streamed bytes are the prompt-and-continuation's decoding after the prompt: a
+    character split over byte pieces waits for its last byte; SentencePiece's leading spaces stay."""
+    from reformer.cli import _Continuation
+
+    tokenizer = load_tokenizer(made["sp"])
+    prompt = tokenizer.encode(b"He was")[0].tolist()
+    continuation = tokenizer.encode(" the \xc3\xa9 fox \xe7\xbd\xaa and".encode("latin-1").decode("utf-8").encode())[0]
+    stream = _Continuation(tokenizer, prompt)
+    pieces = [stream.add(int(token)) for token in continuation]
+    streamed = b"".join(pieces) + stream.rest()
+    whole = tokenizer.decode(prompt + continuation.tolist())
+    assert streamed == whole[len(tokenizer.decode(prompt)):]
+    assert b"\xef\xbf\xbd" not in b"".join(pieces)  # no half character was printed
+    assert streamed.startswith(b" ")

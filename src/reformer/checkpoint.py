@@ -78,15 +78,15 @@ def save_checkpoint(run_dir: str | Path, model, state: dict[str, Any], step: int
     for name in os.listdir(tmp):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # a resumed run saves this step again: ours if intact, else kept aside
-        if damage(final) is None:
-            shutil.rmtree(final)
-        else:
-            final.rename(_aside(final))
+    replaced = None
+    if final.exists():  # a resumed run saves this step again: the old one goes once the new one is in place
+        replaced = final.rename(final.with_name(final.name + ".old") if damage(final) is None else _aside(final))
     tmp.rename(final)
     _fsync_dir(root)
     _write_atomically(root / LATEST, final.name + "\n")
-    _prune(root, keep)
+    if replaced is not None and replaced.name.endswith(".old"):
+        shutil.rmtree(replaced, ignore_errors=True)
+    _prune(root, final, keep)
     return final
 
 
@@ -113,12 +113,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_VERIFIED: dict[tuple, str | None] = {}  # (path, its files' sizes and times) -> damage: each checked once
+_WARNED: set[str] = set()  # a fallback is said once (per command: `forget_fallback_warnings`)
+
+
+def forget_fallback_warnings() -> None:
+    """Say each fallback to an older checkpoint again (the command line calls this once per command)."""
+    _WARNED.clear()
+
+
 def damage(path: Path) -> str | None:
     """Why the checkpoint directory `path` cannot be used (a short reason), or None when it is intact."""
+    try:
+        key = (str(Path(path).resolve()), tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                                       for p in Path(path).iterdir() if p.is_file())))
+    except OSError as error:
+        return f"unreadable ({error})"
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _damage(Path(path))
+    return _VERIFIED[key]
+
+
+def _damage(path: Path) -> str | None:
     try:
         manifest = path / MANIFEST
         if manifest.is_file():
             files = json.loads(manifest.read_text())["files"]
+            if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+                return "manifest.json is not a manifest"
             for name, expected in files.items():
                 file = path / name
                 if not file.is_file():
@@ -129,7 +151,7 @@ def damage(path: Path) -> str | None:
                     return f"{name} does not match its sha256"
             return None
         return _structure_damage(path, with_state=True)  # written before manifests
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
         return f"unreadable ({error})"
 
 
@@ -170,12 +192,14 @@ def _structure_damage(path: Path, with_state: bool) -> str | None:
     return None
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Delete intact checkpoints but the newest `keep`; damaged ones (and everything else) stay."""
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and _is_step(p.name))
-    for old in complete[:-keep] if keep > 0 else []:
-        if damage(old) is None:
-            shutil.rmtree(old, ignore_errors=True)
+def _prune(root: Path, saved: Path, keep: int) -> None:
+    """Keep `saved` and the newest keep - 1 intact checkpoints before it; delete older intact ones. Damaged
+    checkpoints, later ones and everything else stay."""
+    older = sorted((p for p in root.glob("step-*") if p.is_dir() and _is_step(p.name) and p.name < saved.name),
+                   reverse=True)
+    intact = [p for p in older if damage(p) is None]
+    for old in intact[max(keep - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_step(name: str) -> bool:
@@ -192,8 +216,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     steps = sorted((p for p in root.glob("step-*") if p.is_dir() and _is_step(p.name)), reverse=True) \
         if root.is_dir() else []
     pointer = root / LATEST
-    if pointer.is_file():  # the newest the run committed to; newer ones were never pointed at
-        newest = pointer.read_text().strip()
+    newest = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    if _is_step(newest):  # the newest the run committed to; newer ones were never pointed at
         steps = [p for p in steps if p.name <= newest]
     if not steps:
         return None
@@ -201,9 +225,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     for path in steps:
         reason = damage(path)
         if reason is None:
-            if skipped:
-                warnings.warn(f"{'; '.join(skipped)}: using {path} (the newest intact checkpoint); the damaged "
-                              "files are left as they are", UserWarning, stacklevel=2)
+            message = f"{'; '.join(skipped)}: using {path} (the newest intact checkpoint); the damaged files are " \
+                      "left as they are"
+            if skipped and message not in _WARNED:
+                _WARNED.add(message)
+                warnings.warn(message, UserWarning, stacklevel=2)
             return path
         skipped.append(f"{path.name} is damaged ({reason})")
     raise CheckpointError(f"{run_dir} holds no intact checkpoint: {'; '.join(skipped)}")

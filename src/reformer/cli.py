@@ -214,7 +214,14 @@ def _resume_settings(args: argparse.Namespace):
     cfg, model_config = run_settings(args.out)
     changes, model = [], model_config.to_dict()
     for field, value in _given_train_options(args).items():
-        if value != getattr(cfg, field):
+        saved = getattr(cfg, field)
+        if field in PATH_OPTIONS and saved is not None and _same_file(value, saved):
+            continue
+        if field in PATH_OPTIONS and saved is not None and not Path(saved).is_absolute():
+            changes.append(f"{next(f for f, name in TRAIN_OPTIONS if name == field)} {saved} -> {value}")
+            setattr(cfg, field, value)  # a run from before absolute paths: its relative path is where this is
+            continue
+        if value != saved:
             flag = next(f for f, name in TRAIN_OPTIONS if name == field)
             if field not in RESUME_MAY_CHANGE:
                 raise UserError(f"{flag} {value} differs from the run's {getattr(cfg, field)}; drop {flag} to resume "
@@ -230,10 +237,25 @@ def _resume_settings(args: argparse.Namespace):
             changes.append(f"{flag} {model[field]} -> {value}")
             model[field] = value
     cfg.resume, cfg.out, cfg.init_from = True, args.out, None
+    for field in ("data", "valid_data"):
+        path = getattr(cfg, field)
+        if path is not None and not Path(path).is_absolute() and not Path(path).is_file():
+            raise UserError(f"the run's {field.replace('_', ' ')} file {path} (a path relative to where it was "
+                            f"started) is not found from here; give --{field.replace('_', '-')} with its path")
+    cfg.validate()
     check_data_unchanged(args.out, cfg)
     if changes and _is_first_rank():
         print(f"reformer train: resuming {args.out} with {'; '.join(changes)}", file=sys.stderr)
     return cfg, ReformerConfig.from_dict(model)
+
+
+def _same_file(given: str, saved: str) -> bool:
+    """The same file: the same path once resolved, or (a tokenizer copied into the run) the same bytes."""
+    given, saved = Path(given), Path(saved)
+    if given.exists() and saved.exists():
+        return os.path.samefile(given, saved) or (given.is_file() and given.stat().st_size == saved.stat().st_size
+                                                  and given.read_bytes() == saved.read_bytes())
+    return given.resolve() == saved.resolve()
 
 
 def _is_first_rank() -> bool:
@@ -293,22 +315,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         "less, or a shorter prompt")
     stream = _Utf8Stream(sys.stdout)
     stream.write(args.prompt.encode("utf-8"))
-    generated, written = [], b""
+    continuation = _Continuation(tokenizer, prompt.tolist())
     eos = model.config.eos_token_id
     for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed):
         if token == eos:
             break
-        generated.append(token)
-        if tokenizer.kind == "bytes":
-            stream.write(bytes([token]) if token < 256 else f"<{token}>".encode())
-            continue
-        text = tokenizer.decode(generated)  # whole: a token's text may depend on its neighbours
-        if text.startswith(written):
-            stream.write(text[len(written):])
-            written = text
+        stream.write(continuation.add(token))
+    stream.write(continuation.rest())
     stream.close()
     return 0
+
+
+class _Continuation:
+    """The bytes that generated tokens add after the prompt, as soon as they are settled.
+
+    Bytes are tokens: each token is its byte. Otherwise the prompt and the tokens are decoded together (a
+    piece's text depends on its neighbours: SentencePiece's leading space), and a trailing U+FFFD (a
+    character whose bytes have not all come yet) is held back until the next token settles it.
+    """
+
+    HELD = "\ufffd".encode()
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer, self.ids, self.written = tokenizer, list(prompt_ids), b""
+        self.start = len(tokenizer.decode(prompt_ids)) if tokenizer.kind != "bytes" else 0
+
+    def add(self, token: int) -> bytes:
+        if self.tokenizer.kind == "bytes":
+            return bytes([token]) if token < 256 else f"<{token}>".encode()
+        self.ids.append(token)
+        text = self._text()
+        settled = text[:-len(self.HELD)] if text.endswith(self.HELD) else text
+        return self._take(settled)
+
+    def rest(self) -> bytes:
+        return b"" if self.tokenizer.kind == "bytes" else self._take(self._text())
+
+    def _text(self) -> bytes:
+        return self.tokenizer.decode(self.ids)[self.start:]
+
+    def _take(self, text: bytes) -> bytes:
+        if not text.startswith(self.written):  # an earlier piece read otherwise now: carry on after it
+            self.written = text[:len(self.written)]
+        new, self.written = text[len(self.written):], max(text, self.written, key=len)
+        return new
 
 
 class _Utf8Stream:
@@ -485,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # argparse: --help (0) or a one-line usage error (2)
         return stop.code if isinstance(stop.code, int) else 2
     debug = os.environ.get("REFORMER_DEBUG", "") not in ("", "0")
+    from .checkpoint import forget_fallback_warnings
+
+    forget_fallback_warnings()
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *rest, **kw: print(f"reformer {args.command}: warning: {message}",
                                                                    file=sys.stderr)
@@ -507,7 +561,8 @@ def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> str:
     if isinstance(interrupt, Interrupted):
         if interrupt.checkpoint is None:
             return "interrupted before the first step ended; nothing was saved"
-        return (f"interrupted at step {interrupt.step}; saved {interrupt.checkpoint}; "
+        saved = "saved" if interrupt.saved_now else "before a new step ended; its latest checkpoint is"
+        return (f"interrupted at step {interrupt.step}; {saved} {interrupt.checkpoint}; "
                 f"`reformer train --out {args.out} --resume` continues")
     if args.command != "train":
         return "interrupted"

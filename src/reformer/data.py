@@ -144,6 +144,22 @@ class TokenData(ByteData):
     def __repr__(self) -> str:
         return f"TokenData({self.name!r}, {len(self):,} tokens)"
 
+    @classmethod
+    def open(cls, path):
+        raise TypeError("TokenData comes from open_tokens(path, tokenizer); ByteData.open maps bytes")
+
+    @classmethod
+    def from_bytes(cls, data, name="<bytes>"):
+        raise TypeError("TokenData comes from a tokenizer (encode_data); ByteData.from_bytes holds bytes")
+
+    def split(self, valid_fraction: float = 0.05) -> tuple["TokenData", "TokenData"]:
+        """(train, valid): the first 1 - valid_fraction of the tokens and the rest (load_splits cuts bytes)."""
+        if not 0.0 < valid_fraction < 1.0 or len(self) < 2:
+            raise DataError(f"valid_fraction must be in (0, 1) and {self.name} hold 2 tokens or more")
+        cut = len(self) - min(max(round(len(self) * valid_fraction), 1), len(self) - 1)
+        return (TokenData(self.array[:cut], self.ends[:cut], f"{self.name} (train split)"),
+                TokenData(self.array[cut:], self.ends[cut:], f"{self.name} (validation split)"))
+
     def byte_counts(self, starts: torch.Tensor | Sequence[int], length: int) -> int:
         starts = np.asarray([int(s) for s in (starts.tolist() if isinstance(starts, torch.Tensor) else starts)])
         return int((self.ends[starts + length - 1] - self.ends[starts]).sum()) if len(starts) else 0

@@ -28,6 +28,8 @@ def evaluate_file(checkpoint: str | Path, path: str | Path, *, seq_len: int | No
     source = resolve_checkpoint(checkpoint)
     model = load_for_eval(source)
     tokenizer = find_tokenizer(source)
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"--max-windows must be a whole number >= 1 (or left out: all windows), got {max_windows!r}")
     seq_len = seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len or seq_len < 2:
         raise ValueError(f"--seq-len {seq_len} must be in [2, the model's max_seq_len {model.config.max_seq_len}]")

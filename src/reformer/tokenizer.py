@@ -6,6 +6,7 @@
 
 `ends` is what makes bits per byte exact whatever the tokenizer: the tokens i + 1 .. j cover the bytes
 ends[i] .. ends[j] of the text, so a window's predicted tokens are scored against the bytes they stand for.
+Bytes no token stands for (SentencePiece's normaliser drops a file's trailing whitespace) are not counted.
 
 A run keeps its tokenizer file beside its config (`store_tokenizer`: RUN/tokenizer.model or
 RUN/tokenizer.json); `find_tokenizer` finds it again from a run, one of its checkpoints, or a model

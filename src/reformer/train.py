@@ -234,7 +234,15 @@ def run_settings(run_dir: str | Path) -> tuple[TrainConfig, ReformerConfig]:
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{run_dir / 'train.json'} is not valid JSON ({error})") from None
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in fields}), load_model_config(run_dir)
+    if not isinstance(saved, dict) or "out" not in saved:
+        raise CheckpointError(f"{run_dir / 'train.json'} is not the options of a `reformer train` run")
+    if saved.get("tokenizer") and not Path(saved["tokenizer"]).is_absolute():
+        saved["tokenizer"] = str(run_dir / saved["tokenizer"])  # stored in the run: wherever the run is now
+    try:
+        return TrainConfig(**{k: v for k, v in saved.items() if k in fields}), load_model_config(run_dir)
+    except TypeError as error:
+        raise CheckpointError(f"{run_dir / 'train.json'} is not the options of a `reformer train` run "
+                              f"({error})") from None
 
 
 def check_data_unchanged(run_dir: str | Path, cfg: TrainConfig) -> None:
@@ -266,7 +274,7 @@ class _Run:
     def write_configs(self, cfg: TrainConfig, model_config: ReformerConfig) -> None:
         if not self.writer:
             return
-        from .tokenizer import load_tokenizer, store_tokenizer
+        from .tokenizer import STORED, load_tokenizer, store_tokenizer
 
         options = dataclasses.asdict(cfg)
         data_files = {}
@@ -278,8 +286,10 @@ class _Run:
         if cfg.resume and (self.dir / "train.json").is_file():
             data_files = json.loads((self.dir / "train.json").read_text()).get("data_files", data_files)
         stored = store_tokenizer(load_tokenizer(cfg.tokenizer), self.dir)
-        if stored is not None:
-            options["tokenizer"] = str(stored.absolute())
+        options["tokenizer"] = None if stored is None else stored.name  # relative to the run: it may move
+        for name in STORED.values():  # a tokenizer an earlier attempt in this directory left
+            if stored is None or name != stored.name:
+                (self.dir / name).unlink(missing_ok=True)
         model_config.to_json(self.dir / "config.json")
         (self.dir / "train.json").write_text(json.dumps({**options, "data_files": data_files}, indent=2) + "\n")
 
@@ -306,36 +316,48 @@ class _Run:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT after saving a checkpoint at `step` (`checkpoint`; None when no step had run)."""
+    """Training stopped on SIGINT at `step`, with its newest checkpoint `checkpoint` (None: there is none), saved
+    just now (`saved_now`) or before the interrupt."""
 
-    def __init__(self, step: int, checkpoint: Path | None):
+    def __init__(self, step: int, checkpoint: Path | None, saved_now: bool = True):
         super().__init__(step, checkpoint)
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.saved_now = step, checkpoint, saved_now
 
 
 class _SigintToCheckpoint:
-    """While training, the first SIGINT asks for a checkpoint after the running step; a second stops at once.
+    """While training, the first SIGINT asks for a checkpoint after the running step; a second stops at once,
+    except while a checkpoint is being written: then right after it.
 
     Only in the main thread (where Python delivers signals); elsewhere SIGINT keeps its usual meaning.
     """
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.requested = self.saving = self.abort = False
+        self.installed, self.previous = False, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if not self.requested:
+            self.requested = True
+        elif self.saving:
+            self.abort = True
+        else:
             raise KeyboardInterrupt
-        self.requested = True
+
+    def saved(self) -> None:
+        """A checkpoint write has ended: a second SIGINT that came during it stops now."""
+        self.saving = False
+        if self.abort:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
 
 
 def train(cfg: TrainConfig, model_config: ReformerConfig) -> list[dict]:
@@ -386,10 +408,9 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
                dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     start, start_step = time.perf_counter(), step
-    saved_step = step if latest_checkpoint(run.dir) is not None else None
     if _all_ranks_any(interrupt.requested, process):  # before the first step: nothing new to save
         bar.close()
-        raise Interrupted(step, latest_checkpoint(run.dir) if saved_step is not None else None)
+        raise Interrupted(step, latest_checkpoint(run.dir) if step else None, saved_now=False)
     while step < cfg.steps:
         loss = _train_step(cfg, replica, optimizer, scheduler, sampler, process)
         step += 1
@@ -408,10 +429,11 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
                 bar.write(f"step {step}: {describe_eval(record)}")
         stop = _all_ranks_any(interrupt.requested, process)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
+            interrupt.saving = True
             if process.is_main:
                 _save(run, model, optimizer, scheduler, sampler, step)
-            saved_step = step
             distributed.barrier(process)  # no rank runs ahead of a checkpoint that may be resumed from
+            interrupt.saved()
         if stop:
             bar.close()
             raise Interrupted(step, checkpoint_dir(run.dir) / f"step-{step:08d}")
@@ -426,7 +448,7 @@ def describe_eval(record: dict) -> str:
     words = f"eval loss {record['loss']:.4f} nats per token"
     if "bits_per_byte" in record:
         return words + f", {record['bits_per_byte']:.4f} bits per byte"
-    return words + f", {record['bits_per_token']:.4f} bits per token"
+    return words + f", {record['loss'] / LN2:.4f} bits per token"  # records of older runs have no bits_per_token
 
 
 def _all_ranks_any(flag: bool, process: distributed.Process) -> bool:
@@ -476,8 +498,16 @@ def _maybe_resume(cfg, run, model, optimizer, scheduler, sampler, model_config) 
     check_compatible(load_model_config(latest), model_config)
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(latest / "model.safetensors")))
+    from .checkpoint import CheckpointError
+
     state = load_state(latest)
+    missing = [key for key in ("optimizer", "scheduler", "model_generator", "sampler", "step") if key not in state]
+    if missing:
+        raise CheckpointError(f"{latest / 'state.pt'} lacks {', '.join(missing)}: not a checkpoint of `reformer train`")
+    if state["step"] >= cfg.steps:
+        raise ValueError(f"the run is at step {state['step']} already (--steps {cfg.steps}); give --steps above "
+                         f"{state['step']} to train on")
+    model.load_state_dict(load_file(str(latest / "model.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     model.generator.set_state(state["model_generator"])
