@@ -47,15 +47,27 @@ def random_batch(config, batch=2, length=29, seed=1, pad_from=None):
     return ids, mask
 
 
+_BLAS_LIBRARY = []
+
+
 @contextlib.contextmanager
 def tile_products(tile: bool):
-    """The native window kernel's chunk products in its tile product (True) or the BLAS (False), then as they
-    were (the native kernels must be available)."""
+    """The native kernels with their chunk products in the tile product (True: the library as built here, which
+    uses it where the CPU has AVX-512) or in the BLAS (False: the library built with -DREFORMER_BLAS_PRODUCTS, as
+    on CPUs without AVX-512), until the block ends. The native kernels must be available."""
+    from unittest import mock
+
     from reformer.attention import native
 
-    previous = native.tile_products_in_use()
-    native.use_tile_products(tile)
-    try:
+    if tile:
         yield
-    finally:
-        native.use_tile_products(previous)
+        return
+    if not _BLAS_LIBRARY:
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.mkdtemp(prefix="reformer-blas-")) / "kernels-blas.so"
+        native.build(native._compiler(), path, defines=("REFORMER_BLAS_PRODUCTS",))
+        _BLAS_LIBRARY.append(native.open_library(path))
+    with mock.patch.object(native, "_load", lambda: _BLAS_LIBRARY[0]):
+        yield

@@ -103,7 +103,7 @@ def test_prefill_then_steps_equal_the_uncached_logits():
 def test_lsh_step_equals_the_masked_dense_formulation():
     """The gathered LSH decode step against the plain one: all cached keys, masked to the same visible set."""
     import reformer.decoding as decoding
-    from reformer.attention._chunking import mask_values
+    from reformer.attention.chunking import mask_values
 
     def dense_lsh_step(core, x, cache, position, n_buckets):
         qk = decoding.split_heads(core.qk(x), core.n_heads)

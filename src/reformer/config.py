@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .attention.hashing import validate_n_buckets
+
 ATTENTION_KINDS = ("lsh", "local", "full", "sliding")
 BUCKET_RULES = ("trax", "hf")
 LSH_NORMALIZATIONS = ("softmax", "hf")
@@ -325,14 +327,6 @@ def saved_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_n_buckets(n_buckets: int | tuple[int, ...]) -> None:
-    factors = (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
-    if not factors or any(not isinstance(f, int) or isinstance(f, bool) or f < 2 or f % 2 for f in factors):
-        raise ValueError(
-            f"n_buckets must be an even int >= 2 or a tuple of them (factorised buckets), got {n_buckets!r}"
-        )
 
 
 def default_axial_shape(max_seq_len: int) -> tuple[int, int]:

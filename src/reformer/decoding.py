@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention._chunking import mask_values, padded_length
+from .attention.chunking import mask_values, padded_length
 from .attention.lsh import gather_rows, hash_vectors, normalize_keys
 from .layers.attention import (
     FullSelfAttention,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention._chunking import pad_length, padded_length, padded_mask
+from .attention.chunking import pad_length, padded_length, padded_mask
 from .attention.fused_chunks import KernelReplay
 from .keep import KeepBudget, KeptOutput
 from .attention.sliding import global_mask_as_bool
@@ -37,7 +37,8 @@ from .layers.attention import (
     LSHSelfAttention,
     SlidingSelfAttention,
 )
-from .layers.feed_forward import FeedForward, chunk_bounds
+from .layers.chunks import chunk_bounds
+from .layers.feed_forward import FeedForward
 from .layers.positional import AbsolutePositionEmbedding, AxialPositionEmbedding
 from .layers.reversible import ReformerBlock, run_plain, run_reversible
 from .rng import STREAM_EMBED, derive_seed, draw_seeds, dropout, generator_for

@@ -93,11 +93,6 @@ def pair_keep_mask(p: float, seed: int | None, batch: torch.Tensor, head: torch.
     return x >= round(p * (1 << 32))
 
 
-def keep_rows(keep: torch.Tensor | None) -> torch.Tensor | None:
-    """A (b, m, n) keep mask as (b*m, n) rows, for tensors flattened the same way; None stays None."""
-    return None if keep is None else keep.flatten(0, 1)
-
-
 def apply_keep(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
     """x with the dropped elements zeroed and the kept ones scaled by 1 / (1 - p)."""
     if keep is None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from reformer.attention import fused_chunks, native, window_kernel
-from reformer.attention._chunking import add_normalize_keys_backward_, padded_mask
+from reformer.attention.chunking import add_normalize_keys_backward_, padded_mask
 from tests.conftest import assert_close, seeded, tile_products
 
 

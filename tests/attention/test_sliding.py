@@ -38,7 +38,7 @@ def use(path: str, monkeypatch) -> None:
     if path == "explicit":
         monkeypatch.setattr(sliding, "fused_kernel_available", lambda device: False)
     elif path == "fused-pytorch":
-        monkeypatch.setenv(native.ENABLE_VARIABLE, "0")
+        monkeypatch.setenv("REFORMER_BACKEND", "torch")
 
 
 def check(n, *, masked=False, global_tokens=False, global_projections=False, explicit=False,

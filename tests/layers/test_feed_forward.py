@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reformer.layers.feed_forward import FeedForward, chunk_bounds
+from reformer.layers.chunks import chunk_bounds
+from reformer.layers.feed_forward import FeedForward
 from tests.conftest import assert_close, seeded
 
 
@@ -51,34 +52,3 @@ def test_chunk_bounds_cover_everything():
     assert chunk_bounds(3, 8) == [(0, 3)]
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("need_output", [True, False])
-def test_hand_written_chunk_backward_equals_autograd_through_the_chunk(dropout, need_output):
-    ff = make_ff(7, dropout=dropout)
-    x = torch.randn(2, 7, 6, dtype=torch.float64, generator=seeded(2))
-    grad = torch.randn(2, 7, 6, dtype=torch.float64, generator=seeded(3))
-    part = x.clone().requires_grad_()
-    expected = ff.chunk(part, 5, 3)
-    expected_grads = torch.autograd.grad(expected, [part, *ff.parameters()], grad)
-    initial = [torch.randn(p.shape, dtype=torch.float64, generator=seeded(4)) for p in ff.parameters()]
-    sums = {p: start.clone() for p, start in zip(ff.parameters(), initial)}  # chunk_backward adds into them
-    assert ff.has_chunk_backward(x)
-    d_input, output = ff.chunk_backward(x, grad, 5, 3, sums, need_output=need_output)
-    assert_close(d_input, expected_grads[0], 1e-12, "input")
-    for (name, p), start, e in zip(ff.named_parameters(), initial, expected_grads[1:]):
-        assert_close(sums[p] - start, e, 1e-12, name)
-    if need_output:
-        assert_close(output, expected, 1e-12, "output")
-    else:
-        assert output is None
-    if dropout:  # the masks came from (seed, index): another index draws others, and the gradient changes
-        other = {p: torch.zeros_like(p) for p in ff.parameters()}
-        assert (ff.chunk_backward(x, grad, 5, 4, other, need_output=False)[0] - d_input).abs().max() > 1e-3
-
-
-def test_the_hand_written_backward_serves_the_relu_outside_autocast_only():
-    x = torch.randn(1, 4, 6)
-    assert FeedForward(6, 10, chunk_size=2, dropout=0.0).has_chunk_backward(x)
-    assert not FeedForward(6, 10, chunk_size=2, dropout=0.0, activation="gelu").has_chunk_backward(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not FeedForward(6, 10, chunk_size=2, dropout=0.0).has_chunk_backward(x)

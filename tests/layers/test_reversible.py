@@ -160,41 +160,13 @@ def test_attention_branch_runs_position_wise_parts_in_chunks():
     model = ReformerLM(config).train()
     widths = {"projection": [], "output": []}
     for layer in model.layers:
-        branch = layer.attention
-        branch.attention.v.register_forward_hook(lambda m, i, o: widths["projection"].append(o.shape[1]))
-        branch.out.register_forward_hook(lambda m, i, o: widths["output"].append(o.shape[1]))
-        by_hand = branch.output_chunk_backward  # the backward's recompute, without the module's forward
-
-        def output_chunk_backward(attended, *args, by_hand=by_hand):
-            widths["output"].append(attended.shape[1])
-            return by_hand(attended, *args)
-        branch.output_chunk_backward = output_chunk_backward
+        layer.attention.attention.v.register_forward_hook(lambda m, i, o: widths["projection"].append(o.shape[1]))
+        layer.attention.out.register_forward_hook(lambda m, i, o: widths["output"].append(o.shape[1]))
     ids, mask = random_batch(config, length=29)
     model(ids, attention_mask=mask, labels=ids).loss.backward()
     assert max(widths["projection"]) == max(widths["output"]) == 8
     assert len(widths["projection"]) == len(widths["output"]) == 2 * 2 * 4  # 2 layers, forward and backward recompute,
     # 4 chunks of 29 positions each; the projections are not recomputed for their own gradients
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_the_hand_written_output_projection_backward_equals_autograd(dropout):
-    config = tiny_config(dropout=dropout, attn_layers=("lsh",))
-    branch = ReformerLM(config).double().layers[0].attention
-    inner = branch.out.in_features
-    attended = torch.randn(2, 7, inner, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    grad = torch.randn(2, 7, config.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    part = attended.clone().requires_grad_()
-    expected = branch.output_chunk(part, 11, 2)
-    d_attended, d_weight = torch.autograd.grad(expected, [part, branch.out.weight], grad)
-    start = torch.randn_like(branch.out.weight)
-    sums = {branch.out.weight: start.clone()}
-    assert branch.has_output_backward(attended)
-    output, d_input = branch.output_chunk_backward(attended, grad, 11, 2, sums)
-    assert_close(output, expected, 1e-12, "output")
-    assert_close(d_input, d_attended, 1e-12, "attended")
-    assert_close(sums[branch.out.weight] - start, d_weight, 1e-12, "weight")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not branch.has_output_backward(attended)
 
 
 _STEP_PEAK = """
@@ -354,47 +326,3 @@ def test_the_keep_budget_keeps_the_latest_layers_that_fit_and_never_more():
     assert model.kept_attention is None
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_the_hand_written_backward_recomputes_the_forward_bit_for_bit_in_float32(batch):
-    """X2 = Y2 - G(Y1) and X1 = Y1 - F(X2) rebuild the inputs exactly only if the backward recomputes G and F
-    with the forward's bits: the same products on the same rows (slices of a batch of 2 are not contiguous)."""
-    config = tiny_config(dropout=0.1, attn_layers=("lsh",), ff_chunk_size=8)
-    block = ReformerLM(config).layers[0]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 29, config.d_model, generator=generator)[:, 3:27]  # a slice, as the stack passes
-    attended = torch.randn(batch, 29, block.attention.out.in_features, generator=generator)[:, 3:27]
-    grad = torch.randn(x.shape, generator=generator)
-    ff, branch = block.feed_forward, block.attention
-    with torch.no_grad():
-        g, f = ff.chunk(x, 5, 1), branch.output_chunk(attended, 5, 1)  # as `_block_forward` computes them
-    sums = {p: torch.zeros_like(p) for p in ff.parameters()}
-    assert torch.equal(ff.chunk_backward(x, grad, 5, 1, sums, need_output=True)[1], g)
-    assert torch.equal(branch.output_chunk_backward(attended, grad, 5, 1, {branch.out.weight: torch.zeros_like(
-        branch.out.weight)})[0], f)
-
-
-def test_the_autograd_switch_routes_every_chunk_through_autograd_with_the_same_gradients(monkeypatch):
-    from reformer.layers.feed_forward import FeedForward
-    from reformer.layers.reversible import use_hand_written_backward
-
-    config = tiny_config(dropout=0.1, attn_dropout=0.1, reversible_keep_attention="auto")
-    ids, mask = random_batch(config, length=29, pad_from=23)
-    loss_hand, grads_hand = loss_and_grads(config, ids, mask)
-    monkeypatch.setattr(FeedForward, "chunk_backward", lambda *args, **kwargs: pytest.fail("by hand, switched off"))
-    before = use_hand_written_backward(False)
-    try:
-        loss_autograd, grads_autograd = loss_and_grads(config, ids, mask)
-    finally:
-        use_hand_written_backward(before)
-    assert before is True
-    assert_close(loss_autograd, loss_hand, 1e-12, "loss")
-    for name in grads_hand:
-        assert_close(grads_autograd[name], grads_hand[name], 1e-10, name)
-
-
-def test_the_autograd_switch_takes_a_bool_and_says_so():
-    from reformer.layers.reversible import use_hand_written_backward
-
-    with pytest.raises(TypeError, match="takes True or False, not 'false'"):
-        use_hand_written_backward("false")
-    assert use_hand_written_backward(True) is True  # unchanged by the refusal

@@ -1,11 +1,14 @@
 """Attention cores as pure tensor functions, and their slow references."""
 
+from .backend import BACKENDS, BackendError, use_backend
 from .full import full_attention
 from .local import local_attention
 from .sliding import sliding_window_attention
 from .lsh import hash_vectors, lsh_attention, n_buckets_for_length, random_rotations, rotation_size, total_buckets
 
 __all__ = [
+    "BACKENDS",
+    "BackendError",
     "full_attention",
     "hash_vectors",
     "local_attention",
@@ -15,4 +18,5 @@ __all__ = [
     "rotation_size",
     "sliding_window_attention",
     "total_buckets",
+    "use_backend",
 ]

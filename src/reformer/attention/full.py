@@ -12,9 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunking import (check_attention_mask, check_qkv, explicit_precision, mask_values, upcast, zero_masked_queries,
+from .chunking import (check_attention_mask, check_qkv, explicit_precision, mask_values, upcast, zero_masked_queries,
                         zero_padded)
 from ..rng import dropout as seeded_dropout
+from .backend import choose
+from .chunking import normalize_keys
+from .reference import full_attention_reference
 
 
 def full_attention(
@@ -30,6 +33,10 @@ def full_attention(
     """softmax(q k^T / sqrt(d)) v with causal and padding masks. q, k, v (b, h, n, d) -> (b, h, n, d)."""
     b, h, n, d = check_qkv({"q": q, "k": k, "v": v})
     attention_mask = check_attention_mask(attention_mask, b, n)
+    with_dropout = dropout > 0.0 and dropout_seed is not None
+    backend = choose("full_attention", q, fused=["dense attention"], reference=["dropout"] if with_dropout else [])
+    if backend == "reference":
+        return full_attention_reference(q, k, v, causal=causal, attention_mask=attention_mask)
     k, v = zero_padded(k, attention_mask), zero_padded(v, attention_mask)
     allowed = _allowed(attention_mask, b, n, causal, q.device)  # (b, 1, n, n) or None
     if dropout == 0.0 or dropout_seed is None:
@@ -72,10 +79,9 @@ def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = Fal
     round and one chunk holding the whole sequence. qk, v (b, h, n, d) -> (b, h, n, d).
     Attention-probability dropout comes from `dropout_seed` (None: no dropout).
     """
-    from .lsh import normalize_keys
-
     b, h, n, d = check_qkv({"qk": qk, "v": v})
     attention_mask = check_attention_mask(attention_mask, b, n)
+    choose("shared_qk_attention", qk, fused=["dense attention"], reference=["shared query-keys"])
     dtype = qk.dtype
     with explicit_precision(qk.device):
         qk, v = upcast(zero_padded(qk, attention_mask), zero_padded(v, attention_mask))

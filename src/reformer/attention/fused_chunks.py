@@ -50,11 +50,11 @@ the gradient sums are float32. The backward upcasts each block to float32.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from ..keep import KeepBudget
-from ._chunking import (accumulation_dtype, add_normalize_keys_backward_, explicit_precision, mask_values,
+from .chunking import (accumulation_dtype, add_normalize_keys_backward_, explicit_precision, mask_values,
                         neighbour_mask,
                         unit_length_keys)
 from . import native
@@ -70,6 +70,7 @@ EXACT_FLOAT32 = 1 << 24  # positions below this are exact integers in float32
 
 
 def fused_kernel_available(device: torch.device) -> bool:
+    """The fused path's PyTorch blocks run PyTorch's CPU flash attention: CPU tensors only."""
     return device.type == "cpu"
 
 
@@ -157,6 +158,7 @@ class Plan:
     window: tuple[int, int]  # chunks before and after
     scale: float  # logit scale
     global_tokens: GlobalTokens | None = None  # Longformer's global tokens: columns and rows (one round only)
+    native: bool = False  # the native kernel runs its blocks (the backend chosen for the call); else PyTorch's
 
     @property
     def n_rows(self) -> int:
@@ -176,6 +178,19 @@ class Plan:
         return rows.view(b, n, h, *rows.shape[1:])[index // h, :, index % h]
 
 
+class Budget(Protocol):
+    """Room for what a replay keeps (the model hands down its step's `keep.KeepBudget`)."""
+
+    def take(self, holder, nbytes: int) -> bool: ...  # make room for nbytes, or False
+
+
+class Unlimited:
+    """A budget that always has room."""
+
+    def take(self, holder, nbytes: int) -> bool:
+        return True
+
+
 @dataclass(eq=False)
 class KernelReplay:
     """What one kernel call keeps from its forward for an identical second call, the reversible recompute.
@@ -188,7 +203,7 @@ class KernelReplay:
 
     plan: Plan | None = None
     saved: tuple[torch.Tensor, ...] | None = None  # out, lse_slots, lse, lse_global (global tokens' rows)
-    budget: KeepBudget = field(default_factory=KeepBudget)
+    budget: Budget = field(default_factory=Unlimited)
     declined: bool = False  # it kept nothing, or it has served: it never keeps again
 
     def keep(self, plan: Plan, saved: tuple[torch.Tensor, ...]) -> None:
@@ -271,7 +286,8 @@ class ChunkedAttention(torch.autograd.Function):
                     continue
                 q, k_extended, v_extended, _ = _block_rows(plan, row, start, end, q_rows, k_rows, v_rows)
                 out_block, lse_block = window_block_forward(q, k_extended, v_extended,
-                                                            plan.recipe.block(row, start, end)[0], plan.scale)
+                                                            plan.recipe.block(row, start, end)[0], plan.scale,
+                                                            native_kernel=False)
                 target[start * c:end * c] = out_block.view(-1, d)  # (G, c, d) -> slots
                 lse_slots[row, start:end] = lse_block
             if plan.rank is None:
@@ -318,7 +334,7 @@ class ChunkedAttention(torch.autograd.Function):
                 dq, dk, dv = window_block_backward(grad_rows.view(end - start, c, d), q, k_extended, v_extended,
                                                    out.index_select(0, rows).to(work).view(end - start, c, d),
                                                    lse_block, plan.recipe.block(row, start, end)[0],
-                                                   plan.scale)  # dq (G, c, d); dk, dv on the extended rows
+                                                   plan.scale, native_kernel=False)  # dq (G, c, d); dk, dv extended
                 grads.add(start, end, dq, dk, dv, raw)
             grads.end()
             if plan.global_tokens is not None:
@@ -512,9 +528,9 @@ class _PositionSlots:
 
 
 def _gathers_natively(plan: Plan, q_rows, k_rows, v_rows) -> bool:
-    """Can the native kernel read this call's blocks straight from its rows (float32 or float64 on the CPU)?"""
+    """Does the native kernel read this call's blocks straight from its rows (its backend, the rows' layout)?"""
     rows = [t for t in (q_rows, k_rows, v_rows) if t is not None]
-    return (native.library_for(q_rows) is not None and plan.recipe.dtype == q_rows.dtype
+    return (plan.native and plan.recipe.dtype == q_rows.dtype
             and all(t.dtype == q_rows.dtype and t.is_contiguous() for t in rows))
 
 
@@ -609,7 +625,8 @@ def projection_rows(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal,
                in_position_order: bool = False, band: int | None = None,
-               mask_positions: torch.Tensor | None = None, global_tokens: GlobalTokens | None = None) -> Plan:
+               mask_positions: torch.Tensor | None = None, global_tokens: GlobalTokens | None = None,
+               native: bool = False) -> Plan:
     """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n).
 
     Rounds are n positions long; a window is (before + 1 + after) chunks of c.
@@ -618,6 +635,7 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
     mask_positions: (b, h, r*n) integer positions of the slots that the causal and band masks compare
     (default flat_order); dilated sliding windows give each residue class its own range.
     global_tokens: Longformer's global tokens (`global_tokens.GlobalTokens`; one round only).
+    native: the native kernel runs the blocks (the call's backend); else PyTorch's flash attention.
     """
     b, h, rn = flat_order.shape
     g, per_round = rn // c, n // c
@@ -636,7 +654,7 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
         rank = torch.empty_like(slots).scatter_(-1, flat_order.view(b, h, r, n), slots).view(b * h, r, n)
     return Plan(rows=output_rows(flat_order, n).view(b * h, g, c), kv_source=output_rows(extended, n).view(b * h, -1),
                 rank=rank, recipe=recipe, shape=(b, n, h), window=window, scale=scale,
-                global_tokens=global_tokens)
+                global_tokens=global_tokens, native=native)
 
 
 def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._chunking import mask_values
+from .chunking import mask_values
 
 BLOCK_ELEMENTS = 1 << 19  # scores per block (2 MiB in float32)
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._chunking import (
+from .chunking import (
     check_attention_mask,
     check_chunk_size,
     check_qkv,
@@ -35,6 +35,8 @@ from ._chunking import (
     zero_padded,
 )
 from ..rng import dropout as seeded_dropout
+from .backend import choose
+from .reference import local_attention_reference
 from .fused_chunks import (ChunkedAttention, KernelReplay, cached_plan, chunk_plan, fused_kernel_available,
                            projection_rows)
 
@@ -74,6 +76,13 @@ def local_attention(
     check_chunk_size(chunk_size)
     attention_mask = check_attention_mask(attention_mask, b, n)
     check_window(chunks_before, chunks_after)
+    with_dropout = dropout > 0.0 and dropout_seed is not None
+    backend = choose("local_attention", q, fused=["dropout"] if with_dropout else [],
+                     reference=["dropout"] if with_dropout else [])
+    if backend == "reference":
+        return local_attention_reference(q, k, v, chunk_size=chunk_size, causal=causal,
+                                         attention_mask=attention_mask, wrap=wrap, chunks_before=chunks_before,
+                                         chunks_after=chunks_after)
     window = (chunks_before, chunks_after)
     c = chunk_size
     n_pad = padded_length(n, c)
@@ -81,11 +90,12 @@ def local_attention(
     mask = padded_mask(attention_mask, b, n, n_pad, q.device)  # (b, n_pad)
     k, v = zero_padded(k, attention_mask), zero_padded(v, attention_mask)
 
-    if not (dropout > 0.0 and dropout_seed is not None) and fused_kernel_available(q.device):
+    if not with_dropout and fused_kernel_available(q.device):
         positions = torch.arange(n_pad, device=q.device).expand(b, h, n_pad)  # chunk order = position order
         plan = cached_plan(replay, lambda: chunk_plan(positions, mask, n_pad, c, causal, wrap, window, q.dtype,
                                                       scale=1 / math.sqrt(d), self_value=None,
-                                                      self_on_diagonal=True, in_position_order=True))
+                                                      self_on_diagonal=True, in_position_order=True,
+                                                      native=backend == "native"))
         rows = [projection_rows(pad_length(x, n_pad, dim=2)) for x in (q, k, v)]  # (b*n_pad*h, d) each
         out = ChunkedAttention.apply(*rows, plan, replay).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
         return zero_masked_queries(out[:, :, :n], attention_mask)

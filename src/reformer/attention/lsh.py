@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ._chunking import (
+from .chunking import (
     check_attention_mask,
     check_chunk_size,
     check_qkv,
@@ -47,159 +47,15 @@ from ._chunking import (
     zero_masked_queries,
     zero_padded,
 )
-from ..config import validate_n_buckets
+from ..rng import dropout as seeded_dropout
+from .backend import choose
 from .fused_chunks import (ChunkedAttention, KernelReplay, cached_plan, chunk_plan, fused_kernel_available,
                            projection_rows)
-from . import native
+from .hashing import (Buckets, bucket_factors, first_signed_argmax, gather_rows, hash_vectors,  # noqa: F401
+                      n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size, signed_argmax,
+                      sort_by_bucket, total_buckets, validate_n_buckets)
 from .lsh_causal_window import attend_causal_window, check_causal_window
-from ..rng import dropout as seeded_dropout
-
-Buckets = int | tuple[int, ...]
-HASH_PIECE_ELEMENTS = 1 << 20  # rotated coordinates hashed at a time (4 MiB in float32: heap-sized temporaries)
-
-
-# ---------------------------------------------------------------------------
-# bucket arithmetic
-# ---------------------------------------------------------------------------
-
-def bucket_factors(n_buckets: Buckets) -> tuple[int, ...]:
-    return (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
-
-
-def total_buckets(n_buckets: Buckets) -> int:
-    """Number of real buckets; padded tokens go to one more, with this index."""
-    return math.prod(bucket_factors(n_buckets))
-
-
-def rotation_size(n_buckets: Buckets) -> int:
-    """Columns of the random rotation: a//2 + b//2 + ... for factors a, b, ..."""
-    return sum(f // 2 for f in bucket_factors(n_buckets))
-
-
-def n_buckets_for_length(length: int, chunk_size: int) -> Buckets:
-    """The paper's rule n_buckets = 2 * length / chunk (Trax `hash_vectors`).
-
-    Above 128 buckets, factorise into two factors, as Trax does.
-    """
-    n = 2 * max(1, length // chunk_size)
-    if n <= 128:
-        return n
-    div = 2 ** math.ceil(math.log2(math.sqrt(n)))
-    return div, 2 * (n // (2 * div))
-
-
-def n_buckets_hf_rule(length: int, chunk_size: int, max_positions: int) -> Buckets:
-    """HF's `_set_num_buckets`: the largest power of two <= 2 * length / chunk (at least 2).
-
-    Above 2 * max(int(sqrt(max_positions / chunk)), chunk) it is factorised into
-    two powers of two, the first the smaller. HF computes it from the padded
-    length of the first batch it sees and then keeps it.
-    """
-    power = max((2 * (length // chunk_size)).bit_length() - 1, 1)
-    limit = 2 * max(int((max_positions // chunk_size) ** 0.5), chunk_size)
-    if 2 ** power > limit:
-        return 2 ** (power // 2), 2 ** (power - power // 2)
-    return 2 ** power
-
-
-def random_rotations(n_heads: int, d_head: int, n_hashes: int, n_buckets: Buckets,
-                     generator: torch.Generator) -> torch.Tensor:
-    """Gaussian rotations (h, d, r, rot), drawn on the CPU in float32 from `generator`."""
-    shape = (n_heads, d_head, n_hashes, rotation_size(n_buckets))
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
-
-
-def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Angular LSH: bucket = argmax([xR ; -xR]) per round.
-
-    x (b, h, n, d), rotations (h, d, r, rot), mask (b, n) bool or None.
-    Factorised buckets take one slice of the rotation per factor; the first
-    factor is the least significant digit. Masked positions get bucket
-    `total_buckets(n_buckets)`. Returns (b, h, r, n) int64.
-    """
-    b, h, n, _ = x.shape
-    piece = max(1, HASH_PIECE_ELEMENTS // (b * h * rotations.shape[2] * rotations.shape[3]))  # positions
-    buckets = torch.cat([_hash_piece(x[:, :, start:start + piece], rotations, n_buckets)
-                         for start in range(0, n, piece)], dim=-1)  # (b, h, r, n)
-    stride = total_buckets(n_buckets)
-    if mask is not None:
-        buckets = torch.where(mask[:, None, None, :], buckets, torch.full_like(buckets, stride))
-    return buckets
-
-
-def _hash_piece(x: torch.Tensor, rotations: torch.Tensor, n_buckets: Buckets) -> torch.Tensor:
-    """Buckets (b, h, r, m) of positions x (b, h, m, d); argmax([y ; -y]) without building [y ; -y].
-
-    The rotated coordinates are laid out (..., rot, m), so every reduction runs
-    over whole rows of positions: a max with indices over a short last
-    dimension is ten times slower on the CPU.
-    """
-    with explicit_precision(x.device):  # bfloat16 rows: rotated in float32, or near-ties round together
-        x, = upcast(x)
-        rotated = torch.einsum("bhnd,hdrk->bhrkn", x, rotations.to(x.dtype))  # (b, h, r, rot, m)
-    buckets = torch.zeros(rotated.shape[:3] + rotated.shape[4:], dtype=torch.int64, device=x.device)  # (b, h, r, m)
-    offset, stride = 0, 1
-    for factor in bucket_factors(n_buckets):
-        buckets += signed_argmax(rotated[..., offset:offset + factor // 2, :]) * stride
-        offset += factor // 2
-        stride *= factor
-    return buckets
-
-
-def signed_argmax(y: torch.Tensor) -> torch.Tensor:
-    """`first_signed_argmax`, by the native kernel (`hash_kernel.cpp`, one pass) for float32 and float64 on the
-    CPU when it could be built; else by `first_signed_argmax`. (A NaN is never the maximum here.)"""
-    lib = native.library_for(y)
-    if lib is None:
-        return first_signed_argmax(y)
-    *outer, k, m = y.shape
-    rows = y.reshape(-1, k, m)  # (P, k, m): a view for a slice of the rotations of a contiguous tensor
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    digits = torch.empty(rows.shape[0], m, dtype=torch.int64)
-    function = getattr(lib, f"reformer_signed_argmax_{native.SUFFIXES[y.dtype]}")
-    function(rows.shape[0], k, m, rows.data_ptr(), rows.stride(0), rows.stride(1), digits.data_ptr())
-    return digits.view(*outer, m)
-
-
-def first_signed_argmax(y: torch.Tensor) -> torch.Tensor:
-    """argmax of [y ; -y] along dim -2, the first index on ties (as torch.argmax): y (..., k, m) -> (..., m) int64.
-
-    Float passes only: the maxima are where y - top (or y + top, for -y) is 0;
-    weighting them k, k-1, ..., 1 and taking the largest weight picks the first.
-    """
-    k = y.shape[-2]
-    top = torch.maximum(y.amax(dim=-2, keepdim=True), y.amin(dim=-2, keepdim=True).neg_())  # (..., 1, m)
-    first_weight = torch.arange(k, 0, -1, dtype=y.dtype, device=y.device).view(k, 1)  # k .. 1
-    positive = torch.sub(y, top).sign_().add_(1).mul_(first_weight).amax(dim=-2)  # k - first i: y_i = top; or 0
-    negative = torch.add(y, top).sign_().neg_().add_(1).mul_(first_weight).amax(dim=-2)  # the same for -y_i
-    has_positive = positive.sign()  # 1 or 0
-    digit = has_positive * (k - positive) + (1 - has_positive) * (2 * k - negative)
-    return digit.to(torch.int64)
-
-
-# ---------------------------------------------------------------------------
-# sorting
-# ---------------------------------------------------------------------------
-
-def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort every round by (bucket, position).
-
-    buckets (b, h, r, n) -> (order, rank), both (b, h, r, n): order[..., s] is
-    the position at sorted slot s; rank[..., t] is the sorted slot of position t.
-    """
-    n = buckets.shape[-1]
-    positions = torch.arange(n, device=buckets.device)
-    order = (buckets * n + positions).argsort(dim=-1)  # (b, h, r, n)
-    rank = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
-    return order, rank
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (b, h, n, d), index (b, h, m) -> x[..., index, :] (b, h, m, d)."""
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
-
+from .reference import lsh_attention_reference
 
 # ---------------------------------------------------------------------------
 # the attention
@@ -226,7 +82,7 @@ def lsh_attention(
     causal_window: int | None = None,
     replay: KernelReplay | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-round LSH attention with shared query-keys.
+    """Multi-round LSH attention with shared query-keys: hash, sort, attend in chunks, merge the rounds.
 
     Args:
         qk: (b, h, n, d) shared query-keys. Queries are used as they are; keys
@@ -256,59 +112,88 @@ def lsh_attention(
         replay: a `KernelReplay` that a second, identical call reads the fused kernel's plan and
             output from (the reversible recompute, `reversible_keep_attention`); None: compute.
 
+    Which implementation runs is the backend's choice (`backend.py`): the fused kernel (native or
+    PyTorch blocks) where the options allow it, explicit chunk scores otherwise, or the reference.
+
     Returns:
         out (b, h, n, d) and buckets (b, h, r, n).
     """
+    b, h, n, d = _check_arguments(qk, v, rotations, buckets, n_buckets, chunk_size, attention_mask, normalize,
+                                  causal, wrap, dedup, chunks_before, chunks_after, causal_window)
+    attention_mask = check_attention_mask(attention_mask, b, n)
+    with_dropout = dropout > 0.0 and dropout_seed is not None
+    unfused = [name for name, on in (("dedup", dedup), ("same_bucket_only", same_bucket_only),
+                                     ("dropout", with_dropout), ('normalize="hf"', normalize == "hf"),
+                                     ("causal_window", causal_window is not None)) if on]
+    backend = choose("lsh_attention", qk, fused=unfused,
+                     reference=[o for o in unfused if o in ("dropout", 'normalize="hf"')])
+    if backend == "reference":
+        return lsh_attention_reference(qk, v, rotations, n_buckets=n_buckets, chunk_size=chunk_size, causal=causal,
+                                       attention_mask=attention_mask, dedup=dedup, same_bucket_only=same_bucket_only,
+                                       wrap=wrap, buckets=buckets, chunks_before=chunks_before,
+                                       chunks_after=chunks_after, causal_window=causal_window)
+
+    n_pad = padded_length(n, chunk_size)
+    mask = padded_mask(attention_mask, b, n, n_pad, qk.device)  # (b, n_pad)
+    qk_p = pad_length(zero_padded(qk, attention_mask), n_pad, dim=2)  # (b, h, n_pad, d)
+    v_p = pad_length(zero_padded(v, attention_mask), n_pad, dim=2)  # (b, h, n_pad, d)
+    buckets = _hash(qk_p, rotations, n_buckets, mask, buckets, native_kernel=backend == "native")  # (b, h, r, n_pad)
+    window = (chunks_before, chunks_after)
+    if not unfused and fused_kernel_available(qk.device):  # sort, attend and merge the rounds in the fused kernel
+        out = _attend_fused(qk_p, v_p, buckets, mask, chunk_size=chunk_size, causal=causal, wrap=wrap,
+                            window=window, replay=replay, native_kernel=backend == "native")  # (b, h, n_pad, d)
+    else:
+        with explicit_precision(qk.device):
+            qk_up, v_up = upcast(qk_p, v_p)
+            normalized = NORMALIZATIONS[normalize]
+            if causal_window is not None:
+                out, lse = attend_causal_window(
+                    qk_up, v_up, buckets, mask, chunk_size=chunk_size, window=causal_window, dedup=dedup,
+                    dropout=dropout, dropout_seed=dropout_seed, normalized=normalized,
+                )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
+            else:
+                out, lse = _attend_sorted(
+                    qk_up, v_up, buckets, mask, n_buckets=n_buckets, chunk_size=chunk_size, causal=causal,
+                    dedup=dedup, same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout,
+                    dropout_seed=dropout_seed, normalized=normalized, window=window,
+                )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
+            out = merge_rounds(out, lse, normalized).to(qk.dtype)  # (b, h, n_pad, d)
+    return zero_masked_queries(out[:, :, :n], attention_mask), buckets[..., :n]
+
+
+def _check_arguments(qk, v, rotations, buckets, n_buckets, chunk_size, attention_mask, normalize, causal, wrap,
+                     dedup, chunks_before, chunks_after, causal_window) -> tuple[int, int, int, int]:
+    """(b, h, n, d), after checking that the arguments fit together; each problem says what to change."""
     b, h, n, d = check_qkv({"qk": qk, "v": v})
     check_chunk_size(chunk_size)
-    attention_mask = check_attention_mask(attention_mask, b, n)
+    check_attention_mask(attention_mask, b, n)
     _check_rotations_or_buckets(rotations, buckets, n_buckets, (b, h, n, d))
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {tuple(NORMALIZATIONS)}, got {normalize!r}")
-    normalized = NORMALIZATIONS[normalize]
     check_window(chunks_before, chunks_after)
     if causal_window is not None:
         check_causal_window(causal_window, causal, wrap)
     elif dedup and (chunks_before, chunks_after) != (1, 0):
         raise ValueError("dedup counts keys over windows of one chunk before and none after; "
                          "use chunks_before=1, chunks_after=0 with dedup, or turn dedup off")
+    return b, h, n, d
 
-    n_pad = padded_length(n, chunk_size)
-    mask = padded_mask(attention_mask, b, n, n_pad, qk.device)  # (b, n_pad)
-    qk_p = pad_length(zero_padded(qk, attention_mask), n_pad, dim=2)  # (b, h, n_pad, d)
-    v_p = pad_length(zero_padded(v, attention_mask), n_pad, dim=2)  # (b, h, n_pad, d)
 
+def _hash(qk, rotations, n_buckets, mask, buckets, native_kernel: bool) -> torch.Tensor:
+    """The buckets (b, h, r, n) of every round: hashed from qk, or the given ones with padding's bucket."""
     if buckets is None:
         with torch.no_grad():
-            buckets = hash_vectors(qk_p, rotations, n_buckets, mask)  # (b, h, r, n_pad)
-    else:
-        extra = torch.full_like(buckets[..., :1], total_buckets(n_buckets))
-        buckets = torch.where(mask[:, None, None, :], pad_length(buckets, n_pad, dim=3), extra)
+            return hash_vectors(qk, rotations, n_buckets, mask, native_kernel=native_kernel)
+    n = qk.shape[2]
+    extra = torch.full_like(buckets[..., :1], total_buckets(n_buckets))
+    return torch.where(mask[:, None, None, :], pad_length(buckets, n, dim=3), extra)
 
-    window = (chunks_before, chunks_after)
-    with_dropout = dropout > 0.0 and dropout_seed is not None
-    fused = not (dedup or same_bucket_only or with_dropout) and normalize == "softmax" and causal_window is None
-    if fused and fused_kernel_available(qk.device):
-        out = _attend_fused(qk_p, v_p, buckets, mask, chunk_size=chunk_size, causal=causal, wrap=wrap,
-                            window=window, replay=replay)  # (b, h, n_pad, d)
-    else:
-        with explicit_precision(qk.device):
-            if causal_window is not None:
-                out, lse = attend_causal_window(
-                    *upcast(qk_p, v_p), buckets, mask, chunk_size=chunk_size, window=causal_window, dedup=dedup,
-                    dropout=dropout, dropout_seed=dropout_seed, normalized=normalized,
-                )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
-            else:
-                out, lse = _attend_sorted(
-                    *upcast(qk_p, v_p), buckets, mask,
-                    n_buckets=n_buckets, chunk_size=chunk_size, causal=causal, dedup=dedup,
-                    same_bucket_only=same_bucket_only, wrap=wrap, dropout=dropout, dropout_seed=dropout_seed,
-                    normalized=normalized, window=window,
-                )  # (b, h, r, n_pad, d), (b, h, r, n_pad)
-            weights = normalized(lse, 2)  # (b, h, r, n_pad): each round's share of the joint softmax
-            out = (out * weights[..., None]).sum(dim=2).to(qk.dtype)  # (b, h, n_pad, d)
-    out = zero_masked_queries(out[:, :, :n], attention_mask)
-    return out, buckets[..., :n]
+
+def merge_rounds(out: torch.Tensor, lse: torch.Tensor, normalized) -> torch.Tensor:
+    """The rounds' outputs (b, h, r, n, d) as one softmax over every (round, key): weighted by each round's
+    share of the joint normaliser, normalized(lse over rounds) (b, h, r, n). Returns (b, h, n, d)."""
+    weights = normalized(lse, 2)  # (b, h, r, n)
+    return (out * weights[..., None]).sum(dim=2)
 
 
 def _softmax(x: torch.Tensor, dim: int, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -342,7 +227,7 @@ def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
     return rotations.shape[2]
 
 
-def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window, replay=None):
+def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window, replay=None, native_kernel=False):
     """The combined output (b, h, n, d) through the fused chunk kernel (`fused_chunks`).
 
     For dedup and same-bucket off, no attention dropout and exact softmax
@@ -356,7 +241,7 @@ def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window, rep
         flat_order = order.reshape(b, h, r * n)  # the position at each sorted slot
         self_value, _ = mask_values(qk.dtype)
         return chunk_plan(flat_order, mask, n, c, causal, wrap, window, qk.dtype, scale=1.0, self_value=self_value,
-                          self_on_diagonal=not wrap)
+                          self_on_diagonal=not wrap, native=native_kernel)
 
     plan = cached_plan(replay, build)
     out = ChunkedAttention.apply(projection_rows(qk), None, projection_rows(v), plan, replay)  # keys: unit qk

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..rng import dropout as seeded_dropout
-from ._chunking import look_adjacent, mask_values, normalize_keys
+from .chunking import look_adjacent, mask_values, normalize_keys
+from .hashing import gather_rows, sort_by_bucket
 
 
 def check_causal_window(causal_window: int, causal: bool, wrap: bool) -> None:
@@ -52,7 +53,6 @@ def attend_causal_window(qk, v, buckets, mask, *, chunk_size: int, window: int, 
     qk, v (b, h, n, d) with n a multiple of chunk_size; buckets (b, h, r, n) with padding in its own bucket;
     mask (b, n) bool.
     """
-    from .lsh import gather_rows, sort_by_bucket  # lsh imports this module
 
     b, h, r, n = buckets.shape
     d, c = qk.shape[-1], chunk_size

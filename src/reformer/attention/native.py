@@ -6,9 +6,10 @@ name that hashes the sources, the compiler command, PyTorch's version and the
 CPU's flags, and written atomically (compiled to a temporary name, then
 renamed). The window kernel runs its chunks' small products in its own
 register-tiled product where the compiler targets AVX-512, else in the BLAS
-inside libtorch_cpu, which the library links against (`use_tile_products`
-chooses, for the tests). Its threads are PyTorch's OpenMP threads
-(`torch.set_num_threads`).
+inside libtorch_cpu, which the library links against: the CPU decides, when the
+library is built (the tests build the BLAS variant with -DREFORMER_BLAS_PRODUCTS).
+Its threads are PyTorch's OpenMP threads (`torch.set_num_threads`). Which calls
+take these kernels is `backend.py`'s decision.
 
 `library()` returns the loaded library, or None when it cannot be had: set
 REFORMER_NATIVE=0, no C++ compiler (`CXX`, default g++), or a failed build
@@ -36,7 +37,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("window_kernel.cpp",
 ENABLE_VARIABLE = "REFORMER_NATIVE"  # "0": never build nor use the native kernel
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-std=c++17")
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}  # the dtypes the kernels take, and their names' suffix
-VERSION = 6  # reformer_window_kernel_version() of the source this module speaks to
+VERSION = 7  # reformer_window_kernel_version() of the source this module speaks to
 
 _POINTER = ctypes.c_void_p
 _SIGNATURES = {  # None: the dtype's scalar type
@@ -75,19 +76,9 @@ def library_for(rows: torch.Tensor) -> ctypes.CDLL | None:
     return library()
 
 
-def use_tile_products(tile: bool) -> bool:
-    """Run the window kernel's chunk products in its own register-tiled product (True, the default where the
-    CPU has AVX-512) or in PyTorch's BLAS (False: the tests compare the two); returns whether the tiled one is
-    now in use. Process-wide; raises RuntimeError when the native kernels are unavailable."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the native kernels are unavailable (REFORMER_NATIVE=0, no compiler, or a failed build)")
-    return bool(lib.reformer_window_set_products(int(tile)))
-
-
 def tile_products_in_use() -> bool:
-    """Whether the window kernel's chunk products run in its register-tiled product (False: the BLAS, or no
-    native kernels)."""
+    """Whether the window kernel's chunk products run in its register-tiled product (the CPU has AVX-512; False:
+    the BLAS, or no native kernels)."""
     lib = library()
     return lib is not None and bool(lib.reformer_window_products())
 
@@ -116,10 +107,11 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _command(compiler: str, output: Path, sources: tuple[Path, ...] = SOURCES) -> list[str]:
+def _command(compiler: str, output: Path, sources: tuple[Path, ...] = SOURCES,
+             defines: tuple[str, ...] = ()) -> list[str]:
     lib = _torch_lib()
-    return [compiler, *FLAGS, *map(str, sources), "-o", str(output), f"-L{lib}", "-ltorch_cpu",
-            f"-Wl,-rpath,{lib}"]
+    return [compiler, *FLAGS, *(f"-D{name}" for name in defines), *map(str, sources), "-o", str(output), f"-L{lib}",
+            "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
 
 def _library_path(compiler: str) -> Path:
@@ -150,12 +142,11 @@ def _load() -> ctypes.CDLL | None:
         return None
 
 
-def open_library(path: Path, version: int | None = VERSION) -> ctypes.CDLL:
-    """The built library at `path`, its functions typed; raises RuntimeError unless it is `version` (None: any
-    version, for benchmarks/kernel_ab.py, which times two revisions of the same C interface)."""
+def open_library(path: Path) -> ctypes.CDLL:
+    """The built library at `path`, its functions typed; raises RuntimeError unless it is this module's VERSION."""
     lib = ctypes.CDLL(str(path))
-    if version is not None and lib.reformer_window_kernel_version() != version:
-        raise RuntimeError(f"{path} is version {lib.reformer_window_kernel_version()}, expected {version}")
+    if lib.reformer_window_kernel_version() != VERSION:
+        raise RuntimeError(f"{path} is version {lib.reformer_window_kernel_version()}, expected {VERSION}")
     for kind, signature in _SIGNATURES.items():
         for dtype, suffix in SUFFIXES.items():
             scalar = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
@@ -168,12 +159,14 @@ def open_library(path: Path, version: int | None = VERSION) -> ctypes.CDLL:
     return lib
 
 
-def build(compiler: str, path: Path, sources: tuple[Path, ...] = SOURCES) -> None:
-    """Compile `sources` (by default the package's) into the library at `path`, atomically."""
+def build(compiler: str, path: Path, sources: tuple[Path, ...] = SOURCES, defines: tuple[str, ...] = ()) -> None:
+    """Compile `sources` (by default the package's) into the library at `path`, atomically; `defines` are
+    preprocessor names to define (the tests' REFORMER_BLAS_PRODUCTS)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         partial = Path(scratch) / path.name
-        result = subprocess.run(_command(compiler, partial, sources), capture_output=True, text=True, timeout=300)
+        result = subprocess.run(_command(compiler, partial, sources, defines), capture_output=True, text=True,
+                                timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"compiling {' and '.join(source.name for source in sources)} failed:\n"
                                f"{result.stderr[-2000:]}")

@@ -12,7 +12,8 @@ import math
 import torch
 
 from ..rng import pair_keep_mask
-from .lsh import bucket_factors, normalize_keys, total_buckets
+from .chunking import normalize_keys
+from .hashing import bucket_factors, total_buckets
 
 SELF_LOGIT = -1e5  # a position attends to itself only when nothing else is allowed
 

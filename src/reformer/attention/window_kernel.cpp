@@ -3,7 +3,7 @@
 //
 // Plain C++ with a C interface, loaded with ctypes (native.py): no PyTorch headers, so it builds quickly. Each
 // chunk's small products run in this file's register-tiled product (AVX-512, float32 and float64; `tile_product`)
-// or, without AVX-512 or when `reformer_window_set_products(0)` asks for it, in the BLAS that PyTorch itself uses
+// or, without AVX-512 (or built with -DREFORMER_BLAS_PRODUCTS, as the tests build it), in the BLAS that PyTorch uses
 // (`sgemm_`, `dgemm_` from libtorch_cpu). The gathers, the mask and the elementwise work run on each chunk's tiles
 // while they are in cache.
 //
@@ -37,7 +37,7 @@
 #include <cstring>
 
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(REFORMER_BLAS_PRODUCTS)
 #include <immintrin.h>
 #endif
 
@@ -85,7 +85,7 @@ void blas_product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t l
     fortran_gemm(&tb, &ta, &N, &M, &K, &alpha, B, &ldb_, A.data, &lda, &beta, C, &ldc_);
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(REFORMER_BLAS_PRODUCTS)
 // The register-tiled product: C is cut into tiles of up to 6 rows by 4 vectors of columns (24 accumulators in
 // registers); each step over K loads one row of B's tile and broadcasts one value of A per row. The sum over K
 // runs in order, so the result does not depend on anything but the operands.
@@ -206,9 +206,6 @@ void tile_product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t l
 constexpr bool HAS_TILE_PRODUCT = false;
 #endif
 
-// Which product the kernels run: 1 the tile product (where it is compiled), 0 the BLAS (set by the tests).
-std::atomic<int> use_tile_product{HAS_TILE_PRODUCT ? 1 : 0};
-
 template <typename T>
 void product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t ldb, bool accumulate, T *C, int64_t ldc) {
     if (M <= 0 || N <= 0) return;
@@ -216,7 +213,7 @@ void product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t ldb, b
         for (int r = 0; r < M && !accumulate; ++r) std::memset(C + r * ldc, 0, sizeof(T) * N);
         return;
     }
-    if (use_tile_product.load(std::memory_order_relaxed))
+    if (HAS_TILE_PRODUCT)  // chosen when the library is built: the CPU's AVX-512
         tile_product(M, N, K, alpha, A, B, ldb, accumulate, C, ldc);
     else
         blas_product(M, N, K, alpha, A, B, ldb, accumulate, C, ldc);
@@ -710,7 +707,7 @@ void block_backward(const Block<T> &b, const MaskSpec &spec, const Gradient<T> &
 
 extern "C" {
 
-int reformer_window_kernel_version() { return 6; }
+int reformer_window_kernel_version() { return 7; }
 
 // limits: the rows q_index may pick (the query, gradient and output rows), the rows kv_index may pick (the key
 // and value rows), the rows out_index or dq_index may pick. Returns 0, or 1 when an index was out of range (the
@@ -756,13 +753,7 @@ REFORMER_WINDOW_KERNELS(double, f64)
 REFORMER_WINDOW_MASK(float, f32)
 REFORMER_WINDOW_MASK(double, f64)
 
-// Which products the kernels run: 1 this file's tile product, 0 the BLAS. Returns the one now in use: asking for
-// the tile product where it is not compiled (no AVX-512) leaves the BLAS.
-int reformer_window_set_products(int tile) {
-    use_tile_product.store(tile != 0 && HAS_TILE_PRODUCT ? 1 : 0);
-    return use_tile_product.load();
-}
-
-int reformer_window_products() { return use_tile_product.load(); }
+// Which products the kernels run: 1 this file's tile product, 0 the BLAS (fixed when the library is built).
+int reformer_window_products() { return HAS_TILE_PRODUCT ? 1 : 0; }
 
 }  // extern "C"

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from ._chunking import KEY_EPS
+from .chunking import KEY_EPS
 
 EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}  # exp of these is a normal number in that dtype
 PROBABILITY_FLOOR = {torch.float32: 1e-30, torch.float64: 1e-290}  # above exp(EXP_FLOOR); smaller is set to 0
@@ -74,13 +74,13 @@ def windows(extended: torch.Tensor, g: int, c: int, w: int) -> torch.Tensor:
 
 
 def window_block_forward(q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor, mask: torch.Tensor,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         scale: float, native_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs (G, c, d) and log-sum-exps (G, c) of one block.
 
     q: (G, c, d); k_extended, v_extended: ((G + m - 1) * c, d); mask: (G, c, w) additive. The log-sum-exps are
     float32 for bfloat16 rows, else in the rows' dtype.
     """
-    if native.library_for(q) is not None:
+    if native.library_for(q) is not None if native_kernel is None else native_kernel:
         return torch.ops.reformer.window_block_forward(q, k_extended, v_extended, mask, scale)
     g, c, _ = q.shape
     w = mask.shape[-1]
@@ -90,14 +90,14 @@ def window_block_forward(q: torch.Tensor, k_extended: torch.Tensor, v_extended: 
 
 
 def window_block_backward(grad: torch.Tensor, q: torch.Tensor, k_extended: torch.Tensor, v_extended: torch.Tensor,
-                          out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor, scale: float,
+                          native_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block: dq (G, c, d), and dk, dv on the extended rows ((G + m - 1) * c, d).
 
     grad, q, out: (G, c, d); k_extended, v_extended: ((G + m - 1) * c, d); lse: (G, c), the log-sum-exps of
     scale * q.k + mask over each window; mask: (G, c, w) additive. All float32 or float64.
     """
-    if native.library_for(q) is not None:
+    if native.library_for(q) is not None if native_kernel is None else native_kernel:
         return torch.ops.reformer.window_block_backward(grad, q, k_extended, v_extended, out, lse, mask, scale)
     return window_block_backward_batched(grad, q, k_extended, v_extended, out, lse, mask, scale)
 

@@ -19,10 +19,9 @@ from ..attention.full import shared_qk_attention
 from ..attention.fused_chunks import KernelReplay
 from ..keep import KeptOutput
 from ..attention.lsh import n_buckets_for_length, n_buckets_hf_rule, random_rotations, rotation_size
-from .by_hand import add_linear_grads, linear
-from .feed_forward import chunk_bounds
+from .chunks import chunk_bounds
 from ..rng import (STREAM_ATTN_OUT, STREAM_ATTN_PROBS, STREAM_ROTATIONS, apply_keep, derive_seed, generator_for,
-                   keep_mask, keep_rows)
+                   keep_mask)
 
 
 @dataclass
@@ -299,30 +298,9 @@ class AttentionBranch(nn.Module):
 
     def output_chunk(self, attended: torch.Tensor, seed: int | None, index: int) -> torch.Tensor:
         """Attention output (b, m, h*d) of chunk `index` -> (b, m, d_model)."""
-        return (self.compiled_output or self.pure_output)(attended, self.output_keep(attended, seed, index))
-
-    def output_keep(self, attended: torch.Tensor, seed: int | None, index: int) -> torch.Tensor | None:
-        """Chunk `index`'s output dropout mask (b, m, d_model), or None."""
-        return keep_mask((*attended.shape[:-1], self.out.out_features), attended.device, self.dropout, seed,
+        keep = keep_mask((*attended.shape[:-1], self.out.out_features), attended.device, self.dropout, seed,
                          STREAM_ATTN_OUT, index)
-
-    def has_output_backward(self, attended: torch.Tensor) -> bool:
-        """Whether `output_chunk_backward` serves chunks of `attended`: not compiled, autocast off."""
-        return self.compiled_output is None and not torch.is_autocast_enabled(attended.device.type)
-
-    @torch.no_grad()
-    def output_chunk_backward(self, attended: torch.Tensor, grad: torch.Tensor, seed: int | None, index: int,
-                              totals: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """`output_chunk(attended, seed, index)` recomputed and differentiated by hand: adds the output
-        projection's parameter gradients, given the output's gradient `grad` (b, m, d_model), into `totals`
-        (parameter -> its running sum); returns the chunk's output (b, m, d_model) and the gradient of
-        `attended` (b, m, h*d)."""
-        keep = keep_rows(self.output_keep(attended, seed, index))
-        rows = attended.flatten(0, 1)  # (b*m, h*d)
-        output = apply_keep(linear(rows, self.out), keep, self.dropout)
-        d_out = apply_keep(grad.flatten(0, 1), keep, self.dropout)  # (b*m, d_model)
-        add_linear_grads(totals, self.out, d_out, rows)
-        return output.view_as(grad), torch.mm(d_out, self.out.weight).view_as(attended)
+        return (self.compiled_output or self.pure_output)(attended, keep)
 
     def pure_output(self, attended: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """`output_chunk` given its dropout mask."""

@@ -17,12 +17,6 @@ the depth, plus one layer's work:
 - the attention branch keeps its projections and the attention output for the
   whole sequence; its LayerNorm, projections and output projection are
   recomputed and differentiated chunk by chunk (`AttentionBranch.chunk_size`).
-Outside autocast these chunks are differentiated by hand, with the products
-autograd would run, written into the gradients' sums in place
-(`FeedForward.chunk_backward`, `AttentionBranch.output_chunk_backward`,
-`_projection_backward_by_hand`), without a graph per chunk nor its temporaries;
-autograd through the chunks remains the path under autocast, for compiled
-chunks and for activations other than the ReLU, and the tests' reference.
 The recompute uses the same `LayerCall` (same seed, hence the same dropout
 masks; same LSH buckets).
 
@@ -50,22 +44,9 @@ import torch
 from torch import nn
 
 from ..rng import apply_keep
-from . import by_hand
 from .attention import AttentionBranch, LayerCall
-from .feed_forward import FeedForward, chunk_bounds
-
-
-_HAND_WRITTEN = {"on": True}  # use_hand_written_backward
-
-
-def use_hand_written_backward(on: bool) -> bool:
-    """Differentiate the position-wise chunks by hand where that path serves (True, the default) or through
-    autograd everywhere (False: the benchmarks' A/B, benchmarks/step_ab.py's `backward=autograd`); returns the
-    setting before. Both give the same gradients (tests/layers/test_reversible.py)."""
-    if not isinstance(on, bool):
-        raise TypeError(f"use_hand_written_backward takes True or False, not {on!r}")
-    before, _HAND_WRITTEN["on"] = _HAND_WRITTEN["on"], on
-    return before
+from .chunks import chunk_bounds
+from .feed_forward import FeedForward
 
 
 class Tail(Protocol):
@@ -227,15 +208,7 @@ def _feed_forward_backward(ff: FeedForward, seed, y1, y2, dy1, dy2, kept: torch.
     kept from the forward, the chunks run only up to the activation (`_kept_output_chunk_backward`)."""
     params = list(ff.parameters())
     totals = [torch.zeros_like(p) for p in params]
-    hand_written = _HAND_WRITTEN["on"] and ff.has_chunk_backward(y1)
-    sums = dict(zip(params, totals))
     for index, (start, end) in enumerate(chunk_bounds(y1.shape[1], ff.chunk_size)):
-        if hand_written:  # FeedForward.chunk_backward: the products of autograd's, without autograd
-            d_input, g = ff.chunk_backward(y1[:, start:end], dy2[:, start:end], seed, index, sums,
-                                           need_output=kept is None)
-            dy1[:, start:end] += d_input
-            y2[:, start:end] -= g if kept is None else kept[:, start:end]
-            continue
         if kept is not None:
             d_input, param_grads = _kept_output_chunk_backward(ff, seed, index, y1[:, start:end], dy2[:, start:end])
             dy1[:, start:end] += d_input
@@ -288,14 +261,7 @@ def _attention_backward(branch: AttentionBranch, call: LayerCall, mask, y1, x2, 
     out_params = list(branch.out.parameters())
     out_totals = [torch.zeros_like(p) for p in out_params]
     d_attended = torch.empty_like(attended)
-    hand_written = _HAND_WRITTEN["on"] and branch.has_output_backward(attended)  # output_chunk_backward
-    out_sums = dict(zip(out_params, out_totals))
     for index, (start, end) in enumerate(bounds):
-        if hand_written:
-            f, d_attended[:, start:end] = branch.output_chunk_backward(
-                attended[:, start:end].detach(), dy1[:, start:end], call.seed, index, out_sums)
-            y1[:, start:end] -= f
-            continue
         with torch.enable_grad():
             part = attended[:, start:end].detach().requires_grad_()
             f = branch.output_chunk(part, call.seed, index)
@@ -321,9 +287,6 @@ def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds
     layers = branch.attention.projection_layers()
     norm_params = list(branch.norm.parameters())
     totals = {p: torch.zeros_like(p) for p in [*norm_params, *(q for layer in layers for q in layer.parameters())]}
-    if _HAND_WRITTEN["on"] and not torch.is_autocast_enabled(x2.device.type):
-        _projection_backward_by_hand(branch.norm, layers, x2, dx2, d_projections, bounds, totals)
-        return totals
     for start, end in bounds:
         with torch.enable_grad():
             part = x2[:, start:end].detach().requires_grad_()
@@ -341,22 +304,6 @@ def _projection_backward(branch: AttentionBranch, x2, dx2, d_projections, bounds
         _accumulate([totals[p] for p in norm_params], grads[1:])
         del normed, grads
     return totals
-
-
-@torch.no_grad()
-def _projection_backward_by_hand(norm: nn.LayerNorm, layers, x2, dx2, d_projections, bounds, totals: dict) -> None:
-    """`_projection_backward` without autograd (outside autocast): the same products, the parameters'
-    gradients added into `totals` in place, the LayerNorm's backward called directly."""
-    for start, end in bounds:
-        rows = x2[:, start:end].flatten(0, 1)  # (b*m, d_model)
-        normed, mean, rstd = by_hand.layer_norm(norm, rows)
-        d_normed = None
-        for layer, d in zip(layers, d_projections):
-            part = d[:, start:end].flatten(0, 1)  # (b*m, h*d)
-            by_hand.add_linear_grads(totals, layer, part, normed)
-            d_normed = torch.mm(part, layer.weight) if d_normed is None else d_normed.addmm_(part, layer.weight)
-        d_rows = by_hand.layer_norm_backward(norm, totals, d_normed, rows, mean, rstd)
-        dx2[:, start:end] += d_rows.view(dx2[:, start:end].shape)
 
 
 def _accumulate(totals: list[torch.Tensor], grads) -> None:
