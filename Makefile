@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast demo demo-text bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
-	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-ceiling bench-kernels clean
+	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-profile clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,6 @@ bench-compile: $(STAMP)  ## --compile against eager: step time, compile time, gr
 bench-million: $(STAMP)  ## one training step at 1,048,576 tokens (about 6 minutes, 10 GB; writes benchmarks/results/million.md)
 	$(PY) benchmarks/million.py
 
-bench-ceiling: $(STAMP)  ## a 16,384-token step's matrix products alone: the most FLOP/s it could reach (about 4 minutes; writes benchmarks/results/ceiling.md)
-	$(PY) benchmarks/ceiling.py
-
-bench-kernels: $(STAMP)  ## the native CPU kernels beside their PyTorch paths, call by call (about a minute; writes benchmarks/results/kernels.md)
-	$(PY) benchmarks/kernel_calls.py
-
 bench-memory: $(STAMP)  ## peak RSS of one training step vs depth and length (writes benchmarks/results/memory.md)
 	$(PY) benchmarks/memory.py
 
@@ -59,6 +53,9 @@ bench-sliding: $(STAMP)  ## sliding-window attention (global tokens too) beside 
 bench-prefix-lsh: $(STAMP)  ## prefix-consistent LSH beside standard LSH and full attention: quality, then speed (about 40 minutes)
 	$(PY) benchmarks/prefix_lsh.py
 	$(PY) benchmarks/compare.py --contenders ours ours_prefix --lengths 1024 4096 16384 65536 --tag prefix
+
+bench-profile: $(STAMP)  ## one training step by part and by operator, with FLOP rates (writes benchmarks/results/profile.md)
+	$(PY) benchmarks/profile_step.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

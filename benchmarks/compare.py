@@ -5,9 +5,8 @@ Every contender is the same model: a 6-layer causal LM, d_model 256, 4 heads x
 every layer (chunks of 64, 4 hashes, buckets from the length) and reversible
 layers; the baseline is a plain pre-LayerNorm Transformer whose attention is
 PyTorch's `scaled_dot_product_attention(is_causal=True)`. Ours runs its
-feed-forward and loss in chunks (ff_chunk_size 1024, loss_chunk_size 4096; runs
-before 2026-12-03 used ff_chunk_size 2048, and before 2026-12-02 4096, both
-slower here: `step_ab_ff-chunk.md`); the peers run with their own defaults.
+feed-forward and loss in chunks (ff_chunk_size 1024, loss_chunk_size 4096, the
+fastest of 1024, 2048 and 4096 here); the peers run with their own defaults.
 
 Each (contender, length) runs in a fresh process: one warm-up step, then up to
 --repeats timed steps (forward, backward, AdamW) while they fit in --budget
@@ -32,8 +31,7 @@ layer, less the attention products of the layers that kept their attention),
 the loss tail's recompute in chunks, and the q.k products that the attention
 backward recomputes from the log-sum-exps; less the feed-forward's second
 product in the layers whose feed-forward output was kept. The targets table gives them apart,
-as the FLOPs the step executes (benchmarks/ceiling.py records every product of
-a step and checks this count). The machine's rate is the median of 5 4096^3
+as the FLOPs the step executes. The machine's rate is the median of 5 4096^3
 matrix products in the same run, in the precision of the run (the environment variable
 REFORMER_RATE_SIZE=N makes them N^3: the test suite's smoke runs use 1024 to save time): once at the start
 of each round (the header's rate: the median over the rounds), and, for our
@@ -47,7 +45,7 @@ tokens, 2 at 65,536), then the feed-forward outputs of the latest layers in what
 (`reversible_keep_feed_forward`: 5 at 16,384); each cell reports `kept_layers`, `kept_mib`,
 `kept_outputs` and `kept_outputs_mib`. `ours_keep` is our model with
 `reversible_keep_attention=True` (every layer's), in the default run beside `ours`.
-`ours_pytorch` is `ours` with the native CPU kernels off (REFORMER_NATIVE=0: PyTorch's flash kernel,
+`ours_pytorch` is `ours` on the torch backend (REFORMER_BACKEND=torch: PyTorch's flash kernel,
 batched products and float passes instead; `--tag native` writes compare_native.md); each of our cells
 reports `native`, whether the native kernels were on.
 `ours_prefix` is our model with prefix-consistent causal LSH (`lsh_prefix_consistent=True`, 2 * chunk
@@ -74,10 +72,12 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RATE_LABEL, RATE_SIZE, command_line, matmul_gflops, run_worker, write_result  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa", "ours_prefix", "ours_pytorch")
@@ -85,7 +85,7 @@ DEFAULT_CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa")  # 
 LABELS = {"ours": "reformer (ours)", "hf": "HF transformers Reformer", "reformer_pytorch": "reformer_pytorch",
           "sdpa": "Transformer + SDPA", "ours_prefix": "ours, prefix-consistent LSH",
           "ours_keep": "ours, reversible_keep_attention=True",
-          "ours_pytorch": "ours without the native kernels (REFORMER_NATIVE=0)"}
+          "ours_pytorch": "ours on the torch backend (REFORMER_BACKEND=torch)"}
 PRECISIONS = {"fp32": "float32", "bf16": "torch.autocast(bfloat16) around the forward, parameters and optimizer in "
               "float32"}
 D_MODEL, HEADS, D_HEAD, D_FF, LAYERS, CHUNK, HASHES, VOCAB = 256, 4, 64, 1024, 6, 64, 4, 256
@@ -118,28 +118,12 @@ def executed_flops_per_step(length: int, kept_layers: int = 0, kept_outputs: int
             - second_product * kept_outputs)
 
 
-# --- result files ----------------------------------------------------------------------------------
-
-def command_line(script: str, argv: list[str] | None) -> str:
-    """How a result file cites the command that made it: `python benchmarks/SCRIPT ARGS` (sys.argv's when None)."""
-    return f"python benchmarks/{script}" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-
-
-def write_result(out_dir: Path, stem: str, tag: str, text: str) -> Path:
-    """Write a markdown result to OUT_DIR/STEM[_TAG].md, print it, and return its path."""
-    out = out_dir / f"{stem}{'_' + tag if tag else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    return out
-
-
 # --- the contenders (each built inside its own worker process) -------------------------------------
 
 def build_ours(length: int, device, prefix_consistent: bool = False, keep_attention: bool | str = "auto",
                malloc_mib: tuple[int, int] | None = None):
     """Our benchmark model and its loss; `malloc_mib`: glibc's (mmap, trim) thresholds in MiB instead of
-    `release_freed_memory_eagerly`'s defaults (benchmarks/malloc_ab.py)."""
+    `release_freed_memory_eagerly`'s defaults."""
     from reformer import ReformerConfig, ReformerLM
     from reformer.config import default_axial_shape
     from reformer.memory import release_freed_memory_eagerly
@@ -234,9 +218,8 @@ BUILDERS = {"ours": build_ours, "hf": build_hf, "reformer_pytorch": build_reform
 
 def build_ours_pytorch(length: int, device):
     """Ours with the native CPU kernels off: PyTorch's flash kernel and batched products instead."""
-    import os
 
-    os.environ["REFORMER_NATIVE"] = "0"  # this worker process is this contender's alone
+    os.environ["REFORMER_BACKEND"] = "torch"  # this worker process is this contender's alone
     return build_ours(length, device)
 
 
@@ -282,45 +265,13 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
         cell["kept_layers"], cell["kept_mib"] = len(kept), sum(kept) / 2**20
         outputs = model.kept_output_bytes
         cell["kept_outputs"], cell["kept_outputs_mib"] = len(outputs), sum(outputs) / 2**20
-        cell["native"] = device.type == "cpu" and native.library() is not None
+        from reformer.attention.backend import forced_backend
+
+        cell["native"] = device.type == "cpu" and native.library() is not None and forced_backend() != "torch"
     return cell
 
 
 # --- the driver ------------------------------------------------------------------------------------
-
-def rate_size() -> int:
-    """The side of the products that measure the matmul rate: REFORMER_RATE_SIZE, 4096 by default."""
-    text = os.environ.get("REFORMER_RATE_SIZE", "4096")
-    if not text.isdigit() or int(text) < 1:
-        raise SystemExit(f"REFORMER_RATE_SIZE must be a positive whole number (the side of the products that "
-                         f"measure the matmul rate; 4096 by default), not {text!r}")
-    return int(text)
-
-
-RATE_SIZE = rate_size()
-RATE_LABEL = f"{RATE_SIZE}^3"
-
-
-def matmul_gflops(device_name: str, precision: str = "fp32") -> float:
-    """The machine's matrix-multiply rate: the median of 5 (RATE_SIZE, RATE_SIZE) products after 2 warm-ups."""
-    import torch
-
-    device = torch.device(device_name)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = (torch.randn(RATE_SIZE, RATE_SIZE, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * RATE_SIZE**3 / statistics.median(times) / 1e9
-
 
 def merge_runs(first: dict, other: dict) -> dict:
     """One cell measured in several rounds: the median over all their timed steps, the highest peak."""
@@ -367,18 +318,6 @@ def run_cell(contender: str, length: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", contender, "--lengths", str(length), "--repeats",
                str(args.repeats), "--budget", str(args.budget), "--device", args.device, "--precision", args.precision]
     return run_worker(command, contender, length, timeout_s=args.max_step_s * 3 + 120)
-
-
-def run_worker(command: list[str], contender: str, length: int, timeout_s: float) -> dict:
-    """One cell in a fresh process: the worker's last line of stdout (JSON), or the reason it failed."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"contender": contender, "length": length, "error": "timed out"}
-    if done.returncode != 0:
-        reason = "killed (out of memory?)" if done.returncode < 0 else done.stderr.strip().splitlines()[-1][:120]
-        return {"contender": contender, "length": length, "error": reason}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def table(results: dict, lengths, contenders) -> list[str]:

@@ -35,12 +35,14 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import command_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "memory.md"
@@ -207,12 +209,6 @@ def allocator_note(results) -> str:
     return "glibc defaults (dynamic mmap threshold, up to 32 MiB: the heap keeps freed blocks)"
 
 
-def command_line() -> str:
-    python = Path(sys.executable)
-    shown = os.path.relpath(python) if python.is_relative_to(Path.cwd()) else str(python)
-    return shlex.join([shown, *sys.argv])
-
-
 def report(args, results, wall: float) -> str:
     any_run = next((run for runs in results.values() for run in runs), {})
     return "\n".join([
@@ -228,7 +224,7 @@ def report(args, results, wall: float) -> str:
         "",
         ratios(results, args.layers, args.lengths),
         "",
-        f"- command: `{command_line()}`",
+        f"- command: `{command_line('memory.py', args.argv)}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- torch {any_run.get('torch', 'n/a')}, {any_run.get('threads', 'n/a')} threads, "
         f"Python {platform.python_version()}",
@@ -260,6 +256,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smoke configuration: length 1024, layers 1 and 2, 1 repeat (seconds)")
     p.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = argv
     if args.quick:
         args.lengths, args.layers, args.repeats = [1024], [1, 2], 1
     args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_MALLOC_OUT if args.default_malloc else DEFAULT_OUT)

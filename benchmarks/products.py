@@ -1,8 +1,7 @@
 """The matrix products a step makes, recorded under a dispatch mode: operators, operand layouts, FLOPs.
 
-Used by benchmarks/ceiling.py (which runs each distinct call again alone) and
-benchmarks/profile_step.py (which counts each part's FLOPs from the products
-made inside it). Products: `mm`, `addmm`, `bmm`, `baddbmm` (their in-place and
+Used by benchmarks/profile_step.py (which counts each part's FLOPs from the
+products made inside it). Products: `mm`, `addmm`, `bmm`, `baddbmm` (their in-place and
 out= forms), PyTorch's CPU flash-attention kernel, whose FLOPs are its q.k
 and p.v products, and our native window kernel's operators (forward: q.k and
 p.v; backward: q.k, dO.v, dS.k, dS^T.q and P^T.dO), which include their softmax

@@ -35,7 +35,8 @@ import reformer.layers.feed_forward as feed_forward
 import reformer.layers.reversible as reversible
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import LAYERS, RATE_LABEL, VOCAB, build_ours, matmul_gflops  # noqa: E402
+from compare import LAYERS, VOCAB, build_ours  # noqa: E402
+from harness import RATE_LABEL, matmul_gflops  # noqa: E402
 from products import RecordProducts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import run_worker  # noqa: E402
+from harness import command_line, run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 D_MODEL, HEADS, D_HEAD, WINDOW = 256, 4, 64, 128
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
             print(json.dumps(result), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python benchmarks/sliding.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("sliding.py", argv)
     lines = [
         "# Sliding-window attention: forward + backward, ours beside HF Longformer and dense SDPA", "",
         f"Command: `{command}`. {datetime.date.today()}, {torch.get_num_threads()} threads, torch "

@@ -29,7 +29,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from .config import ReformerConfig, default_axial_dims, default_axial_shape, saved_fields
+from .config import ReformerConfig, saved_fields
 
 # the command line's default model (ReformerConfig's own defaults are HF's larger ones); shown in --help
 TRAIN_MODEL_DEFAULTS = dict(vocab_size=256, d_model=128, n_heads=2, d_head=64, d_ff=256,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reformer.attention import native, sliding, sliding_window_attention
+from reformer.attention import sliding, sliding_window_attention
 from reformer.attention.reference import sliding_window_reference
 from tests.conftest import assert_close, seeded
 

@@ -60,30 +60,3 @@ def test_the_depth_verdict_judges_the_peaks_less_the_keep_budget_and_prints_the_
     assert "**1.43x** (target <= 1.25) **FAIL**" in ratio_line("depth", kept_none, deep, shallow, 1.25)
     too_much = {deep: runs(1000, 250), shallow: runs(630, 90)}  # less kept 750 / 540 = 1.39x
     assert "**1.39x** (target <= 1.25) **FAIL**" in ratio_line("depth", too_much, deep, shallow, 1.25)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
-def test_heap_peak_reports_the_free_heap_at_the_peak_per_threshold(tmp_path):
-    out = tmp_path / "heap.md"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heap_peak.py"), "--length", "1024",
-                           "--layers", "lsh", "local", "--ff-chunk", "512", "--repeats", "1", "--thresholds", "8", "32",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
-    if "needs glibc" in done.stderr:
-        pytest.skip(done.stderr.strip())
-    assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "MiB |" in line]
-    assert [row[0].strip() for row in rows] == ["8 MiB", "32 MiB"]
-    for row in rows:
-        step, in_use, free = (float(row[i].replace(",", "")) for i in (1, 4, 5))
-        assert step > 0 and in_use > 0 and free >= 0
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--thresholds", "8", "64"], "--thresholds are MiB from 1 to 32"),
-    (["--length", "1000"], "--length must be a positive multiple of 128"),
-    (["--repeats", "0"], "--repeats and --ff-chunk must be at least 1"),
-])
-def test_heap_peak_says_which_argument_to_change(argv, message):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heap_peak.py"), *argv], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 2 and message in done.stderr

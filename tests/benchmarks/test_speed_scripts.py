@@ -109,26 +109,6 @@ def test_profile_refuses_zero_steps():
 
 
 @pytest.mark.slow
-def test_ceiling_records_every_product_of_a_step_and_matches_the_analytic_count(tmp_path):
-    """The products recorded in a step are the FLOPs compare.py counts as executed (within the LSH hashing's
-    rotations, under 1% here, the feed-forward second products skipped for the kept outputs subtracted); the
-    recompute's forward calls vanish with reversible_keep_attention=True."""
-    out = tmp_path / "ceiling.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--length", "512", "--rounds", "1",
-                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=600)
-    results = {str(r["keep"]): r for r in json.loads(out.with_suffix(".json").read_text())}
-    assert set(results) == {"auto", "True", "False"}
-    for r in results.values():
-        assert 1.0 <= r["executed_gflops"] / r["analytic_executed_gflops"] < 1.01, r
-        assert r["products_s"] > 0 and r["step_s"] > 0  # timings: measured, never compared (they vary run to run)
-    forward = "window kernel, forward" if native.library() is not None else "flash attention"
-    forward_calls = {keep: r["by_name"][forward][0] for keep, r in results.items()}
-    assert forward_calls["False"] == 2 * forward_calls["True"] == 2 * forward_calls["auto"]  # all 6 layers fit at 512
-    assert {keep: r["kept_outputs"] for keep, r in results.items()} == {"auto": 6, "True": 6, "False": 0}
-    assert "| 'auto' | 6, 6 of 6 |" in out.read_text() and "--length 512" in out.read_text()
-
-
-@pytest.mark.slow
 def test_sliding_quick_run_writes_a_table_and_a_plot(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sliding.py"), "--lengths", "512", "1024",
                     "--contenders", "ours", "ours_longformer", "hf_global", "--repeats", "1", "--out", str(tmp_path)],
@@ -172,7 +152,7 @@ def test_prefix_lsh_quick_run_writes_a_table(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, tag, label", [
     ("ours_prefix", "prefix", "ours, prefix-consistent LSH"),
-    ("ours_pytorch", "native", "ours without the native kernels (REFORMER_NATIVE=0)"),
+    ("ours_pytorch", "native", "ours on the torch backend (REFORMER_BACKEND=torch)"),
 ])
 def test_compare_runs_a_variant_of_ours_beside_ours_under_a_tag(variant, tag, label, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--lengths", "256",
@@ -187,88 +167,11 @@ def test_compare_runs_a_variant_of_ours_beside_ours_under_a_tag(variant, tag, la
 @pytest.mark.parametrize("script, args, message", [
     ("sliding.py", ["--repeats", "0"], "--repeats and --lengths must be at least 1"),
     ("prefix_lsh.py", ["--dup-steps", "0"], "--dup-steps and --text-steps must be at least 1"),
-    ("ceiling.py", ["--rounds", "0"], "--repeats, --rounds and --length must be at least 1"),
-    ("kernel_calls.py", ["--calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
-    ("kernel_calls.py", ["--layer-calls", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
-    ("kernel_ab.py", ["--base", "HEAD", "--rounds", "0"], "--rounds, --calls and --layer-calls must be at least 1"),
 ])
 def test_new_benchmarks_refuse_zero_counts(script, args, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
-
-
-def test_kernels_quick_run_writes_a_table_of_both_paths(tmp_path):
-    if native.library() is None:
-        pytest.skip("the native kernels are unavailable here")
-    out = tmp_path / "kernels.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_calls.py"), "--rounds", "1", "--calls", "1",
-                    "--layer-calls", "1", "--lengths", "512", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
-    text = out.read_text()
-    assert "| window kernel, backward (one block) |" in text and "| LSH hashing, one layer at 512 tokens" in text
-    assert "| LSH attention of one layer at 512 tokens, forward and backward |" in text
-    assert "--calls 1" in text and out.with_suffix(".json").is_file()
-
-
-def needs_git_and_a_compiler():
-    if native._compiler() is None:
-        pytest.skip("no C++ compiler here")
-    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
-        pytest.skip("not a git checkout with a commit")
-
-
-@pytest.mark.slow
-def test_kernel_ab_quick_run_times_two_revisions_in_one_table(tmp_path):
-    needs_git_and_a_compiler()
-    out = tmp_path / "ab.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--base", "HEAD", "--rounds", "2",
-                    "--calls", "1", "--layer-calls", "1", "--lengths", "512", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    text = out.read_text()
-    assert "base: HEAD (kernel version" in text and "head: the working tree (kernel version" in text
-    assert "| window kernel, backward (one block) |" in text and " of 2 |" in text  # 1 call x 2 rounds
-    assert "| LSH attention of one layer at 512 tokens, forward and backward |" in text
-    seconds = json.loads(out.with_suffix(".json").read_text())["seconds"]
-    assert len(seconds) == 6 and all(len(times) == 2 and min(times) > 0 for times in seconds.values())
-
-
-def test_kernel_ab_says_which_revision_it_cannot_read(tmp_path):
-    needs_git_and_a_compiler()
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--base", "no-such-revision",
-                           "--out", str(tmp_path / "ab.md")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "cannot read window_kernel.cpp at no-such-revision" in done.stderr
-
-
-@pytest.mark.parametrize("failure, message", [
-    ("build", "the native sources of the working tree do not build: compiling failed"),
-    ("interface", "the library of the working tree lacks a function that native.py declares"),
-])
-def test_kernel_ab_says_when_a_revision_does_not_build_or_lacks_the_interface(failure, message, tmp_path,
-                                                                              monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import kernel_ab
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    monkeypatch.setattr(native, "_compiler", lambda: "g++")
-    if failure == "build":
-        def build(*_):
-            raise RuntimeError("compiling failed")
-        monkeypatch.setattr(native, "build", build)
-    else:
-        monkeypatch.setattr(native, "build", lambda *_: None)
-
-        def open_library(*_, **__):
-            raise AttributeError("reformer_window_forward_f32")
-        monkeypatch.setattr(native, "open_library", open_library)
-    with pytest.raises(SystemExit, match=message):
-        kernel_ab.library_at(None, tmp_path, "head")
-
-
-def test_kernels_benchmark_says_when_there_is_nothing_to_compare(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_calls.py"), "--out", str(tmp_path / "k.md")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "REFORMER_NATIVE": "0"})
-    assert done.returncode == 2 and "the native kernels are unavailable here" in done.stderr
 
 
 @pytest.mark.slow
@@ -288,55 +191,6 @@ def test_compare_resumes_an_interrupted_run_from_its_log(tmp_path):
     text = (tmp_path / "compare.md").read_text()
     ours = json.loads(ours_line)
     assert f"{ours['step_s']:.2f} s" in text and "--resume" in text
-
-
-@pytest.mark.slow
-def test_step_ab_quick_run_writes_a_table_of_paired_ratios(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), "--length", "256", "--rounds", "2",
-                           "--variant", "default", "--variant", "kept", "reversible_keep_attention=false",
-                           "--variant", "blas", "products=blas", "--out-dir", str(tmp_path), "--tag", "quick"],
-                          check=True, capture_output=True, text=True, timeout=600)
-    text = (tmp_path / "step_ab_quick.md").read_text()
-    assert "| default | - |" in text and "| 1.000 | - |" in text
-    assert "| kept | reversible_keep_attention=False |" in text and "of 2 |" in text
-    assert "| blas | products=blas |" in text and "round 2:" in done.stdout
-
-
-@pytest.mark.parametrize("words, message", [
-    (["--variant", "a", "--variant", "b", "nonsense=1"], "is not KEY=VALUE with KEY a ReformerConfig field"),
-    (["--variant", "a", "--variant", "b", "reversible_keep_attention=maybe"], "do not make a valid config"),
-    (["--variant", "a", "--variant", "b", "products=gpu"], "products must be tile or blas"),
-    (["--variant", "a", "--variant", "b", "backward=fast"], "backward must be hand or autograd"),
-    (["--variant", "a", "--variant", "a"], "variant names must differ"),
-    (["--variant", "a", "--rounds", "0"], "--rounds and --length must be at least 1"),
-])
-def test_step_ab_refuses_bad_variants_with_a_message(words, message):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), "--length", "64", *words],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr
-
-
-@pytest.mark.slow
-def test_malloc_ab_runs_each_setting_in_its_own_process_and_writes_paired_ratios(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "malloc_ab.py"), "--length", "256", "--rounds", "2",
-                           "--steps", "1", "--setting", "8,64", "--setting", "32,64", "--out-dir", str(tmp_path),
-                           "--tag", "quick"], check=True, capture_output=True, text=True, timeout=600)
-    text = (tmp_path / "malloc_ab_quick.md").read_text()
-    assert "| mmap 8 MiB, trim 64 MiB | " in text and "| 1.000 | - |" in text
-    assert "| mmap 32 MiB, trim 64 MiB | " in text and " of 2 |" in text and "round 2:" in done.stdout
-
-
-@pytest.mark.parametrize("words, message", [
-    (["--setting", "8,64"], "give at least two different --setting"),
-    (["--setting", "8,64", "--setting", "8,64"], "give at least two different --setting"),
-    (["--setting", "8", "--setting", "32,64"], "a setting is MMAP_MIB,TRIM_MIB"),
-    (["--setting", "8,64", "--setting", "64,64"], "glibc takes an mmap threshold of 1 to 32 MiB"),
-    (["--setting", "8,64", "--setting", "32,64", "--rounds", "0"], "must be at least 1"),
-])
-def test_malloc_ab_refuses_bad_settings_with_a_message(words, message):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "malloc_ab.py"), *words],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr
 
 
 def test_no_benchmark_script_shadows_an_installed_or_standard_module():

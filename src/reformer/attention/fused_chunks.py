@@ -57,7 +57,7 @@ import torch
 from .chunking import (accumulation_dtype, add_normalize_keys_backward_, explicit_precision, mask_values,
                         neighbour_mask,
                         unit_length_keys)
-from . import native
+
 from .global_tokens import (GlobalTokens, columns_backward, global_rows_backward, global_rows_forward,
                             merge_columns)
 from .window_kernel import (BlockMask, GatheredBlock, gathered_block_backward, gathered_block_forward,

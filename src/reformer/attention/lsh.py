@@ -26,7 +26,6 @@ up to 0.4%. `normalize="hf"` reproduces that, for parity with HF checkpoints.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
