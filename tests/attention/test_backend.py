@@ -109,3 +109,62 @@ def test_reformer_native_0_still_turns_the_native_kernels_off(monkeypatch):
         assert choose("x", q) == "torch"
     with use_backend("native"), pytest.raises(BackendError, match="REFORMER_NATIVE=0 turns it off"):
         choose("x", q)
+
+
+def design_rows() -> dict[str, dict[str, str]]:
+    """docs/design.md's table of what each backend runs: {option: {backend: "yes" or "no"}}."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
+    lines = text[text.index("| option (`lsh_attention` unless named)"):].splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def design_call(option: str):
+    """The call a row of the design table names, on small float64 inputs."""
+    q, k, v, mask = inputs()
+    rotations = random_rotations(2, 4, 2, 4, seeded(1)).double()
+
+    def lsh(**kw):
+        options = dict(n_buckets=4, chunk_size=4, causal=True, attention_mask=mask)
+        options.update(kw)
+        return lambda: lsh_attention(q, v, rotations, **options)
+
+    glob = torch.zeros_like(mask).index_fill_(1, torch.tensor([0, 9]), True)
+    return {
+        "causal, padding mask, several rounds": lsh(),
+        "wrap (HF / Trax layout), chunks before and after": lsh(causal=False, wrap=True, chunks_after=1),
+        "dedup (paper eq. 16)": lsh(dedup=True),
+        "same-bucket only (eq. 3-4)": lsh(same_bucket_only=True),
+        "prefix-consistent (`causal_window`)": lsh(causal_window=4),
+        "attention dropout": lsh(dropout=0.3, dropout_seed=1),
+        '`normalize="hf"`': lsh(normalize="hf"),
+        "bfloat16 rows": lambda: lsh_attention(q.detach().bfloat16(), v.detach().bfloat16(), rotations.float(),
+                                               n_buckets=4, chunk_size=4, causal=True, attention_mask=mask),
+        "`sliding_window_attention`: dilation, causal, global tokens": lambda: sliding_window_attention(
+            q, k, v, window=3, dilation=(1, 2), causal=True, attention_mask=mask, global_mask=glob),
+        "`sliding_window_attention`: attention dropout": lambda: sliding_window_attention(
+            q, k, v, window=3, attention_mask=mask, global_mask=glob, dropout=0.3, dropout_seed=1),
+        "`local_attention`": lambda: local_attention(q, k, v, chunk_size=5, attention_mask=mask),
+        "`full_attention`": lambda: full_attention(q, k, v, attention_mask=mask),
+    }[option]
+
+
+@pytest.mark.parametrize("option", sorted(design_rows()))
+def test_the_design_table_is_what_the_backends_do(option):
+    if native.library() is None:
+        pytest.skip("the native kernel is unavailable here")
+    for backend, cell in design_rows()[option].items():
+        with use_backend(backend):
+            if cell == "yes":
+                design_call(option)()
+            else:
+                with pytest.raises(BackendError):
+                    design_call(option)()
