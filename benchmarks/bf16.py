@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import write_result  # noqa: E402
 NOVEL = ROOT.parent / "shared" / "data" / "crime-and-punishment-2554.txt"
 PRECISIONS = ("fp32", "bf16")
 
@@ -134,7 +136,7 @@ def main(argv=None) -> None:
             *table(histories, seconds), ""]
     if image:
         text.append(f"![loss curves]({image.name})")
-    (args.out_dir / "bf16.md").write_text("\n".join(text) + "\n")
+    write_result(args.out_dir / "bf16.md", "\n".join(text) + "\n")
     print("\n".join(text))
 
 

@@ -13,7 +13,7 @@ Each (contender, length) runs in a fresh process: one warm-up step, then up to
 seconds; the table shows the median step time, tokens/s and the process's peak
 memory (RSS from getrusage; on CUDA, torch.cuda.max_memory_allocated). Ours
 calls `reformer.memory.release_freed_memory_eagerly()` first (glibc's mmap and
-trim thresholds), as the README recommends; the peers keep glibc's defaults,
+trim thresholds), as docs/training.md recommends; the peers keep glibc's defaults,
 which suit them better (with our setting their large temporaries are mapped
 and faulted in afresh every time). Cells
 run in alternation (every contender at one length before the next length). A
@@ -70,14 +70,13 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RATE_LABEL, RATE_SIZE, command_line, matmul_gflops, run_worker, write_result  # noqa: E402,F401
+from harness import RATE_LABEL, command_line, cpu_name, matmul_gflops, run_worker, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("ours", "ours_keep", "hf", "reformer_pytorch", "sdpa", "ours_prefix", "ours_pytorch")
@@ -128,7 +127,7 @@ def build_ours(length: int, device, prefix_consistent: bool = False, keep_attent
     from reformer.config import default_axial_shape
     from reformer.memory import release_freed_memory_eagerly
 
-    # as our README recommends; the peers run with glibc's defaults
+    # as docs/training.md recommends; the peers run with glibc's defaults
     if not release_freed_memory_eagerly(*(mib << 20 for mib in malloc_mib or ())) and malloc_mib:
         raise RuntimeError(f"glibc's mallopt refused the thresholds {malloc_mib} MiB (or this is not glibc)")
     config = ReformerConfig(vocab_size=VOCAB, d_model=D_MODEL, n_heads=HEADS, d_head=D_HEAD, d_ff=D_FF,
@@ -485,9 +484,9 @@ def main(argv=None) -> None:
     suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + (f"_{args.tag}" if args.tag else "")
     written = plots(results, args.lengths, args.contenders, args.out_dir, suffix)
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+              else f"{cpu_name()}, {torch.get_num_threads()} threads")
     text = ["# Training step: ours beside the peers\n",
-            f"Command: `python {' '.join(['benchmarks/compare.py', *(argv if argv is not None else sys.argv[1:])])}`."
+            f"Command: `{command_line('compare.py', argv)}`."
             f" {datetime.date.today()}, {device}, torch {torch.__version__}; {time.perf_counter() - started:.0f} s "
             "in all" + (f" (this invocation; the cells replayed from {args.resume.name} took what that run's log "
                         "shows)" if args.resume else "") + ".\n",
@@ -507,7 +506,7 @@ def main(argv=None) -> None:
             *table(results, args.lengths, args.contenders), "",
             *targets_table(results, args.lengths, args.contenders, rate),
             "", *(f"![{path.stem}]({path.name})" for path in written)]
-    (args.out_dir / f"compare{suffix}.md").write_text("\n".join(text) + "\n")
+    write_result(args.out_dir / f"compare{suffix}.md", "\n".join(text) + "\n")
     (args.out_dir / f"compare{suffix}.json").write_text(json.dumps(
         {"matmul_gflops": rate, "matmul_gflops_per_round": rates, "results": [r for r in results.values()]},
         indent=1) + "\n")

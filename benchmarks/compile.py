@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import cpu_name, write_result  # noqa: E402
 
 
 def config(length: int, kind: str = "lsh"):
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
         locals_.append(local_gaps(min(args.lengths), precision, device))
         print(locals_[-1], flush=True)
     where = (torch.cuda.get_device_name() if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+             else f"{cpu_name()}, {torch.get_num_threads()} threads")
     rows = ["| tokens | precision | eager s/step | compiled s/step | speed-up | first compiled step (compiles) "
             "| loss: relative gap | gradients: worst parameter, gap / norm | worst max gap / largest entry |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
               f"(`{r['gradient_gap_at']}`) | {r['entry_gap']:.1e} |" for r in locals_),
             "", "Graph breaks inside the compiled parts (`torch._dynamo.explain`):\n", *graph_breaks(device)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "compile.md").write_text("\n".join(text) + "\n")
+    write_result(args.out_dir / "compile.md", "\n".join(text) + "\n")
     print("\n".join(text))
 
 

@@ -26,6 +26,8 @@ from reformer.config import default_axial_shape
 from reformer.generate import generate
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import write_result  # noqa: E402
 
 
 def build_model(max_len: int, layers: tuple[str, ...]) -> ReformerLM:
@@ -78,7 +80,7 @@ def main(argv=None) -> None:
     ])
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_result(args.out, text)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
     run_worker(command, contender, length, timeout_s)   one cell in its own process: its last line of JSON
     matmul_gflops(device, precision)                    the machine's rate (REFORMER_RATE_SIZE^3 products)
     command_line(script, argv)                          how a result file names the command that made it
-    write_result(out_dir, stem, tag, text)              results/STEM[_TAG].md, replaced when rerun
+    write_result(path, text)                            a result file (the commit named under its title)
+    source_commit()                                     the commit the benchmark ran at
+    cpu_name()                                          the CPU, with the vector units that decide its speed
 
-A result file names its command and the date; benchmarks/results/ keeps the latest output of each benchmark.
+A result file names its command, the date and the commit; benchmarks/results/ keeps the latest output of each
+benchmark.
 Benchmarks are not tests: nothing here asserts a timing.
 """
 
@@ -25,14 +28,45 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return f"python benchmarks/{script}" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
 
 
-def write_result(out_dir: Path, stem: str, tag: str, text: str) -> Path:
-    """Write a markdown result to OUT_DIR/STEM[_TAG].md, print it, and return its path."""
-    out = out_dir / f"{stem}{'_' + tag if tag else ''}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    return out
+def source_commit() -> str:
+    """The repository's commit (short hash), "+ changes" when the source tree differs from it; "" outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks/*.py"], cwd=root,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + (" + changes" if dirty else "")
 
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector units (AVX-512, AMX), from /proc/cpuinfo where there is one."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    units = [name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX"), ("avx2", "AVX2")) if flag in flags]
+    units = units if "AVX-512" not in units else [u for u in units if u != "AVX2"]
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(units)})" if units else name
+
+
+def write_result(path: Path, text: str) -> Path:
+    """Write a markdown result to PATH (replacing it), naming the commit under its title; return the path."""
+    commit = source_commit()
+    if commit and text.startswith("# "):
+        title, _, rest = text.partition("\n")
+        text = f"{title}\n\nCommit: {commit}.\n{rest}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 def rate_size() -> int:

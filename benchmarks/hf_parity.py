@@ -25,8 +25,8 @@ import argparse
 import contextlib
 import datetime
 import io
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +40,9 @@ from reformer import ReformerLM
 from reformer.generate import generate
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import cpu_name, write_result  # noqa: E402
+
 LENGTHS = (3, 8, 13, 24, 61)
 LAYER_MIXES = (("local", "lsh"), ("lsh", "local", "lsh"), ("lsh",), ("local",))
 CRIME_AND_PUNISHMENT = dict(
@@ -201,14 +204,14 @@ def main(argv=None) -> None:
     parity = parity_table()
     timing = crime_and_punishment_table(args.lengths, args.repeats)
     header = (f"# Hugging Face parity\n\nCommand: `python benchmarks/hf_parity.py`. "
-              f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+              f"{datetime.date.today()}, {cpu_name()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}."
               "\n\nfloat32, eval mode, `hash_seed` set; lengths " + ", ".join(map(str, LENGTHS)) +
               " with and without padding masks; errors over real (unpadded) positions.\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     note = ("\nGreedy tokens with the HF bucket rule (num_buckets=None) differ by design: HF fixes the count at "
             "its first call (the 5-token prompt) and keeps it; ours applies HF's rule to every length.\n")
-    args.out.write_text(header + "\n" + "\n".join(parity) + "\n" + note + "\n## Crime and Punishment configuration\n\n"
+    write_result(args.out, header + "\n" + "\n".join(parity) + "\n" + note + "\n## Crime and Punishment configuration\n\n"
                         + "\n".join(timing) + "\n")
     print(f"wrote {args.out}")
 

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import command_line  # noqa: E402
+from harness import command_line, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "memory.md"
@@ -272,8 +272,7 @@ def main(argv=None) -> None:
     results = measure(args)
     text = report(args, results, time.perf_counter() - start)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_result(args.out, text)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

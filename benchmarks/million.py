@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import cpu_name, write_result  # noqa: E402
 
 
 def worker(tokens: int, ff_chunk: int) -> dict:
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     ]
     text = (f"# One training step at {result['tokens']:,} tokens\n\n"
             f"Command: `python benchmarks/million.py{'' if args.tokens == 1 << 20 else f' --tokens {args.tokens}'}`. "
-            f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+            f"{datetime.date.today()}, {cpu_name()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; one fresh process, "
             f"{wall:.0f} s in all.\n\n"
             f"The Reformer's Crime and Punishment architecture ({result['parameters']:,} parameters): 6 reversible "
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
             + "\n".join(table) + "\n\nTarget: the step fits in 12 GB of RSS: "
             f"**{'PASS' if gib * 1.073741824 <= 12 else 'FAIL'}** ({gib * 1.073741824:.2f} GB).\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_result(args.out, text)
     print(text)
 
 

@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
+from harness import write_result  # noqa: E402
 
 VARIANTS = {"LSH": {}, "prefix-consistent LSH": {"lsh_prefix_consistent": True}, "full": None}
 
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
              f"{torch.__version__}. Text: {source}. Same seeds, batches and steps in every row of a task; "
              "'vs LSH' / 'vs full' are differences of held-out loss (negative: better).", "",
              *table(results), ""]
-    (args.out / "prefix_lsh.md").write_text("\n".join(lines))
+    write_result(args.out / "prefix_lsh.md", "\n".join(lines))
     print("\n".join(lines))
 
 

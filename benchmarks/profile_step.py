@@ -36,7 +36,7 @@ import reformer.layers.reversible as reversible
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import LAYERS, VOCAB, build_ours  # noqa: E402
-from harness import RATE_LABEL, matmul_gflops  # noqa: E402
+from harness import RATE_LABEL, matmul_gflops, write_result  # noqa: E402
 from products import RecordProducts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ def main(argv=None) -> None:
             + f"\n\n## By operator (one profiled step, {profiled:.1f} s: the profiler adds a little)\n\n"
             + "\n".join(operators) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_result(args.out, text)
     print(text)
 
 

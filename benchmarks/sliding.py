@@ -33,14 +33,13 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import command_line, run_worker  # noqa: E402
+from harness import command_line, cpu_name, run_worker, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 D_MODEL, HEADS, D_HEAD, WINDOW = 256, 4, 64, 128
@@ -260,7 +259,7 @@ def main(argv=None) -> None:
     lines = [
         "# Sliding-window attention: forward + backward, ours beside HF Longformer and dense SDPA", "",
         f"Command: `{command}`. {datetime.date.today()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, {platform.processor() or platform.machine()}. One layer: hidden (1, n, {D_MODEL}), "
+        f"{torch.__version__}, {cpu_name()}. One layer: hidden (1, n, {D_MODEL}), "
         f"q, k, v projections to {HEADS} heads x {D_HEAD}, the attention, and the backward of the output's sum. "
         f"Window: {WINDOW} keys on each side ({2 * WINDOW + 1} in all; HF's attention_window {2 * WINDOW}). "
         "Medians over the timed steps after one warm-up; each cell in a fresh process.", "",
@@ -271,7 +270,7 @@ def main(argv=None) -> None:
     ]
     if plot(results, args.lengths, args.contenders, args.out / "sliding.png"):
         lines += ["![time and memory against length](sliding.png)", ""]
-    (args.out / "sliding.md").write_text("\n".join(lines))
+    write_result(args.out / "sliding.md", "\n".join(lines))
     (args.out / "sliding.json").write_text(json.dumps([r for r in results.values()], indent=1))
     print("\n".join(lines))
 

@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: torch.autocast(bfloat16); softmax "
                      f"statistics, loss, weights and AdamW stay float32 {default('precision')}")
     opt.add_argument("--compile", action="store_true", default=None,
-                     help="torch.compile the position-wise parts (feed-forward, projections, loss); see README")
+                     help="torch.compile the position-wise parts (feed-forward, projections, loss); see docs/training.md")
     opt.add_argument("--seed", type=int, help=f"seed of the data order (the model has --model-seed) {default('seed')}")
     par = tr.add_argument_group("devices (under `torchrun --nproc_per_node N`, one process per rank)")
     par.add_argument("--device", choices=["auto", "cpu", "cuda"],

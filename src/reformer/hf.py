@@ -7,7 +7,7 @@ in-memory HF model's config, or to ask how the installed version treats
 `lm_head.bias`.
 
 What HF computes differently from our defaults, and the option that matches it
-(the converter sets them; see the README, "Hugging Face checkpoints"):
+(the converter sets them; see docs/huggingface.md):
 
     HF behaviour                                            our option
     LSH look-back crosses hash rounds and wraps around      lsh_wrap=True

@@ -19,15 +19,15 @@ from the heap, which reuses them without page faults. At 16,384 tokens a trainin
 of compare.py's model (feed-forward chunks of 1,024 positions) took 80k page
 faults and 0.22 CPU seconds in the kernel against 277k and 0.71 with 8 MiB, and
 was faster in 5 of 6 fresh processes (median of the paired ratios 0.940), for
-51 MiB more peak RSS (979 against 928 MiB):
-`python benchmarks/malloc_ab.py --length 16384 --rounds 6 --steps 3 --setting 8,64
---setting 32,64 --tag mmap32-ff1024`.
+51 MiB more peak RSS (979 against 928 MiB), measured by an A/B script that git
+history keeps (`benchmarks/malloc_ab.py --length 16384 --rounds 6 --steps 3
+--setting 8,64 --setting 32,64`, removed with the other experiments at d7d0b1b).
 What the higher threshold costs is heap that is free but resident: freed blocks
 below it stay in the heap for reuse, fragmented between longer-lived ones. At
 65,536 tokens with 16 MiB feed-forward chunks a step's peak was 11.6
 activations of (n, d_model) against 10.0 with 8 MiB, and the live part (the
 peak less the growth of the heap's free bytes) 8.7 with either
-(`python benchmarks/heap_peak.py`). Where memory matters more than those page
+(`benchmarks/heap_peak.py`, likewise in git history). Where memory matters more than those page
 faults, pass a lower threshold, e.g. `release_freed_memory_eagerly(8 << 20)`,
 or keep the feed-forward chunks (ff_chunk_size * d_ff * 4 bytes) above it.
 It changes the whole process, so the library never calls it on import; the

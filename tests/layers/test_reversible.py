@@ -208,7 +208,7 @@ def test_a_training_step_holds_about_nine_activations_whatever_the_depth(layers,
     so that freed blocks leave the process and the peak counts what the stack
     holds. With the library's default 32 MiB the heap keeps the freed chunks for
     reuse, fragmented: the peak was 11.6 activations, of which 8.7 live and the
-    rest free heap (`python benchmarks/heap_peak.py`, heap_peak.md).
+    rest free heap (`benchmarks/heap_peak.py`, in git history before d7d0b1b).
     """
     import json
     import subprocess
