@@ -7,7 +7,7 @@ import torch
 
 from reformer.attention import full_attention, local_attention
 from reformer.attention.reference import full_attention_reference, local_attention_reference
-from tests.conftest import assert_close, seeded
+from tests.conftest import assert_close, seeded, tile_products
 
 F64 = torch.float64
 
@@ -50,6 +50,16 @@ def test_local_matches_reference(n, masked, chunk_size, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_local_with_wrap_matches_reference(n, masked, chunk_size, causal):
     check(local_attention, local_attention_reference, n, masked, chunk_size=chunk_size, causal=causal, wrap=True)
+
+
+@pytest.mark.parametrize("products", ["tile", "blas"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunks_of_one_query_in_either_kind_of_product(products, causal):
+    """Chunks of one query make products of one row, whose strides the BLAS still checks against the widths
+    (it refused them, and the outputs were garbage, on a CPU without AVX-512, where the BLAS is the default)."""
+    with tile_products(products == "tile"):
+        for wrap in (False, True):
+            check(local_attention, local_attention_reference, 13, True, chunk_size=1, causal=causal, wrap=wrap)
 
 
 WINDOWS = [(0, 0), (2, 0), (1, 1), (0, 2), (2, 1)]

@@ -31,6 +31,7 @@
 // cache); the other extended chunks (at the shares' edges, and the last m - 1) follow in parallel. Each extended
 // chunk is computed by one thread, the same way: the result does not depend on the number of threads.
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -79,8 +80,13 @@ void blas_product(int M, int N, int K, T alpha, Left<T> A, const T *B, int64_t l
                   int64_t ldc) {
     const bool trans_a = A.step != 1;  // A^T is row-major, rows A.step apart
     const char ta = trans_a ? 'T' : 'N', tb = 'N';
-    const int lda = static_cast<int>(trans_a ? A.step : A.row), ldb_ = static_cast<int>(ldb);
-    const int ldc_ = static_cast<int>(ldc);
+    // The BLAS checks every leading dimension against its operand's width, even where a single row makes the
+    // stride meaningless (one row of A or C, one row of B): there, any stride at least the width does.
+    const int64_t a_stride = trans_a ? (K == 1 ? std::max<int64_t>(A.step, M) : A.step)
+                                     : (M == 1 ? std::max<int64_t>(A.row, K) : A.row);
+    const int lda = static_cast<int>(a_stride);
+    const int ldb_ = static_cast<int>(K == 1 ? std::max<int64_t>(ldb, N) : ldb);
+    const int ldc_ = static_cast<int>(M == 1 ? std::max<int64_t>(ldc, N) : ldc);
     const T beta = accumulate ? T(1) : T(0);
     fortran_gemm(&tb, &ta, &N, &M, &K, &alpha, B, &ldb_, A.data, &lda, &beta, C, &ldc_);
 }
