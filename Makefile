@@ -25,9 +25,9 @@ demo: $(STAMP)  ## the paper's duplication task: train a small Reformer, print T
 demo-text: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a built-in text) and sample
 	$(PY) examples/demo.py
 
-bench-compare: $(STAMP)  ## a training step beside HF, reformer_pytorch and SDPA (about an hour; writes benchmarks/results/compare.md)
+bench-compare: $(STAMP)  ## a training step beside HF, reformer_pytorch and SDPA: the README's table (about an hour; writes benchmarks/results/compare.md)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) benchmarks/compare.py --rounds 2
+	$(PY) benchmarks/compare.py --lengths 4096 16384 65536 --contenders ours hf reformer_pytorch sdpa --rounds 2
 
 bench-compare-bf16: $(STAMP)  ## ours beside the SDPA Transformer, both under autocast(bfloat16) (writes benchmarks/results/compare_bf16.md)
 	$(PY) benchmarks/compare.py --precision bf16 --lengths 1024 4096 16384 --contenders ours sdpa --rounds 3
