@@ -151,3 +151,11 @@ def test_debug_shows_the_traceback(files, monkeypatch):
     monkeypatch.setenv("REFORMER_DEBUG", "1")
     with pytest.raises(ValueError, match="--lr must be a number > 0"):
         main([*TRAIN, "--data", files["text"], "--out", files["tmp"] + "/debug", "--lr", "-1"])
+
+
+def test_an_unknown_reformer_backend_is_one_line(files, monkeypatch, capsys):
+    monkeypatch.setenv("REFORMER_BACKEND", "cuda")
+    assert main([*TRAIN, "--data", files["text"], "--out", files["tmp"] + "/backend"]) == 2
+    err = capsys.readouterr().err
+    assert "REFORMER_BACKEND: unknown backend 'cuda'; choose one of reference, torch, native" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
