@@ -1,11 +1,13 @@
 """The `reformer` command line: it parses arguments and calls library functions, nothing else.
 
     reformer train --data FILE | --task duplication --out RUN_DIR [--tokenizer FILE] [options] [model flags]
+    reformer train --task images --data DIR|ARRAY|NAME --out RUN_DIR [--image-size HxW] [options] [model flags]
     reformer train --out RUN_DIR --resume [--steps N]   (everything else from the run itself)
     torchrun --nproc_per_node N -m reformer train ...     (data-parallel: one process per rank)
-    reformer eval --checkpoint RUN_DIR --data FILE | --task duplication
+    reformer eval --checkpoint RUN_DIR --data FILE | --task duplication   (an image model: --data SRC, bits/dim)
     reformer generate --checkpoint RUN_DIR --prompt TEXT [--temperature T --top-k K --top-p P --seed S]
-    reformer data fetch enwik8|crime-and-punishment [--dir DIR]
+    reformer complete --checkpoint RUN_DIR --image FILE_OR_DIR --keep-rows K --samples S --out OUT_DIR
+    reformer data fetch enwik8|crime-and-punishment|mnist|fashion-mnist|cifar10 [--dir DIR]
     reformer convert --from-hf HF_DIR --out MODEL_DIR
     reformer convert --to-hf RUN_DIR --out HF_DIR [--allow-differences] [--fold-bias auto|yes|no]
 
@@ -112,9 +114,9 @@ def _metavar(kind: str) -> str:
 
 
 def model_config_from_args(args: argparse.Namespace, seq_len: int | None = None,
-                           vocab_size: int | None = None) -> ReformerConfig:
-    """--config JSON, then the training defaults for what it lacks, then every explicit flag."""
-    data = dict(TRAIN_MODEL_DEFAULTS)
+                           vocab_size: int | None = None, defaults: dict | None = None) -> ReformerConfig:
+    """--config JSON, then the training defaults (and `defaults`) for what it lacks, then every explicit flag."""
+    data = {**TRAIN_MODEL_DEFAULTS, **(defaults or {})}
     if vocab_size is not None:
         data["vocab_size"] = vocab_size
     if args.config:
@@ -152,7 +154,8 @@ TRAIN_OPTIONS = (("--data", "data"), ("--valid-data", "valid_data"), ("--task", 
                  ("--weight-decay", "weight_decay"), ("--grad-clip", "grad_clip"), ("--precision", "precision"),
                  ("--compile", "compile"), ("--seed", "seed"), ("--device", "device"),
                  ("--ddp-static-graph", "static_graph"), ("--eval-every", "eval_every"),
-                 ("--eval-batches", "eval_batches"), ("--save-every", "save_every"), ("--no-progress", "progress"))
+                 ("--eval-batches", "eval_batches"), ("--save-every", "save_every"), ("--no-progress", "progress"),
+                 ("--image-size", "image_size"))
 PATH_OPTIONS = {"data", "valid_data", "tokenizer"}
 
 
@@ -165,10 +168,17 @@ def _given_train_options(args: argparse.Namespace) -> dict:
             continue
         if field == "progress":
             value = not value  # --no-progress
-        if field in PATH_OPTIONS:
+        if field in PATH_OPTIONS and not (field in ("data", "valid_data") and _is_image_set_name(args, value)):
             value = str(Path(value).absolute())
         given[field] = value
     return given
+
+
+def _is_image_set_name(args: argparse.Namespace, value: str) -> bool:
+    """A named image set (mnist, ...): kept as its name, not made a path."""
+    from .images import is_named_set
+
+    return getattr(args, "task", None) == "images" and is_named_set(value)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -199,14 +209,33 @@ def _new_run_settings(args: argparse.Namespace, TrainConfig):
         args.config = str(resolve_checkpoint(args.init_from) / "config.json")
     cfg = TrainConfig(out=args.out, init_from=args.init_from, **given)
     cfg.validate()  # the options first: a tokenizer is not loaded for a run that cannot start
+    if cfg.task == "images":
+        return _new_image_run_settings(args, cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_config = model_config_from_args(args, seq_len=cfg.seq_len,
                                           vocab_size=None if tokenizer.kind == "bytes" else tokenizer.vocab_size)
     return cfg, model_config
 
 
+def _new_image_run_settings(args: argparse.Namespace, cfg):
+    """An image run: the sequence is every sub-pixel of an image; the model's image_shape and axial positions
+    follow the images (a model flag given explicitly still wins)."""
+    import math
+
+    from .images import load_images, parse_image_size
+
+    shape = load_images(cfg.data, image_size=parse_image_size(cfg.image_size)).shape
+    if args.seq_len is not None and args.seq_len != math.prod(shape):
+        raise UserError(f"the images are {shape[0]}x{shape[1]}x{shape[2]} = {math.prod(shape):,} sub-pixels, so "
+                        f"--seq-len must be {math.prod(shape)} (or left out), got {args.seq_len}")
+    cfg.seq_len = math.prod(shape)
+    model_config = model_config_from_args(args, seq_len=cfg.seq_len, defaults={"image_shape": shape})
+    return cfg, model_config
+
+
 def _resume_settings(args: argparse.Namespace):
     """The run's own options and model config, with the flags given again checked against them."""
+    from .images import is_named_set
     from .train import check_data_unchanged, run_settings
 
     if args.config or args.init_from:
@@ -239,7 +268,9 @@ def _resume_settings(args: argparse.Namespace):
     cfg.resume, cfg.out, cfg.init_from = True, args.out, None
     for field in ("data", "valid_data"):
         path = getattr(cfg, field)
-        if path is not None and not Path(path).is_absolute() and not Path(path).is_file():
+        if cfg.task == "images" and path is not None and is_named_set(path):
+            continue
+        if path is not None and not Path(path).is_absolute() and not Path(path).exists():
             raise UserError(f"the run's {field.replace('_', ' ')} file {path} (a path relative to where it was "
                             f"started) is not found from here; give --{field.replace('_', '-')} with its path")
     cfg.validate()
@@ -270,10 +301,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_duplication(args)
     if args.data is None:
         raise UserError("give --data FILE to score, or --task duplication")
+    if _is_image_model(args.checkpoint):
+        return _eval_images(args)
     result = evaluate_file(args.checkpoint, args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                            progress=not args.no_progress)
     print(f"{args.data}: {result['tokens']:,} tokens ({result['bytes']:,} bytes): loss {result['loss']:.4f} nats "
           f"per token, {result['bits_per_byte']:.4f} bits per byte")
+    return 0
+
+
+def _is_image_model(checkpoint: str) -> bool:
+    from .checkpoint import load_model_config, resolve_checkpoint
+
+    return load_model_config(resolve_checkpoint(checkpoint)).image_shape is not None
+
+
+def _eval_images(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_images
+    from .images import parse_image_size
+
+    result = evaluate_images(args.checkpoint, args.data, max_images=args.max_images,
+                             image_size=parse_image_size(args.image_size), progress=not args.no_progress)
+    print(f"{args.data}: {result['images']:,} images ({result['sub_pixels']:,} sub-pixels): "
+          f"{result['bits_per_dim']:.4f} bits/dim ({result['loss']:.4f} nats per sub-pixel)")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .complete import complete_images, completion_grid, save_png
+    from .images import conform, load_images
+    from .train import load_for_eval
+
+    out = Path(args.out)
+    _check_new_dir(out, "--out")
+    model = load_for_eval(resolve_checkpoint(args.checkpoint))
+    shape = model.config.image_shape
+    if shape is None:
+        raise UserError(f"{args.checkpoint} is not an image model (no image_shape in its config); give the run of "
+                        "a `reformer train --task images`")
+    if args.image is None and args.keep_rows:
+        raise UserError("--keep-rows keeps the top rows of a given image: give --image FILE_OR_DIR (or --keep-rows 0 "
+                        "to sample whole images)")
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError(f"--max-images must be a whole number >= 1, got {args.max_images}")
+    given, names = None, [""]
+    if args.image is not None:
+        images = load_images(args.image, split="test", channels=shape[2])
+        if images.shape[:2] != tuple(shape[:2]):
+            warnings.warn(f"the given images are {images.shape[0]}x{images.shape[1]} pixels; resized to the model's "
+                          f"{shape[0]}x{shape[1]}")
+        images = images.take(0, min(len(images), args.max_images)) if args.max_images else images
+        given = conform(images, tuple(shape[:2])).array
+        names = [re.sub(r"[^\w.-]+", "_", Path(name.split(":")[-1]).stem or "image") for name in images.names]
+    completion = complete_images(model, given, keep_rows=args.keep_rows, samples=args.samples,
+                                 temperature=args.temperature, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, row in zip(names, completion.samples):
+        for k, sample in enumerate(row):
+            save_png(sample, out / f"{name + '-' if name else ''}sample-{k + 1}.png")
+    save_png(completion_grid(completion, given, args.keep_rows), out / "grid.png")
+    print(f"wrote {completion.samples.shape[0] * args.samples} completed images and the grid {out / 'grid.png'}; "
+          f"{completion.sampled_tokens:,} sub-pixels sampled at {completion.tokens_per_s:,.0f} tokens/s")
     return 0
 
 
@@ -302,6 +391,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     source = resolve_checkpoint(args.checkpoint)
     model, tokenizer = load_for_eval(source), find_tokenizer(source)
+    if model.config.image_shape is not None:
+        raise UserError(f"{args.checkpoint} is an image model; sample images with `reformer complete`")
     prompt = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8"))[0], dtype=torch.long)
     if len(prompt) == 0:
         raise UserError("the prompt is empty; give --prompt some text")
@@ -433,6 +524,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_names() -> tuple[str, ...]:
+    from . import fetch
+
+    return fetch.NAMES
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
@@ -446,7 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     what = tr.add_argument_group("data")
     what.add_argument("--data", help="a file of any bytes (UTF-8 or not); bytes are tokens unless --tokenizer")
     what.add_argument("--valid-data", help="a separate validation file (default: the last 5%% of --data)")
-    what.add_argument("--task", choices=["duplication"], help="the paper's synthetic task: 0 w 0 w")
+    what.add_argument("--task", choices=["duplication", "images"], help="duplication: the paper's synthetic task "
+                      "(0 w 0 w); images: pixels of --data (a directory of images, a .npy/.npz array, or mnist, "
+                      "fashion-mnist, cifar10, mnist-5k), sub-pixels in raster order; see docs/images.md")
+    what.add_argument("--image-size", metavar="HxW", help="--task images: resize every image to HxW (default: all "
+                      "images must share one size)")
     what.add_argument("--tokenizer", metavar="FILE", help="a SentencePiece .model or a tokenizers tokenizer.json, "
                       "stored in the run (eval and generate use it); default: bytes are tokens")
     what.add_argument("--out", required=True, help="run directory: config, metrics.jsonl, checkpoints, curves.png; "
@@ -494,8 +595,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
     ev.add_argument("--max-windows", type=int, default=None,
                     help="score at most this many windows (duplication: examples, default 32)")
+    ev.add_argument("--max-images", type=int, default=None, help="an image model: score at most this many images")
+    ev.add_argument("--image-size", metavar="HxW", default=None, help="an image model: resize the images to HxW")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    cm = sub.add_parser("complete", help="complete images from their top rows (or sample whole ones) with an "
+                        "image model; writes PNGs and a grid")
+    cm.add_argument("--checkpoint", required=True, help="the run (or checkpoint) of `reformer train --task images`")
+    cm.add_argument("--image", metavar="FILE_OR_DIR", default=None, help="the image(s) to complete: a file, a "
+                    "directory, a .npy/.npz array or a named set's test images (resized to the model's size)")
+    cm.add_argument("--keep-rows", type=int, required=True, help="rows of each given image kept as they are; the "
+                    "model samples the rest (0: whole images, no --image needed)")
+    cm.add_argument("--samples", type=int, default=4, help="completions of each image (default 4)")
+    cm.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = the most likely "
+                    "value (default 1.0)")
+    cm.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0)")
+    cm.add_argument("--max-images", type=int, default=None, help="complete at most this many of the given images")
+    cm.add_argument("--out", required=True, help="a new or empty directory for the PNGs and grid.png")
+    cm.set_defaults(func=cmd_complete)
 
     ge = sub.add_parser("generate", help="sample text from a trained model, streamed as it is produced")
     ge.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
@@ -522,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fe = data_sub.add_parser("fetch", help="download a dataset into the cache and check its sha256")
-    fe.add_argument("name", choices=["enwik8", "crime-and-punishment"], help="which dataset")
+    fe.add_argument("name", choices=_fetch_names(), help="which dataset")
     fe.add_argument("--dir", default=None, help="cache directory (default: $REFORMER_CACHE or ~/.cache/reformer)")
     fe.add_argument("--url", default=None, help="download from this URL (a mirror, or file://) instead")
     fe.set_defaults(func=cmd_fetch)

@@ -90,6 +90,9 @@ class ReformerConfig:
     # feature split of the axial embedding, summing to d_model; "auto" = from d_model (256: (64, 192))
     axial_dims: tuple[int, ...] | str | None = "auto"
     max_seq_len: int = 4096  # longest sequence; at most prod(axial_shape)
+    # (H, W, C) of an image model (`reformer train --task images`): its tokens are sub-pixel values 0-255 in raster
+    # order, channels interleaved; "auto" axial_shape is then (H, W, C) ((H, W) for grayscale); None = not images
+    image_shape: tuple[int, ...] | None = None
 
     # --- regularisation and init ---
     dropout: float = 0.0  # hidden dropout: embeddings, attention output, feed-forward
@@ -109,6 +112,10 @@ class ReformerConfig:
             self.sliding_window = tuple(self.sliding_window)
         if isinstance(self.sliding_dilation, list):
             self.sliding_dilation = tuple(tuple(x) if isinstance(x, list) else x for x in self.sliding_dilation)
+        if isinstance(self.image_shape, list):
+            self.image_shape = tuple(self.image_shape)
+        if self.axial_shape == "auto" and isinstance(self.image_shape, tuple) and len(self.image_shape) == 3:
+            self.axial_shape = self.image_shape if self.image_shape[2] > 1 else self.image_shape[:2]
         if self.axial_shape == "auto" and isinstance(self.max_seq_len, int) and self.max_seq_len >= 1:
             self.axial_shape = default_axial_shape(self.max_seq_len)
         if self.axial_shape is not None and not isinstance(self.axial_shape, str):
@@ -243,7 +250,22 @@ class ReformerConfig:
             raise ValueError(f"sliding_dilation must be integers >= 1 (1 = no gaps), got {self.sliding_dilation!r}")
         return value
 
+    def _validate_image_shape(self) -> None:
+        shape = self.image_shape
+        if shape is None:
+            return
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(_is_int(x) and x >= 1 for x in shape)
+                and shape[2] in (1, 3)):
+            raise ValueError(f"image_shape must be (height, width, channels) with 1 or 3 channels, got {shape!r}")
+        if self.vocab_size < 256:
+            raise ValueError(f"an image model's tokens are the values 0-255: vocab_size must be at least 256, "
+                             f"got {self.vocab_size}")
+        if self.max_seq_len < math.prod(shape):
+            raise ValueError(f"image_shape {shape} is {math.prod(shape):,} sub-pixels, more than max_seq_len = "
+                             f"{self.max_seq_len:,}; raise max_seq_len to {math.prod(shape)}")
+
     def _validate_positions(self) -> None:
+        self._validate_image_shape()
         for name in ("axial_shape", "axial_dims"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, tuple) and all(_is_int(x) for x in value)):

@@ -236,6 +236,8 @@ class ShardedSampler:
     from `self.generator`) and `_build(plan)` (the batch from this rank's rows).
     """
 
+    shift_labels = True  # the model shifts labels by one (False: labels are aligned with the logits, as images')
+
     def __init__(self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1):
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, e.g. torch.Generator().manual_seed(0), "

@@ -188,21 +188,24 @@ class ReformerLM(nn.Module):
         labels: torch.Tensor | None = None,
         return_logits: bool | None = None,
         global_mask: torch.Tensor | None = None,
+        shift_labels: bool = True,
     ) -> ReformerOutput:
         """input_ids (b, n) int64; attention_mask (b, n) bool (True = real); labels (b, n) or None.
 
         global_mask (b, n) bool: Longformer's global tokens, for the "sliding" layers (the others ignore it).
-        The loss is the mean cross-entropy of labels[:, 1:] given logits[:, :-1],
-        ignoring labels equal to -100 and padded positions.
+        The loss is the mean cross-entropy of labels[:, 1:] given logits[:, :-1] (HF's convention), or with
+        shift_labels=False of labels given logits, position by position (labels already aligned: an image model
+        reads the sub-pixels shifted right by one and predicts every one of them), ignoring labels equal to -100
+        and padded positions.
         """
         attention_mask = self._check_inputs(input_ids, attention_mask, labels)
         global_mask = self._check_global_mask(input_ids, global_mask)
         if labels is not None and not return_logits and self.config.reversible and torch.is_grad_enabled():
-            return self._reversible_loss(input_ids, attention_mask, labels, global_mask)
+            return self._reversible_loss(input_ids, attention_mask, labels, global_mask, shift_labels)
         hidden = self.hidden_states(input_ids, attention_mask, global_mask)  # (b, n, 2d)
         if labels is None:
             return ReformerOutput(logits=self.logits_from_hidden(hidden))
-        loss, count = self._chunked_loss(hidden, labels, attention_mask)
+        loss, count = self._chunked_loss(hidden, labels, attention_mask, shift_labels)
         logits = self.logits_from_hidden(hidden) if return_logits else None
         return ReformerOutput(logits=logits, loss=loss, n_tokens=count)
 
@@ -225,13 +228,14 @@ class ReformerLM(nn.Module):
         x, attention_mask = self._pad_to_multiple(x, attention_mask)  # (b, n_pad, d)
         return x, attention_mask, calls
 
-    def _reversible_loss(self, input_ids, attention_mask, labels, global_mask=None) -> ReformerOutput:
+    def _reversible_loss(self, input_ids, attention_mask, labels, global_mask=None,
+                         shift_labels: bool = True) -> ReformerOutput:
         """The loss with the final norm, head and loss closing the reversible stack (`_LossTail`).
 
         The same value as `_chunked_loss(hidden_states(...))`; the stack then owns
         its state, and the loss's gradient reaches it chunk by chunk.
         """
-        targets, count = self._loss_targets(labels, attention_mask)
+        targets, count = self._loss_targets(labels, attention_mask, shift_labels)
         x, mask, calls = self._embed(input_ids, attention_mask, global_mask)
         total = run_reversible(self.layers, x, mask, calls, tail=_LossTail(self, targets))
         return ReformerOutput(loss=total / max(count, 1), n_tokens=count)
@@ -258,16 +262,18 @@ class ReformerLM(nn.Module):
             logits = logits.float()  # the log-sum-exp of the loss runs in float32 at least
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
-    def _loss_targets(self, labels, attention_mask) -> tuple[torch.Tensor, int]:
-        """Targets (b, n - 1) for logits[:, :-1], padding set to -100, and how many count."""
-        targets = labels[:, 1:]
+    def _loss_targets(self, labels, attention_mask, shift_labels: bool = True) -> tuple[torch.Tensor, int]:
+        """Targets (b, n - 1) for logits[:, :-1] (or (b, n) for logits, not shifted), padding set to -100, and
+        how many count."""
+        skip = 1 if shift_labels else 0
+        targets = labels[:, skip:]
         if attention_mask is not None:
-            targets = targets.masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
+            targets = targets.masked_fill(~attention_mask[:, skip:], IGNORE_INDEX)
         return targets, int((targets != IGNORE_INDEX).sum().item())
 
-    def _chunked_loss(self, hidden, labels, attention_mask) -> tuple[torch.Tensor, int]:
-        targets, count = self._loss_targets(labels, attention_mask)
-        hidden = hidden[:, :-1]
+    def _chunked_loss(self, hidden, labels, attention_mask, shift_labels: bool = True) -> tuple[torch.Tensor, int]:
+        targets, count = self._loss_targets(labels, attention_mask, shift_labels)
+        hidden = hidden[:, :targets.shape[1]]
         use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         for start, end in chunk_bounds(hidden.shape[1], self.config.loss_chunk_size):

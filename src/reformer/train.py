@@ -58,9 +58,10 @@ LN2 = math.log(2)
 @dataclass
 class TrainConfig:
     out: str  # run directory
-    data: str | None = None  # a text file (bytes are tokens); or use task
-    task: str | None = None  # "duplication": the paper's synthetic copy task
+    data: str | None = None  # a text file (bytes are tokens); for task "images", an image source (`reformer.images`)
+    task: str | None = None  # "duplication" (the paper's synthetic copy task) or "images" (pixels of `data`)
     valid_data: str | None = None  # a separate validation file (else the last valid_fraction of data)
+    image_size: str | None = None  # task "images": "HxW" resizes every image to it (else all must share a size)
     valid_fraction: float = 0.05
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
     batch_size: int = 8  # sequences per micro-batch, over all processes together
@@ -85,12 +86,17 @@ class TrainConfig:
     progress: bool = True  # show a tqdm progress bar
 
     def validate(self) -> None:
-        if (self.data is None) == (self.task is None):
+        if self.task not in (None, "duplication", "images"):
+            raise ValueError(f"unknown task {self.task!r}; the tasks are 'duplication' and 'images'")
+        if self.task == "images" and self.data is None:
+            raise ValueError("--task images needs --data: an image directory, a .npy/.npz array or a named set "
+                             "(mnist, fashion-mnist, cifar10, mnist-5k)")
+        if self.task != "images" and (self.data is None) == (self.task is None):
             raise ValueError("give exactly one of --data PATH or --task duplication")
-        if self.task not in (None, "duplication"):
-            raise ValueError(f"unknown task {self.task!r}; the only task is 'duplication'")
         if self.task is not None and self.tokenizer is not None:
             raise ValueError("--tokenizer reads text: give --data with it, not --task")
+        if self.image_size is not None and self.task != "images":
+            raise ValueError("--image-size resizes images: give it with --task images")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
@@ -133,6 +139,8 @@ def make_samplers(cfg: TrainConfig, model_config: ReformerConfig, process: distr
     rows, shard = cfg.batch_size // process.world_size, dict(rank=process.rank, world_size=process.world_size)
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if cfg.task == "images":
+        return _image_samplers(cfg, model_config, rows, shard, gen, eval_gen)
     if cfg.task == "duplication":
         from .duplication import DuplicationSampler
 
@@ -152,15 +160,34 @@ def make_samplers(cfg: TrainConfig, model_config: ReformerConfig, process: distr
     return train, [valid.next_batch_with_bytes() for _ in range(cfg.eval_batches)]
 
 
+def _image_samplers(cfg: TrainConfig, model_config: ReformerConfig, rows: int, shard: dict, gen, eval_gen):
+    from .images import ImageSampler, parse_image_size, train_valid_split
+
+    train_images, valid_images = train_valid_split(cfg.data, cfg.valid_data, cfg.valid_fraction,
+                                                   parse_image_size(cfg.image_size))
+    shape = train_images.shape
+    if model_config.image_shape is not None and tuple(model_config.image_shape) != shape:
+        raise ValueError(f"the images are {shape[0]}x{shape[1]}x{shape[2]} but the model's image_shape is "
+                         f"{model_config.image_shape}; give --image-size {model_config.image_shape[0]}x"
+                         f"{model_config.image_shape[1]} or a model for these images")
+    if cfg.seq_len != math.prod(shape):
+        raise ValueError(f"the images are {shape[0]}x{shape[1]}x{shape[2]} = {math.prod(shape):,} sub-pixels, so "
+                         f"--seq-len must be {math.prod(shape)} (or left out), got {cfg.seq_len}")
+    train = ImageSampler(train_images, rows, gen, **shard)
+    valid = ImageSampler(valid_images, rows, eval_gen, **shard)
+    return train, [valid.next_batch_with_bytes() for _ in range(cfg.eval_batches)]
+
+
 def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()
-def evaluate(model: ReformerLM, batches, precision: str = "fp32",
-             process: distributed.Process | None = None) -> dict[str, float]:
+def evaluate(model: ReformerLM, batches, precision: str = "fp32", process: distributed.Process | None = None,
+             shift_labels: bool = True) -> dict[str, float]:
     """Token-weighted mean loss (nats per token) and bits per token over `batches` ((ids, labels) or (ids, labels,
-    bytes)), in eval mode, over every rank's shard; bits per byte too when every batch knows its bytes."""
+    bytes)), in eval mode, over every rank's shard; bits per byte too when every batch knows its bytes.
+    shift_labels=False: labels are aligned with the logits (image batches), as `ReformerLM.forward` takes them."""
     model = distributed.unwrapped(model)
     was_training = model.training
     model.eval()
@@ -168,7 +195,7 @@ def evaluate(model: ReformerLM, batches, precision: str = "fp32",
     total, count, n_bytes = 0.0, 0, 0
     for ids, labels, *extra in batches:
         with _autocast(precision, device):
-            out = model(ids.to(device), labels=labels.to(device))
+            out = model(ids.to(device), labels=labels.to(device), shift_labels=shift_labels)
         total += out.loss.item() * out.n_tokens
         count += out.n_tokens
         n_bytes = None if n_bytes is None or not extra or extra[0] is None else n_bytes + extra[0]
@@ -219,6 +246,13 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return {"size": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _image_fingerprints(source: str) -> dict[str, dict[str, Any]]:
+    """{path: fingerprint} of every file an image source reads (a directory's images, a named set's arrays)."""
+    from .images import source_files
+
+    return {str(Path(path).absolute()): file_fingerprint(path) for path in source_files(source)}
 
 
 def run_settings(run_dir: str | Path) -> tuple[TrainConfig, ReformerConfig]:
@@ -280,6 +314,13 @@ class _Run:
         data_files = {}
         for key in ("data", "valid_data", "tokenizer"):
             if options[key] is not None:
+                if cfg.task == "images" and key != "tokenizer":
+                    from .images import is_named_set
+
+                    if not is_named_set(options[key]):  # a named set is found by its name wherever the run is
+                        options[key] = str(Path(options[key]).absolute())
+                    data_files.update(_image_fingerprints(options[key]))
+                    continue
                 options[key] = str(Path(options[key]).absolute())
                 if key != "tokenizer":
                     data_files[options[key]] = file_fingerprint(options[key])
@@ -422,7 +463,10 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", bits=f"{loss / LN2:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            record = {"step": step, "split": "eval", **evaluate(model, eval_batches, cfg.precision, process)}
+            record = {"step": step, "split": "eval",
+                      **evaluate(model, eval_batches, cfg.precision, process, sampler.shift_labels)}
+            if cfg.task == "images":
+                record["bits_per_dim"] = record["bits_per_token"]  # a token is a sub-pixel
             run.log(record)
             history.append(record)
             if process.is_main:
@@ -445,6 +489,8 @@ def _train(cfg: TrainConfig, model_config: ReformerConfig, process: distributed.
 
 def describe_eval(record: dict) -> str:
     """One evaluation record in words: its loss per token, and bits per byte when the data is text."""
+    if "bits_per_dim" in record:
+        return f"eval loss {record['loss']:.4f} nats per sub-pixel, {record['bits_per_dim']:.4f} bits/dim"
     words = f"eval loss {record['loss']:.4f} nats per token"
     if "bits_per_byte" in record:
         return words + f", {record['bits_per_byte']:.4f} bits per byte"
@@ -468,7 +514,7 @@ def _train_step(cfg, model, optimizer, scheduler, sampler, process: distributed.
         ids, labels = sampler.next_batch()
         with distributed.no_sync(model, last=micro == cfg.grad_accum - 1):
             with _autocast(cfg.precision, device):
-                loss = model(ids.to(device), labels=labels.to(device)).loss
+                loss = model(ids.to(device), labels=labels.to(device), shift_labels=sampler.shift_labels).loss
             (loss / cfg.grad_accum).backward()
         total += loss.item() / cfg.grad_accum
     if cfg.grad_clip > 0:
