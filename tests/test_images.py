@@ -73,9 +73,10 @@ def test_png_files_round_trip_through_a_directory_exactly(tmp_path, mode, shape)
 def test_arrays_load_from_npy_and_npz(tmp_path):
     gray, rgb = _random_images((4, 5), n=3), _random_images((4, 5, 3), n=2)
     np.save(tmp_path / "gray.npy", gray)
-    np.savez(tmp_path / "set.npz", x_train=rgb, y_train=np.arange(2))
+    np.savez(tmp_path / "set.npz", x_train=rgb, y_train=np.arange(2), x_test=rgb[:1])
     assert np.array_equal(load_images(tmp_path / "gray.npy").array, gray[..., None])
     assert np.array_equal(load_images(tmp_path / "set.npz").array, rgb)
+    assert np.array_equal(load_images(tmp_path / "set.npz", split="test").array, rgb[:1])  # eval, complete
     np.save(tmp_path / "float.npy", gray.astype(np.float32) / 255)
     with pytest.raises(ImageError, match="uint8"):
         load_images(tmp_path / "float.npy")

@@ -129,7 +129,7 @@ def load_images(source: str | os.PathLike, *, split: str = "train", image_size: 
         if path.is_dir():
             images = _read_directory(path, image_size, channels)
         elif path.suffix.lower() in ARRAY_SUFFIXES:
-            images = _read_array_file(path)
+            images = _read_array_file(path, split)
         else:
             array = _read_image_file(path, channels)
             images = ImageSet(array[None], [str(path)], str(path))
@@ -219,7 +219,7 @@ def _read_image_file(path: Path, channels: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _read_array_file(path: Path) -> ImageSet:
+def _read_array_file(path: Path, split: str = "train") -> ImageSet:
     try:
         loaded = np.load(path, mmap_mode="r" if path.suffix.lower() == ".npy" else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -227,7 +227,7 @@ def _read_array_file(path: Path) -> ImageSet:
                          "np.savez") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
-            key = _npz_key(path, loaded)
+            key = _npz_key(path, loaded, split)
             array = loaded[key]
         name = f"{path}:{key}"
     else:
@@ -236,10 +236,11 @@ def _read_array_file(path: Path) -> ImageSet:
     return ImageSet(array, [f"{name}[{i}]" for i in range(len(array))], name)
 
 
-def _npz_key(path: Path, archive) -> str:
-    """The image array of an .npz: the only one of image shape, or x_train / images / train."""
+def _npz_key(path: Path, archive, split: str = "train") -> str:
+    """The image array of an .npz: x_train / images / train / x (x_test / test first for the test split, as eval
+    and complete read), or the only one of image shape."""
     shaped = [k for k in archive.files if archive[k].ndim in (3, 4)]
-    for preferred in ("x_train", "images", "train", "x"):
+    for preferred in (("x_test", "test") if split == "test" else ()) + ("x_train", "images", "train", "x"):
         if preferred in shaped:
             return preferred
     if len(shaped) == 1:
