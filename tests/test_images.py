@@ -229,6 +229,21 @@ def test_complete_writes_pngs_that_keep_the_given_rows_and_a_grid(image_run, cap
     assert sorted(p.name for p in unconditional.iterdir()) == ["grid.png", "sample-1.png", "sample-2.png"]
 
 
+def test_complete_names_each_given_image_apart(image_run, capsys):
+    np.save(image_run["root"] / "three.npy", image_run["images"][:3])
+    out = image_run["root"] / "from-array"
+    assert main(["complete", "--checkpoint", str(image_run["run"]), "--image", str(image_run["root"] / "three.npy"),
+                 "--keep-rows", "4", "--samples", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "three-0-sample-1.png", "three-1-sample-1.png",
+                                                     "three-2-sample-1.png"]
+    for i in range(3):
+        assert np.array_equal(np.asarray(Image.open(out / f"three-{i}-sample-1.png"))[:4], image_run["images"][i, :4])
+    from reformer.cli import _output_names
+
+    assert _output_names(["a/x.png", "b/x.png"]) == ["x-1", "x-2"]
+    assert _output_names(["mnist-5k:test[7]", "set.npz:x_test[2]"]) == ["test-7", "x_test-2"]
+
+
 def test_complete_refuses_what_it_cannot_do_in_one_line(image_run, capsys):
     run, folder = str(image_run["run"]), str(image_run["folder"])
     _one_line_error(capsys, ["complete", "--checkpoint", run, "--image", folder, "--keep-rows", "9", "--out",

@@ -353,7 +353,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
                           f"{shape[0]}x{shape[1]}")
         images = images.take(0, min(len(images), args.max_images)) if args.max_images else images
         given = conform(images, tuple(shape[:2])).array
-        names = [re.sub(r"[^\w.-]+", "_", Path(name.split(":")[-1]).stem or "image") for name in images.names]
+        names = _output_names(images.names)
     completion = complete_images(model, given, keep_rows=args.keep_rows, samples=args.samples,
                                  temperature=args.temperature, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -364,6 +364,20 @@ def cmd_complete(args: argparse.Namespace) -> int:
     print(f"wrote {completion.samples.shape[0] * args.samples} completed images and the grid {out / 'grid.png'}; "
           f"{completion.sampled_tokens:,} sub-pixels sampled at {completion.tokens_per_s:,.0f} tokens/s")
     return 0
+
+
+def _output_names(names: list[str]) -> list[str]:
+    """A file-name stem per given image: "photo" for photo.png, "digits-3" for digits.npy[3], "test-3" for a named
+    set's test[3]; numbered when two would be the same (a/x.png and b/x.png)."""
+    stems = []
+    for name in names:
+        base = name.split(":")[-1]  # a named set's or an .npz's "test[3]"
+        indexed = re.fullmatch(r"(.*)\[(\d+)\]", base)
+        base = f"{Path(indexed.group(1)).stem}-{indexed.group(2)}" if indexed else Path(base).stem
+        stems.append(re.sub(r"[^\w.-]+", "_", base) or "image")
+    if len(set(stems)) < len(stems):
+        stems = [f"{stem}-{i + 1}" for i, stem in enumerate(stems)]
+    return stems
 
 
 def _eval_duplication(args: argparse.Namespace) -> int:
