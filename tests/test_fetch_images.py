@@ -389,3 +389,20 @@ def test_the_real_debian_copy(monkeypatch, tmp_path):
     assert {key: array.shape for key, array in arrays.items()} == {
         "train": (60000, 28, 28), "test": (10000, 28, 28), "train-labels": (60000,), "test-labels": (10000,)}
     assert arrays["train-labels"][:3].tolist() == [9, 0, 0] and arrays["test-labels"][:3].tolist() == [9, 2, 1]
+
+
+def test_the_command_line_fetches_a_set_and_trains_and_scores_on_it_by_name(tiny, capsys, tmp_path):
+    from reformer.cli import main
+
+    assert main(["data", "fetch", "cifar10"]) == 0  # into $REFORMER_CACHE
+    assert "train:" in capsys.readouterr().out
+    model = ["--d-model", "32", "--d-head", "16", "--d-ff", "32", "--attn-layers", "local", "--local-chunk-size",
+             "256", "--n-hashes", "1"]
+    run = tmp_path / "run"
+    assert main(["train", "--task", "images", "--data", "cifar10", "--out", str(run), "--steps", "1",
+                 "--batch-size", "2", "--no-progress", *model]) == 0
+    assert '"data": "cifar10"' in (run / "train.json").read_text()  # the name, found wherever the run goes
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--data", "cifar10", "--no-progress"]) == 0
+    assert "cifar10: 2 images (6,144 sub-pixels)" in capsys.readouterr().out  # the test split
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--no-progress"]) == 0
