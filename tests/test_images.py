@@ -57,6 +57,9 @@ def test_tokens_are_raster_order_with_channels_interleaved_and_invert_exactly(sh
         assert int(tokens[1, (r * width + c) * channels + ch]) == images[1, r, c, ch]
     assert np.array_equal(tokens_to_images(tokens, shape), images)
     assert np.array_equal(tokens_to_images(tokens[0], shape), images[0])
+    if shape[2] == 1:  # one gray image as (H, W)
+        assert torch.equal(images_to_tokens(images[0, :, :, 0]), tokens[0])
+        assert np.array_equal(tokens_to_images(tokens[0], shape[:2]), images[0, :, :, 0])
 
 
 @pytest.mark.parametrize("mode, shape", [("L", (5, 7, 1)), ("RGB", (6, 3, 3))])
@@ -265,10 +268,24 @@ def test_resume_of_an_image_run_refuses_changed_images(image_run, tmp_path, caps
     _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"], "changed")
 
 
+def _png_rgb16(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of pixels (H, W, 3) uint16, written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter 0, big-endian samples
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="module")
 def bad_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_images")
-    folders = {name: root / name for name in ("mixed", "text", "deep", "empty", "damaged", "kinds")}
+    folders = {name: root / name for name in ("mixed", "text", "deep", "deep_rgb", "empty", "damaged", "kinds")}
     for folder in folders.values():
         folder.mkdir()
     Image.fromarray(_random_images((4, 4, 3))[0]).save(folders["mixed"] / "a.png")
@@ -276,6 +293,7 @@ def bad_folders(tmp_path_factory):
     Image.fromarray(_random_images((4, 4, 3))[0]).save(folders["text"] / "a.png")
     (folders["text"] / "notes.txt").write_text("not an image")
     Image.fromarray(np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000).save(folders["deep"] / "deep.png")
+    (folders["deep_rgb"] / "deep.png").write_bytes(_png_rgb16(np.arange(48, dtype=np.uint16).reshape(4, 4, 3) * 1000))
     Image.fromarray(_random_images((32, 32, 3))[0]).save(folders["damaged"] / "a.png")
     (folders["damaged"] / "b.png").write_bytes((folders["damaged"] / "a.png").read_bytes()[:400])  # cut short
     Image.fromarray(_random_images((4, 4, 3))[0]).save(folders["kinds"] / "a.png")
@@ -287,6 +305,7 @@ BAD_CASES = [
     ("mixed", "b.png is 5x4 pixels but"),
     ("text", "notes.txt is not an image"),
     ("deep", "deep.png has 16-bit pixels"),
+    ("deep_rgb", "deep.png has 16-bit pixels"),  # Pillow itself reads it as 8-bit RGB
     ("empty", "holds no files"),
     ("damaged", "b.png is a damaged image"),
     ("kinds", "b.png is grayscale but"),

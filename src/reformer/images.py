@@ -44,15 +44,19 @@ class ImageError(ValueError):
 
 
 def images_to_tokens(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, H, W, C) or (H, W, C) uint8 -> (N, n) or (n,) int64: raster order, channels interleaved."""
+    """(N, H, W, C) or one image (H, W, C), or (H, W) gray, uint8 -> (N, n) or (n,) int64: raster order, channels
+    interleaved. (A 3-D array is one image with channels last: give N gray images as (N, H, W, 1).)"""
     images = torch.as_tensor(np.asarray(images))
-    if images.dtype != torch.uint8 or images.dim() not in (3, 4):
-        raise ImageError(f"images must be uint8 (H, W, C) or (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
+    if images.dtype != torch.uint8 or images.dim() not in (2, 3, 4):
+        raise ImageError(f"images must be uint8 (H, W), (H, W, C) or (N, H, W, C), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if images.dim() == 2:
+        return images.reshape(-1).long()  # (H * W,)
     return images.reshape(*images.shape[:-3], -1).long()  # (N, H * W * C)
 
 
-def tokens_to_images(tokens: torch.Tensor | np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """(N, n) or (n,) token ids -> (N, H, W, C) or (H, W, C) uint8 images of `shape` (H, W, C)."""
+def tokens_to_images(tokens: torch.Tensor | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, n) or (n,) token ids -> (N, *shape) or shape uint8 images; shape (H, W, C), or (H, W) for gray."""
     tokens = torch.as_tensor(tokens)
     if tokens.shape[-1] != math.prod(shape):
         raise ImageError(f"{tokens.shape[-1]} tokens do not make an image of {shape} ({math.prod(shape)} sub-pixels)")
@@ -201,6 +205,9 @@ def _read_image_file(path: Path, channels: int | None = None) -> np.ndarray:
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or mode.startswith("I;"):
                 raise ImageError(f"{path} has {'16' if '16' in mode else '32'}-bit pixels (mode {mode}); save it "
                                  "with 8 bits per channel (e.g. with Pillow, or `convert IN -depth 8 OUT`)")
+            if _png_bit_depth(path) == 16:  # Pillow reads 16-bit RGB(A) PNGs as 8-bit: refuse them too
+                raise ImageError(f"{path} has 16-bit pixels (a 16-bit PNG); save it with 8 bits per channel "
+                                 "(e.g. `convert IN -depth 8 OUT`)")
             if mode in ("1", "L", "LA") and channels != 3:
                 array = np.asarray(image.convert("L"))[:, :, None]  # (H, W, 1)
             else:
@@ -217,6 +224,13 @@ def _read_image_file(path: Path, channels: int | None = None) -> np.ndarray:
     if channels == 1 and array.shape[2] == 3:
         array = _convert_channels(array[None], 1)[0]
     return np.ascontiguousarray(array)
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """The bit depth in a PNG's header (IHDR), None for other files."""
+    with open(path, "rb") as file:
+        head = file.read(25)
+    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
 
 
 def _read_array_file(path: Path, split: str = "train") -> ImageSet:
