@@ -115,7 +115,10 @@ def _image_shape(model) -> tuple[int, int, int]:
 
 def to_pil(image: np.ndarray):
     """(H, W, C) uint8 -> a Pillow image (mode L for one channel, RGB for three)."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("writing PNGs needs Pillow: pip install 'reformer[images]' (or pip install Pillow)") from None
 
     return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, "L" if image.shape[2] == 1 else "RGB")
 

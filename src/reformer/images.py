@@ -294,7 +294,11 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, C) uint8 -> (size[0], size[1], C), bicubic."""
     if tuple(image.shape[:2]) == tuple(size):
         return image
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImageError("--image-size resizes with Pillow: pip install 'reformer[images]' (or pip install Pillow)") \
+            from None
 
     height, width = size
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
