@@ -254,6 +254,9 @@ def test_complete_refuses_what_it_cannot_do_in_one_line(image_run, capsys):
     _one_line_error(capsys, ["complete", "--checkpoint", run, "--keep-rows", "2", "--out",
                              str(image_run["root"] / "c2")], "give --image")
     _one_line_error(capsys, ["complete", "--checkpoint", run, "--keep-rows", "0", "--out", folder], "is not empty")
+    np.save(image_run["root"] / "many.npy", _random_images((5, 4, 3), n=65))
+    _one_line_error(capsys, ["complete", "--checkpoint", run, "--image", str(image_run["root"] / "many.npy"),
+                             "--keep-rows", "2", "--out", str(image_run["root"] / "c3")], "give --max-images N")
 
 
 def test_resume_of_an_image_run_refuses_changed_images(image_run, tmp_path, capsys):
@@ -264,8 +267,14 @@ def test_resume_of_an_image_run_refuses_changed_images(image_run, tmp_path, caps
     assert main(["train", "--task", "images", "--data", str(folder), "--out", str(run), "--steps", "1",
                  "--batch-size", "2", "--no-progress", *MODEL]) == 0
     assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--no-progress"]) == 0
+    Image.fromarray(_random_images((5, 4, 3), seed=9)[0]).save(folder / "extra.png")
+    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"],
+                    "1 file(s) added, e.g.")
+    (folder / "extra.png").unlink()
     Image.fromarray(_random_images((5, 4, 3), seed=9)[0]).save(folder / "pic0.png")
     _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"], "changed")
+    (folder / "pic0.png").unlink()
+    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"], "is gone")
 
 
 def _png_rgb16(pixels: np.ndarray) -> bytes:

@@ -46,6 +46,9 @@ MODEL_MAY_CHANGE = {"reversible", "reversible_keep_attention", "reversible_keep_
                     "reversible_keep_feed_forward", "ff_chunk_size", "loss_chunk_size"}  # execution only
 
 
+MAX_IMAGES_UNASKED = 64  # `reformer complete` completes more given images only when --max-images asks for them
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line."""
 
@@ -351,6 +354,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
         if images.shape[:2] != tuple(shape[:2]):
             warnings.warn(f"the given images are {images.shape[0]}x{images.shape[1]} pixels; resized to the model's "
                           f"{shape[0]}x{shape[1]}")
+        if args.max_images is None and len(images) > MAX_IMAGES_UNASKED:
+            raise UserError(f"{args.image} holds {len(images):,} images, each completed --samples times; give "
+                            f"--max-images N to complete the first N (or all {len(images)})")
         images = images.take(0, min(len(images), args.max_images)) if args.max_images else images
         given = conform(images, tuple(shape[:2])).array
         names = _output_names(images.names)

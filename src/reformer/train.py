@@ -289,6 +289,15 @@ def check_data_unchanged(run_dir: str | Path, cfg: TrainConfig) -> None:
         if Path(path).stat().st_size != fingerprint["size"] or file_fingerprint(path) != fingerprint:
             raise ValueError(f"the run's data file {path} changed since the run started; resume with the same "
                              "data, or start a new run with a new --out")
+    if cfg.task == "images" and saved:
+        from .images import source_files
+
+        now = {str(Path(p).absolute()) for source in (cfg.data, cfg.valid_data) if source is not None
+               for p in source_files(source)}
+        added = sorted(now - set(saved))
+        if added:
+            raise ValueError(f"the run's images changed since the run started: {len(added)} file(s) added, e.g. "
+                             f"{added[0]}; resume with the same images, or start a new run with a new --out")
 
 
 class _Run:
