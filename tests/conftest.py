@@ -71,3 +71,43 @@ def tile_products(tile: bool):
         _BLAS_LIBRARY.append(native.open_library(path))
     with mock.patch.object(native, "_load", lambda: _BLAS_LIBRARY[0]):
         yield
+
+
+def one_line_error(capsys, argv: list[str], match: str) -> None:
+    """`reformer ARGV` fails with exit status 2 and one line on stderr (warnings aside) that contains `match`."""
+    from reformer.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if ": warning: " not in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert match in errors[0], errors[0]
+
+
+@contextlib.contextmanager
+def local_http_server(handler, files: dict[str, bytes], **attributes):
+    """A threaded HTTP server on 127.0.0.1 serving `files` (path -> bytes) with `handler`; `requests` lists the
+    paths asked for, `url` is its address, and `attributes` become attributes of the server (for the handler)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.files, httpd.requests = files, []
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    for name, value in attributes.items():
+        setattr(httpd, name, value)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def without_proxies(monkeypatch) -> None:
+    """Nothing between urllib and 127.0.0.1."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from reformer.cli import main
+from tests.conftest import one_line_error
 
 TEXT = ("Crime and Punishment, by Fyodor Dostoevsky. Part I. Chapter I. " * 30).encode()
 MODEL = ["--d-model", "32", "--d-head", "16", "--d-ff", "64", "--attn-layers", "local,lsh", "--lsh-chunk-size", "16",
@@ -28,15 +29,6 @@ def trained(tmp_path, text_file):
     assert main(["train", "--data", str(text_file), "--out", str(out), "--steps", "4", "--batch-size", "2",
                  "--seq-len", "64", "--eval-every", "2", "--no-progress", *MODEL]) == 0
     return out
-
-
-def one_line_error(capsys, argv, match):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if ": warning: " not in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    assert match in err, err
 
 
 def test_train_eval_generate(trained, text_file, capsys):

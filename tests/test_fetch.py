@@ -6,15 +6,15 @@ import hashlib
 import io
 import random
 import re
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from reformer import fetch as fetch_module
 from reformer.fetch import DATASETS, Dataset, FetchError, default_cache_dir, fetch, verify
+from tests.conftest import local_http_server, without_proxies
 
 NOVEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "crime-and-punishment-2554.txt"
 RAW = random.Random(0).randbytes(100)  # incompressible, so the zip is bigger than a few bytes
@@ -72,25 +72,14 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files = {"/enwik8.zip": ZIP, "/novel.txt": TEXT}
-    httpd.requests = []
-    httpd.ranges = True
-    httpd.drop_after = None
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_http_server(Handler, {"/enwik8.zip": ZIP, "/novel.txt": TEXT}, ranges=True, drop_after=None) as httpd:
+        yield httpd
 
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """No proxy between us and 127.0.0.1; the default cache inside tmp_path."""
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    without_proxies(monkeypatch)
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
 
 

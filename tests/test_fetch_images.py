@@ -8,8 +8,7 @@ import hashlib
 import io
 import struct
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 from reformer import fetch as fetch_module
 from reformer.fetch import IMAGE_DATASETS, FetchError, FileDigest, ImageDataset, dataset_paths, fetch
+from tests.conftest import local_http_server, without_proxies
 
 DEBIAN_FASHION_MNIST = fetch_module.SYSTEM_FASHION_MNIST  # the real one, before any test patches it
 KEYS = ("train", "test", "train-labels", "test-labels")  # what fetch returns for an image set, in order
@@ -113,25 +113,17 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files = {**{f"/mnist/{name}": data for name, data in MNIST_FILES.items()},
-                   **{f"/fashion/{name}": data for name, data in FASHION_FILES.items()},
-                   "/cifar/cifar-10-binary.tar.gz": CIFAR_ARCHIVE}
-    httpd.requests = []
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    files = {**{f"/mnist/{name}": data for name, data in MNIST_FILES.items()},
+             **{f"/fashion/{name}": data for name, data in FASHION_FILES.items()},
+             "/cifar/cifar-10-binary.tar.gz": CIFAR_ARCHIVE}
+    with local_http_server(Handler, files) as httpd:
+        yield httpd
 
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """No proxy between us and 127.0.0.1; the default cache inside tmp_path; no Debian copy of Fashion-MNIST."""
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    without_proxies(monkeypatch)
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fetch_module, "SYSTEM_FASHION_MNIST", tmp_path / "no-debian-copy")
 

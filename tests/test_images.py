@@ -24,6 +24,7 @@ from reformer.images import (
     tokens_to_images,
 )
 from reformer.train import load_for_eval
+from tests.conftest import one_line_error
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -33,15 +34,6 @@ MODEL = ["--d-model", "32", "--d-head", "16", "--d-ff", "64", "--lsh-chunk-size"
 
 def _random_images(shape, n=1, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
-
-
-def _one_line_error(capsys, argv, match):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if ": warning: " not in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    assert match in errors[0], errors[0]
 
 
 # --- round trips ----------------------------------------------------------------------
@@ -249,13 +241,13 @@ def test_complete_names_each_given_image_apart(image_run, capsys):
 
 def test_complete_refuses_what_it_cannot_do_in_one_line(image_run, capsys):
     run, folder = str(image_run["run"]), str(image_run["folder"])
-    _one_line_error(capsys, ["complete", "--checkpoint", run, "--image", folder, "--keep-rows", "9", "--out",
+    one_line_error(capsys, ["complete", "--checkpoint", run, "--image", folder, "--keep-rows", "9", "--out",
                              str(image_run["root"] / "c1")], "--keep-rows must be a whole number in [0, 5]")
-    _one_line_error(capsys, ["complete", "--checkpoint", run, "--keep-rows", "2", "--out",
+    one_line_error(capsys, ["complete", "--checkpoint", run, "--keep-rows", "2", "--out",
                              str(image_run["root"] / "c2")], "give --image")
-    _one_line_error(capsys, ["complete", "--checkpoint", run, "--keep-rows", "0", "--out", folder], "is not empty")
+    one_line_error(capsys, ["complete", "--checkpoint", run, "--keep-rows", "0", "--out", folder], "is not empty")
     np.save(image_run["root"] / "many.npy", _random_images((5, 4, 3), n=65))
-    _one_line_error(capsys, ["complete", "--checkpoint", run, "--image", str(image_run["root"] / "many.npy"),
+    one_line_error(capsys, ["complete", "--checkpoint", run, "--image", str(image_run["root"] / "many.npy"),
                              "--keep-rows", "2", "--out", str(image_run["root"] / "c3")], "give --max-images N")
 
 
@@ -268,13 +260,13 @@ def test_resume_of_an_image_run_refuses_changed_images(image_run, tmp_path, caps
                  "--batch-size", "2", "--no-progress", *MODEL]) == 0
     assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--no-progress"]) == 0
     Image.fromarray(_random_images((5, 4, 3), seed=9)[0]).save(folder / "extra.png")
-    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"],
+    one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"],
                     "1 file(s) added, e.g.")
     (folder / "extra.png").unlink()
     Image.fromarray(_random_images((5, 4, 3), seed=9)[0]).save(folder / "pic0.png")
-    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"], "changed")
+    one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"], "changed")
     (folder / "pic0.png").unlink()
-    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"], "is gone")
+    one_line_error(capsys, ["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"], "is gone")
 
 
 def _png_rgb16(pixels: np.ndarray) -> bytes:
@@ -324,17 +316,17 @@ BAD_CASES = [
 @pytest.mark.parametrize("folder, message", BAD_CASES, ids=[c[0] for c in BAD_CASES])
 def test_bad_image_folders_give_one_line_naming_the_file(bad_folders, capsys, folder, message):
     out = bad_folders["root"] + "/run-" + folder
-    _one_line_error(capsys, ["train", "--task", "images", "--data", bad_folders[folder], "--out", out, "--steps",
+    one_line_error(capsys, ["train", "--task", "images", "--data", bad_folders[folder], "--out", out, "--steps",
                              "1", "--no-progress", *MODEL], message)
     assert not Path(out).exists()
 
 
 def test_image_flags_that_do_not_fit_give_one_line(image_run, capsys, tmp_path):
     base = ["train", "--task", "images", "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress", *MODEL]
-    _one_line_error(capsys, [*base], "--task images needs --data")
-    _one_line_error(capsys, [*base, "--data", str(image_run["folder"]), "--seq-len", "50"], "--seq-len must be 60")
-    _one_line_error(capsys, [*base, "--data", str(image_run["folder"]), "--image-size", "4by4"],
+    one_line_error(capsys, [*base], "--task images needs --data")
+    one_line_error(capsys, [*base, "--data", str(image_run["folder"]), "--seq-len", "50"], "--seq-len must be 60")
+    one_line_error(capsys, [*base, "--data", str(image_run["folder"]), "--image-size", "4by4"],
                     "--image-size must be HEIGHTxWIDTH")
-    _one_line_error(capsys, [*base, "--data", "mnist", "--image-size", "4x4"], "reformer data fetch mnist")
-    _one_line_error(capsys, ["eval", "--checkpoint", str(image_run["run"]), "--data", str(image_run["folder"]),
+    one_line_error(capsys, [*base, "--data", "mnist", "--image-size", "4x4"], "reformer data fetch mnist")
+    one_line_error(capsys, ["eval", "--checkpoint", str(image_run["run"]), "--data", str(image_run["folder"]),
                              "--image-size", "3x3"], "")
