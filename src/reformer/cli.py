@@ -225,9 +225,9 @@ def _new_image_run_settings(args: argparse.Namespace, cfg):
     follow the images (a model flag given explicitly still wins)."""
     import math
 
-    from .images import load_images, parse_image_size
+    from .images import image_shape_of, parse_image_size
 
-    shape = load_images(cfg.data, image_size=parse_image_size(cfg.image_size)).shape
+    shape = image_shape_of(cfg.data, parse_image_size(cfg.image_size))
     if args.seq_len is not None and args.seq_len != math.prod(shape):
         raise UserError(f"the images are {shape[0]}x{shape[1]}x{shape[2]} = {math.prod(shape):,} sub-pixels, so "
                         f"--seq-len must be {math.prod(shape)} (or left out), got {args.seq_len}")
@@ -544,13 +544,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fetch_names() -> tuple[str, ...]:
-    from . import fetch
-
-    return fetch.NAMES
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .fetch import NAMES
     from .train import TrainConfig
 
     def default(field: str) -> str:
@@ -660,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fe = data_sub.add_parser("fetch", help="download a dataset into the cache and check its sha256")
-    fe.add_argument("name", choices=_fetch_names(), help="which dataset")
+    fe.add_argument("name", choices=NAMES, help="which dataset")
     fe.add_argument("--dir", default=None, help="cache directory (default: $REFORMER_CACHE or ~/.cache/reformer)")
     fe.add_argument("--url", default=None, help="download from this URL (a mirror, or file://) instead")
     fe.set_defaults(func=cmd_fetch)

@@ -140,6 +140,16 @@ def load_images(source: str | os.PathLike, *, split: str = "train", image_size: 
     return conform(images, image_size, channels)
 
 
+def image_shape_of(source: str | os.PathLike, image_size: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(H, W, C) of the images `load_images(source, image_size=image_size)` gives, reading one image of a
+    directory only (the others are checked when the set is loaded)."""
+    path = Path(source)
+    if is_named_set(source) or not path.is_dir():
+        return load_images(source, image_size=image_size).shape
+    height, width, channels = _read_image_file(_image_files(path)[0]).shape
+    return (*(image_size or (height, width)), channels)
+
+
 def conform(images: ImageSet, image_size: tuple[int, int] | None = None, channels: int | None = None) -> ImageSet:
     """The images resized to image_size (H, W) and converted to `channels`, where they differ."""
     array = images.array
@@ -390,7 +400,7 @@ class ImageSampler(ShardedSampler):
                              device=self.generator.device).cpu()  # (rows,)
 
     def _build(self, plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = images_to_tokens(np.stack([self.images.array[i] for i in plan.tolist()]))  # (b, n)
+        tokens = images_to_tokens(self.images.array[plan.numpy()])  # (b, n)
         return shift_right(tokens), tokens
 
 
