@@ -1,10 +1,19 @@
-"""Shared test helpers: a tolerance table and an assert that reports where it failed."""
+"""Shared test helpers: a tolerance table and an assert that reports where it failed.
+
+Triton's kernels run under its interpreter, on CPU tensors (tests/attention/test_triton.py): TRITON_INTERPRET=1
+must be set before Triton is first imported (torch._dynamo imports it), so it is set here, before any test
+module loads, unless REFORMER_TRITON_TEST_DEVICE names a GPU.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
-import torch
+if os.environ.get("REFORMER_TRITON_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

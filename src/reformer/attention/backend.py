@@ -6,9 +6,12 @@ Backends:
   call allows the fused kernel, else explicit chunk scores (dropout, dedup, ...); any device and dtype.
 - "native": the fused chunk kernel's blocks, and LSH hashing's argmax, in this package's C++ (`native.py`):
   CPU tensors in float32 or float64, the options the fused kernel takes.
-- "triton": GPU kernels, not in this version: asking for it is refused.
+- "triton": the fused chunk kernel's forward and backward as Triton kernels (`triton_chunks.py`): CUDA
+  tensors in float32, bfloat16 or float16, the options the fused kernel takes; on CPU tensors too when
+  TRITON_INTERPRET=1 was set before they were first used (Triton's interpreter: how the tests run them).
 
-By default every call takes "native" where it can run it and "torch" otherwise. `use_backend(name)` (a context
+By default every call takes "native" where it can run it, else "triton" on CUDA where Triton is installed
+and the call is one the fused kernel takes, and "torch" otherwise. `use_backend(name)` (a context
 manager, for the calls made inside it) or the environment variable REFORMER_BACKEND=name forces one; a forced
 backend that cannot run a call raises `BackendError`, one line saying why, rather than switching silently.
 REFORMER_NATIVE=0, the older switch, still turns the native kernels off (deprecated: REFORMER_BACKEND=torch).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
@@ -79,6 +83,23 @@ def native_runs(x: torch.Tensor) -> str | None:
     return None
 
 
+def triton_runs(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take rows like x, or None when they can."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"it takes float32, bfloat16 or float16 rows, not {x.dtype}"
+    if x.device.type not in ("cuda", "cpu"):
+        return f"it takes CUDA tensors, not {x.device.type}"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if x.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "it takes CUDA tensors, or CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)"
+        from . import triton_chunks
+        if not triton_chunks.interpreted():
+            return "Triton was imported before TRITON_INTERPRET=1 was set (torch._dynamo imports it); set it first"
+    return None
+
+
 def choose(call: str, x: torch.Tensor, *, fused: list[str] = (), reference: list[str] = ()) -> str:
     """The backend for one `call` on rows like x.
 
@@ -87,9 +108,13 @@ def choose(call: str, x: torch.Tensor, *, fused: list[str] = (), reference: list
     """
     name = forced_backend()
     if name is None:
-        return "native" if not fused and native_runs(x) is None else "torch"
+        if not fused and native_runs(x) is None:
+            return "native"
+        return "triton" if not fused and x.device.type == "cuda" and triton_runs(x) is None else "torch"
     if name == "triton":
-        raise BackendError(f"{call}: the triton backend is not in this version; use native, torch or reference")
+        reason = triton_runs(x) or (f"the fused kernel does not take {', '.join(fused)}" if fused else None)
+        if reason is not None:
+            raise BackendError(f"{call}: the triton backend cannot run this call: {reason}; use torch")
     if name == "native":
         reason = native_runs(x) or (f"the fused kernel does not take {', '.join(fused)}" if fused else None)
         if reason is not None:

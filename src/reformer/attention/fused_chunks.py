@@ -69,9 +69,13 @@ POSITION_SCALE = float(1 << 30)  # the mask recipe's positions are scaled by thi
 EXACT_FLOAT32 = 1 << 24  # positions below this are exact integers in float32
 
 
-def fused_kernel_available(device: torch.device) -> bool:
-    """The fused path's PyTorch blocks run PyTorch's CPU flash attention: CPU tensors only."""
-    return device.type == "cpu"
+def fused_kernel_available(device: torch.device, backend: str) -> bool:
+    """Does the fused path run calls on `backend` (`backend.choose`'s pick) for tensors on `device`?
+
+    Its native and Triton blocks run wherever the backend was chosen; its PyTorch blocks run PyTorch's CPU
+    flash attention: CPU tensors only (elsewhere "torch" is the explicit chunk scores).
+    """
+    return backend in ("native", "triton") or (backend == "torch" and device.type == "cpu")
 
 
 @dataclass
@@ -158,7 +162,7 @@ class Plan:
     window: tuple[int, int]  # chunks before and after
     scale: float  # logit scale
     global_tokens: GlobalTokens | None = None  # Longformer's global tokens: columns and rows (one round only)
-    native: bool = False  # the native kernel runs its blocks (the backend chosen for the call); else PyTorch's
+    backend: str = "torch"  # who runs its blocks, the call's backend: "native", "triton", else PyTorch's CPU ones
 
     @property
     def n_rows(self) -> int:
@@ -269,11 +273,20 @@ class ChunkedAttention(torch.autograd.Function):
         float64 (empty without global tokens), block by block."""
         bh, g, c = plan.rows.shape
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
+        tokens = plan.global_tokens
+        lse_global = q_rows.new_empty((bh, 0 if tokens is None else tokens.position.shape[1]), dtype=torch.float64)
+        if plan.backend == "triton":  # every head row's blocks in one launch, then the global tokens row by row
+            from . import triton_chunks
+            out, lse_slots, lse = triton_chunks.attend(q_rows, k_rows, v_rows, plan)
+            if tokens is not None:
+                for row in range(bh):
+                    with explicit_precision(q_rows.device):
+                        _global_tokens_forward(plan, row, q_rows, k_rows, v_rows, q_g_rows, k_g_rows, v_g_rows, out,
+                                               lse, lse_global[row])
+            return out, lse_slots, lse, lse_global
         out = q_rows.new_empty(plan.n_rows, d)
         lse = q_rows.new_empty((plan.n_rows,), dtype=torch.float64)  # float64: exact near -1e5
         lse_slots = q_rows.new_empty(bh, g, c, dtype=accumulation_dtype(q_rows.dtype))  # as the kernel returns it
-        tokens = plan.global_tokens
-        lse_global = q_rows.new_empty((bh, 0 if tokens is None else tokens.position.shape[1]), dtype=torch.float64)
         out_slots = None if plan.rank is None else q_rows.new_empty(g * c, d)  # one head row's, reused
         gathered = _gathers_natively(plan, q_rows, k_rows, v_rows)
         for row in range(bh):
@@ -309,16 +322,23 @@ class ChunkedAttention(torch.autograd.Function):
         d, w = q_rows.shape[1], plan.recipe.k_pos.shape[-1]
         # one round and no global tokens: the window's softmax is the whole softmax (its share is 1)
         one_round = (plan.rank is None or plan.rank.shape[1] == 1) and plan.global_tokens is None
-        grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
         separate = q_g_rows is not None  # global projections of their own: their gradients too
         global_grads = [torch.zeros_like(x, dtype=accumulation_dtype(x.dtype)) for x in (q_g_rows, k_g_rows, v_g_rows)
                         ] if separate else [None] * 3
+        if plan.backend == "triton":
+            from . import triton_chunks
+            grads = _TritonGradients(*triton_chunks.backward(grad_out, q_rows, k_rows, v_rows, out, lse, lse_slots,
+                                                             plan, one_round), q_rows, k_rows, v_rows)
+            rows = range(bh) if plan.global_tokens is not None else ()
+        else:
+            grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
+            rows = range(bh)
         work = accumulation_dtype(q_rows.dtype)  # bfloat16: the kernel's float32 backward is the faster one
         grad_out = grad_out.contiguous()
         gathered = _gathers_natively(plan, q_rows, k_rows, v_rows) and grad_out.dtype == q_rows.dtype
-        for row in range(bh):
+        for row in rows:
             grads.begin(row)
-            for start, end in blocks(g, c, w):
+            for start, end in blocks(g, c, w) if plan.backend != "triton" else ():  # (Triton: done above)
                 if gathered:
                     block = _gathered_block(plan, row, start, end, q_rows, k_rows, v_rows)
                     grads.add_gathered(block, start, end, grad_out, out, lse_slots[row, start:end],
@@ -394,6 +414,24 @@ def _global_tokens_backward(plan: Plan, row: int, own: tuple, projections: tuple
                                      outputs.index_select(0, position).to(work), lse_global,
                                      plan.head_row(dk_g_rows, row), plan.head_row(dv_g_rows, row), plan.scale)
     plan.head_row(dq_g_rows, row).index_add_(0, position, d_queries.to(dq_g_rows.dtype))
+
+
+class _TritonGradients:
+    """The Triton kernels' gradients of q, k, v rows (float32; k None for shared query-keys), for the global
+    tokens' backward to add onto."""
+
+    def __init__(self, dq, dk, dv, q_rows, k_rows, v_rows):
+        self.q, self.k, self.v = dq, dk, dv
+        self.dtypes = [None if rows is None else rows.dtype for rows in (q_rows, k_rows, v_rows)]
+
+    def begin(self, row: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def result(self) -> tuple:
+        return _SlotGradients.result(self)
 
 
 class _SlotGradients:
@@ -530,7 +568,7 @@ class _PositionSlots:
 def _gathers_natively(plan: Plan, q_rows, k_rows, v_rows) -> bool:
     """Does the native kernel read this call's blocks straight from its rows (its backend, the rows' layout)?"""
     rows = [t for t in (q_rows, k_rows, v_rows) if t is not None]
-    return (plan.native and plan.recipe.dtype == q_rows.dtype
+    return (plan.backend == "native" and plan.recipe.dtype == q_rows.dtype
             and all(t.dtype == q_rows.dtype and t.is_contiguous() for t in rows))
 
 
@@ -626,7 +664,7 @@ def projection_rows(x: torch.Tensor) -> torch.Tensor:
 def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, self_value, self_on_diagonal,
                in_position_order: bool = False, band: int | None = None,
                mask_positions: torch.Tensor | None = None, global_tokens: GlobalTokens | None = None,
-               native: bool = False) -> Plan:
+               backend: str = "torch") -> Plan:
     """Index tensors and mask recipe of the fused kernel for slot -> position maps flat_order (b, h, r*n).
 
     Rounds are n positions long; a window is (before + 1 + after) chunks of c.
@@ -635,7 +673,7 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
     mask_positions: (b, h, r*n) integer positions of the slots that the causal and band masks compare
     (default flat_order); dilated sliding windows give each residue class its own range.
     global_tokens: Longformer's global tokens (`global_tokens.GlobalTokens`; one round only).
-    native: the native kernel runs the blocks (the call's backend); else PyTorch's flash attention.
+    backend: the call's backend, who runs the blocks: "native", "triton", else PyTorch's CPU flash attention.
     """
     b, h, rn = flat_order.shape
     g, per_round = rn // c, n // c
@@ -654,7 +692,7 @@ def chunk_plan(flat_order, mask, n, c, causal, wrap, window, dtype, *, scale, se
         rank = torch.empty_like(slots).scatter_(-1, flat_order.view(b, h, r, n), slots).view(b * h, r, n)
     return Plan(rows=output_rows(flat_order, n).view(b * h, g, c), kv_source=output_rows(extended, n).view(b * h, -1),
                 rank=rank, recipe=recipe, shape=(b, n, h), window=window, scale=scale,
-                global_tokens=global_tokens, native=native)
+                global_tokens=global_tokens, backend=backend)
 
 
 def output_rows(positions: torch.Tensor, n: int) -> torch.Tensor:

@@ -90,12 +90,12 @@ def local_attention(
     mask = padded_mask(attention_mask, b, n, n_pad, q.device)  # (b, n_pad)
     k, v = zero_padded(k, attention_mask), zero_padded(v, attention_mask)
 
-    if not with_dropout and fused_kernel_available(q.device):
+    if not with_dropout and fused_kernel_available(q.device, backend):
         positions = torch.arange(n_pad, device=q.device).expand(b, h, n_pad)  # chunk order = position order
         plan = cached_plan(replay, lambda: chunk_plan(positions, mask, n_pad, c, causal, wrap, window, q.dtype,
                                                       scale=1 / math.sqrt(d), self_value=None,
                                                       self_on_diagonal=True, in_position_order=True,
-                                                      native=backend == "native"))
+                                                      backend=backend))
         rows = [projection_rows(pad_length(x, n_pad, dim=2)) for x in (q, k, v)]  # (b*n_pad*h, d) each
         out = ChunkedAttention.apply(*rows, plan, replay).view(b, n_pad, h, d).permute(0, 2, 1, 3)  # (b, h, n_pad, d)
         return zero_masked_queries(out[:, :, :n], attention_mask)

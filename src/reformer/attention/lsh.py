@@ -138,9 +138,9 @@ def lsh_attention(
     v_p = pad_length(zero_padded(v, attention_mask), n_pad, dim=2)  # (b, h, n_pad, d)
     buckets = _hash(qk_p, rotations, n_buckets, mask, buckets, native_kernel=backend == "native")  # (b, h, r, n_pad)
     window = (chunks_before, chunks_after)
-    if not unfused and fused_kernel_available(qk.device):  # sort, attend and merge the rounds in the fused kernel
+    if not unfused and fused_kernel_available(qk.device, backend):  # sort, attend and merge the rounds in the fused kernel
         out = _attend_fused(qk_p, v_p, buckets, mask, chunk_size=chunk_size, causal=causal, wrap=wrap,
-                            window=window, replay=replay, native_kernel=backend == "native")  # (b, h, n_pad, d)
+                            window=window, replay=replay, backend=backend)  # (b, h, n_pad, d)
     else:
         with explicit_precision(qk.device):
             qk_up, v_up = upcast(qk_p, v_p)
@@ -226,7 +226,7 @@ def _check_rotations_or_buckets(rotations, buckets, n_buckets, qk_shape) -> int:
     return rotations.shape[2]
 
 
-def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window, replay=None, native_kernel=False):
+def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window, replay=None, backend="torch"):
     """The combined output (b, h, n, d) through the fused chunk kernel (`fused_chunks`).
 
     For dedup and same-bucket off, no attention dropout and exact softmax
@@ -240,7 +240,7 @@ def _attend_fused(qk, v, buckets, mask, *, chunk_size, causal, wrap, window, rep
         flat_order = order.reshape(b, h, r * n)  # the position at each sorted slot
         self_value, _ = mask_values(qk.dtype)
         return chunk_plan(flat_order, mask, n, c, causal, wrap, window, qk.dtype, scale=1.0, self_value=self_value,
-                          self_on_diagonal=not wrap, native=native_kernel)
+                          self_on_diagonal=not wrap, backend=backend)
 
     plan = cached_plan(replay, build)
     out = ChunkedAttention.apply(projection_rows(qk), None, projection_rows(v), plan, replay)  # keys: unit qk

@@ -127,9 +127,9 @@ def sliding_window_attention(
                                         attention_mask=attention_mask, global_mask=global_mask,
                                         global_qkv=global_qkv, global_rule=global_rule, dropout=dropout,
                                         dropout_seed=dropout_seed)
-    if not with_dropout and fused_kernel_available(q.device):
+    if not with_dropout and fused_kernel_available(q.device, backend):
         out = _fused(q, k, v, global_qkv, attention_mask, global_mask, global_rule, layout, replay,
-                     native_kernel=backend == "native")
+                     backend=backend)
     else:
         out = _explicit(q, k, v, global_qkv, attention_mask, global_mask, global_rule, layout, dropout, dropout_seed)
     return zero_masked_queries(out, attention_mask)
@@ -203,7 +203,7 @@ def _band_keys(attention_mask, global_mask, b: int, n: int, m: int, device) -> t
 
 
 def _fused(q, k, v, global_qkv, attention_mask, global_mask, global_rule: str, layout: SlotLayout,
-           replay: KernelReplay | None = None, native_kernel: bool = False) -> torch.Tensor:
+           replay: KernelReplay | None = None, backend: str = "torch") -> torch.Tensor:
     """The band, and the global tokens' columns and rows, on the fused window kernel: (b, h, n, d)."""
     b, h, n, d = q.shape
     m = layout.m
@@ -221,7 +221,7 @@ def _fused(q, k, v, global_qkv, attention_mask, global_mask, global_rule: str, l
         layout.causal, False, layout.neighbours, q.dtype, scale=1 / math.sqrt(d), self_value=None,
         self_on_diagonal=True, in_position_order=layout.in_position_order, band=layout.window,
         mask_positions=layout.mask_positions.expand(b, h, m), global_tokens=global_tokens(),
-        native=native_kernel))
+        backend=backend))
     rows = [projection_rows(pad_length(x, m, dim=2)) for x in (q, k, v, *(global_qkv or ()))]  # (b*m*h, d) each
     out = ChunkedAttention.apply(*rows[:3], plan, replay, *rows[3:])  # (b*m*h, d)
     return out.view(b, m, h, d).permute(0, 2, 1, 3)[:, :, :n]  # (b, h, n, d)
