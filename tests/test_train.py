@@ -146,3 +146,23 @@ def test_top_level_functions():
 
     assert callable(reformer.train) and callable(reformer.generate) and callable(reformer.evaluate_file)
     assert reformer.TrainConfig is TrainConfig
+
+
+def test_batches_reach_the_device_through_pinned_memory_on_cuda_only(monkeypatch):
+    """`to_device`: on the CPU the batch itself; on CUDA a pinned copy sent without blocking the host."""
+    import torch
+
+    from reformer.train import to_device
+
+    batch = torch.arange(6).view(2, 3)
+    assert to_device(batch, torch.device("cpu")) is batch
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append((device, non_blocking))
+            return "on the device"
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: Pinned())
+    assert to_device(batch, torch.device("cuda")) == "on the device"
+    assert calls == [(torch.device("cuda"), True)]

@@ -178,6 +178,14 @@ def _image_samplers(cfg: TrainConfig, model_config: ReformerConfig, rows: int, s
     return train, [valid.next_batch_with_bytes() for _ in range(cfg.eval_batches)]
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on `device`: for CUDA through pinned memory and a non-blocking copy, so that the host goes on
+    queueing the step while the batch travels (the copy is ordered on the stream before the kernels that read it)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -195,7 +203,7 @@ def evaluate(model: ReformerLM, batches, precision: str = "fp32", process: distr
     total, count, n_bytes = 0.0, 0, 0
     for ids, labels, *extra in batches:
         with _autocast(precision, device):
-            out = model(ids.to(device), labels=labels.to(device), shift_labels=shift_labels)
+            out = model(to_device(ids, device), labels=to_device(labels, device), shift_labels=shift_labels)
         total += out.loss.item() * out.n_tokens
         count += out.n_tokens
         n_bytes = None if n_bytes is None or not extra or extra[0] is None else n_bytes + extra[0]
@@ -523,7 +531,8 @@ def _train_step(cfg, model, optimizer, scheduler, sampler, process: distributed.
         ids, labels = sampler.next_batch()
         with distributed.no_sync(model, last=micro == cfg.grad_accum - 1):
             with _autocast(cfg.precision, device):
-                loss = model(ids.to(device), labels=labels.to(device), shift_labels=sampler.shift_labels).loss
+                loss = model(to_device(ids, device), labels=to_device(labels, device),
+                             shift_labels=sampler.shift_labels).loss
             (loss / cfg.grad_accum).backward()
         total += loss.item() / cfg.grad_accum
     if cfg.grad_clip > 0:

@@ -140,7 +140,8 @@ def lsh_attention_reference(
                 self_logit = torch.tensor(SELF_LOGIT, dtype=qk.dtype, device=qk.device)
                 logits = torch.stack([self_logit if j == i else qk[bi, hi, i] @ keys[bi, hi, j] for j in seen])
                 if not dedup:
-                    logits = logits + torch.tensor([math.log(m[i][j]) for j in seen], dtype=logits.dtype)
+                    logits = logits + torch.tensor([math.log(m[i][j]) for j in seen], dtype=logits.dtype,
+                                                   device=logits.device)
                 weights = torch.softmax(logits, dim=0)
                 outputs[bi, hi, i] = weights @ v[bi, hi, seen]
         all_buckets.append(torch.stack(head_buckets))
