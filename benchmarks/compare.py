@@ -266,7 +266,7 @@ def worker(contender: str, length: int, repeats: int, budget_s: float, device_na
         cell["kept_outputs"], cell["kept_outputs_mib"] = len(outputs), sum(outputs) / 2**20
         from reformer.attention.backend import forced_backend
 
-        cell["native"] = device.type == "cpu" and native.library() is not None and forced_backend() != "torch"
+        cell["native"] = device.type == "cpu" and native.library() is not None and forced_backend() in (None, "native")
     return cell
 
 
