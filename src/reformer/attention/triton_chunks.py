@@ -31,8 +31,9 @@ float32, the softmax and the log-sum-exps are float32. Products of float32 rows
 are IEEE float32 unless PyTorch allows TF32 for matmuls
 (`torch.backends.cuda.matmul.allow_tf32`); bfloat16 and float16 rows multiply in
 their own type (P and dS are rounded to it, as in FlashAttention). The backward
-recomputes each logit with the forward's exact operations, so a query that sees
-only itself (the -1e5 self logit) gets P = 1 exactly again.
+recomputes each logit with the forward's exact operations (no kernel contracts a
+multiply and an add into one fused operation: `enable_fp_fusion=False`), so a
+query that sees only itself (the -1e5 self logit) gets P = 1 exactly again.
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run
 on CPU tensors, which is how the tests run them. The interpreter multiplies
@@ -257,7 +258,7 @@ class _Launch:
 
     def sizes(self, d: int) -> dict:
         return dict(c=self.c, w=self.w, e=self.e, g=self.g, d=d, q_blocks=self.q_blocks, BQ=self.bq, BK=self.bk,
-                    BD=max(16, triton.next_power_of_2(d)), num_warps=NUM_WARPS)
+                    BD=max(16, triton.next_power_of_2(d)), num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
