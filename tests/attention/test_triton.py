@@ -176,3 +176,26 @@ def test_a_model_trains_the_same_on_triton_as_on_the_default_backend():
         results[backend] = [loss.detach().cpu()] + [p.grad.cpu() for p in model.parameters()]
     for a, b in zip(results["triton"], results[None]):
         assert_close(a, b, 2e-4 * max(b.abs().max().item(), 1e-30), "model")
+
+
+@pytest.mark.parametrize("case", ["lsh-3-rounds-chunk-after", "sliding-global-projections"])
+def test_head_rows_in_groups_give_the_same_bits(case, monkeypatch):
+    """Slot buffers go in groups of head rows within GROUP_BYTES (at a million tokens, one head row at a time):
+    groups of one head row (of part of a batch's heads) give the same bits as all at once."""
+    from reformer.attention import triton_chunks
+
+    whole = _run(case, F32, "triton")
+    monkeypatch.setattr(triton_chunks, "GROUP_BYTES", 1)
+    assert triton_chunks._groups(2, 3, 100) == [(0, 1, 0, 1), (0, 1, 1, 2), (0, 1, 2, 3), (1, 2, 0, 1),
+                                                (1, 2, 1, 2), (1, 2, 2, 3)]
+    for a, b in zip(_run(case, F32, "triton"), whole):
+        assert torch.equal(a, b)
+
+
+def test_positions_past_float32s_exact_range_take_float64(monkeypatch):
+    """Past 2^24 tokens the mask recipe's positions are float64: the kernels compare them as such."""
+    from reformer.attention import fused_chunks
+
+    monkeypatch.setattr(fused_chunks, "EXACT_FLOAT32", 1)  # every recipe in float64, as past 2^24 positions
+    for case in ("lsh-causal-2-rounds", "sliding-causal"):
+        _assert_near(_run(case, F32, "triton"), _run(case, F32, "reference"), 2e-4, case)
