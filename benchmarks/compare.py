@@ -4,7 +4,8 @@ Every contender is the same model: a 6-layer causal LM, d_model 256, 4 heads x
 64, d_ff 1024, byte vocabulary, batch 1. The Reformers use LSH attention in
 every layer (chunks of 64, 4 hashes, buckets from the length) and reversible
 layers; the baseline is a plain pre-LayerNorm Transformer whose attention is
-PyTorch's `scaled_dot_product_attention(is_causal=True)`. Ours runs its
+PyTorch's `scaled_dot_product_attention(is_causal=True)` (on CUDA limited to the flash kernel, or the
+memory-efficient one where flash cannot run, as for float32). Ours runs its
 feed-forward and loss in chunks (ff_chunk_size 1024, loss_chunk_size 4096, the
 fastest of 1024, 2048 and 4096 here); the peers run with their own defaults.
 
@@ -170,8 +171,13 @@ def build_reformer_pytorch(length: int, device):
 
 
 def build_sdpa(length: int, device):
+    import contextlib
+
     import torch.nn.functional as F
     from torch import nn
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gpu_kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]  # not cuDNN's: flash where it can
 
     class Block(nn.Module):
         def __init__(self):
@@ -184,7 +190,8 @@ def build_sdpa(length: int, device):
         def forward(self, x):
             b, n, _ = x.shape
             q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, HEADS, D_HEAD).permute(2, 0, 3, 1, 4)
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, n, dh)
+            with sdpa_kernel(gpu_kernels) if x.is_cuda else contextlib.nullcontext():  # CUDA: flash (fp32: efficient)
+                attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, n, dh)
             x = x + self.out(attended.transpose(1, 2).reshape(b, n, HEADS * D_HEAD))
             return x + self.ff(self.norm2(x))
 

@@ -54,6 +54,7 @@ from .fused_chunks import BLOCKED, POSITION_SCALE, _add_wrapped
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the rows the kernels take
 GROUP_BYTES = 1 << 30  # slot-ordered buffers of one group of head rows (forward outputs, backward gradients)
 NUM_WARPS = 4
+MAX_GRID_Y = 65535  # head rows per launch: CUDA's limit on a grid's second dimension
 
 
 def interpreted() -> bool:
@@ -266,8 +267,8 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 
 def _groups(b: int, h: int, bytes_per_head_row: int) -> list[tuple[int, int, int, int]]:
     """(b0, b1, h0, h1) groups of head rows (batch b0..b1, heads h0..h1), consecutive in the b * h head rows,
-    each within GROUP_BYTES of slot-ordered buffers (at least one head row)."""
-    per_group = max(1, GROUP_BYTES // max(1, bytes_per_head_row))
+    each within GROUP_BYTES of slot-ordered buffers (at least one head row) and MAX_GRID_Y head rows."""
+    per_group = min(MAX_GRID_Y, max(1, GROUP_BYTES // max(1, bytes_per_head_row)))
     if per_group >= h:
         batches = per_group // h
         return [(b0, min(b, b0 + batches), 0, h) for b0 in range(0, b, batches)]
