@@ -328,7 +328,8 @@ class ChunkedAttention(torch.autograd.Function):
         if plan.backend == "triton":
             from . import triton_chunks
             grads = _TritonGradients(*triton_chunks.backward(grad_out, q_rows, k_rows, v_rows, out, lse, lse_slots,
-                                                             plan, one_round), q_rows, k_rows, v_rows)
+                                                             plan, one_round, plan.global_tokens is not None),
+                                     q_rows, k_rows, v_rows)
             rows = range(bh) if plan.global_tokens is not None else ()
         else:
             grads = _SlotGradients(plan, q_rows, k_rows, v_rows)
@@ -417,8 +418,8 @@ def _global_tokens_backward(plan: Plan, row: int, own: tuple, projections: tuple
 
 
 class _TritonGradients:
-    """The Triton kernels' gradients of q, k, v rows (float32; k None for shared query-keys), for the global
-    tokens' backward to add onto."""
+    """The Triton kernels' gradients of q, k, v rows (k None for shared query-keys; float32 where the global
+    tokens' backward adds onto them)."""
 
     def __init__(self, dq, dk, dv, q_rows, k_rows, v_rows):
         self.q, self.k, self.v = dq, dk, dv

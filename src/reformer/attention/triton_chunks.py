@@ -296,7 +296,7 @@ def attend(q_rows: torch.Tensor, k_rows: torch.Tensor | None, v_rows: torch.Tens
     """out (n_rows, d) in the rows' dtype, lse_slots (bh, g, c) float32 and lse (n_rows,) float64 of a plan's
     chunk-window attention; k_rows None: shared query-keys (keys are the query rows at unit length)."""
     q_rows, k_rows, v_rows = _same_dtype(q_rows, k_rows, v_rows)
-    keys = unit_length_keys(q_rows.float()).to(q_rows.dtype) if k_rows is None else k_rows
+    keys = _unit_length_keys(q_rows) if k_rows is None else k_rows
     launch = _Launch(plan, q_rows.dtype)
     b, _, h = plan.shape
     bh, g, c = plan.rows.shape
@@ -340,24 +340,36 @@ def _combine_rounds(plan, group, head_rows, out_slots, lse_slots, out, lse) -> N
     _by_head(out, plan, group).copy_(combined.view(*shape, d))
 
 
+def _unit_length_keys(rows: torch.Tensor, piece: int = 1 << 16) -> torch.Tensor:
+    """Shared query-keys' keys: `unit_length_keys` of the rows in float32, rounded to their dtype, `piece` rows at
+    a time (no float32 copy of all the rows)."""
+    keys = torch.empty_like(rows)
+    for start in range(0, rows.shape[0], piece):
+        keys[start:start + piece] = unit_length_keys(rows[start:start + piece].float())
+    return keys
+
+
 def backward(grad_out: torch.Tensor, q_rows: torch.Tensor, k_rows: torch.Tensor | None, v_rows: torch.Tensor,
-             out: torch.Tensor, lse: torch.Tensor, lse_slots: torch.Tensor, plan, one_round: bool):
-    """Float32 gradients (dq, dk, dv) of the rows (dk None for shared query-keys: its part is in dq).
+             out: torch.Tensor, lse: torch.Tensor, lse_slots: torch.Tensor, plan, one_round: bool,
+             accumulate: bool):
+    """Gradients (dq, dk, dv) of the rows (dk None for shared query-keys: its part is in dq): float32 when
+    `accumulate` (more is added onto them: the global tokens'), else in the rows' dtype, each head row's summed
+    in float32 first.
 
     one_round: the window's softmax is the whole softmax (one round, no global tokens), every share is 1.
     """
     dtype = q_rows.dtype
     q_rows, k_rows, v_rows = _same_dtype(q_rows, k_rows, v_rows)
     shared = k_rows is None
-    keys = unit_length_keys(q_rows.float()).to(dtype) if shared else k_rows
+    keys = _unit_length_keys(q_rows) if shared else k_rows
     launch = _Launch(plan, dtype)
     b, _, h = plan.shape
     _, g, c = plan.rows.shape
     d, e = q_rows.shape[1], plan.kv_source.shape[1]
     grad_out = grad_out.to(dtype).contiguous()
     delta = torch.linalg.vecdot(grad_out.float(), out.float(), dim=-1)  # (n_rows,) dO . o
-    grads = [torch.zeros(plan.n_rows, d, dtype=torch.float32, device=q_rows.device) for _ in range(3)]
-    dq, dk, dv = grads
+    dq, dk, dv = (None if shared and name == "k" else torch.empty_like(q_rows, dtype=torch.float32 if accumulate
+                                                                         else dtype) for name in "qkv")
     for group in _groups(b, h, (g * c + 2 * e) * d * 4):
         head_rows = _head_rows(plan, group)
         count = head_rows.stop - head_rows.start
@@ -373,13 +385,15 @@ def backward(grad_out: torch.Tensor, q_rows: torch.Tensor, k_rows: torch.Tensor 
         options = dict(**launch.scalars, **launch.sizes(d), **launch.flags, HAS_SHARE=share is not None)
         _dq_kernel[(g * launch.q_blocks, count)](*arguments, dq_slots, **options)
         _dkdv_kernel[(triton.cdiv(e, launch.bk), count)](*arguments, dk_extended, dv_extended, **options)
-        for slots, target in ((dq_slots, dq), (_fold_wrapped(plan, dk_extended), dk),
-                              (_fold_wrapped(plan, dv_extended), dv)):
-            view = _by_head(target, plan, group)  # (B', H', n, d)
-            view.copy_(_slots_to_positions(plan, head_rows, slots).view(view.shape))
-    if shared:  # the keys' gradients through the unit-length scaling, onto the query-keys
-        add_normalize_keys_backward_(dq, q_rows.float(), dk)
-        return dq, None, dv
+        dq_group, dk_group, dv_group = (_slots_to_positions(plan, head_rows, slots) for slots in (
+            dq_slots, _fold_wrapped(plan, dk_extended), _fold_wrapped(plan, dv_extended)))  # (count, n, d) each
+        if shared:  # the keys' gradients through the unit-length scaling, onto the query-keys
+            raw = _by_head(q_rows, plan, group).reshape(-1, d).float()  # (count * n, d), a copy
+            add_normalize_keys_backward_(dq_group.view(-1, d), raw, dk_group.view(-1, d))
+        for value, target in ((dq_group, dq), (dk_group, dk), (dv_group, dv)):
+            if target is not None:
+                view = _by_head(target, plan, group)  # (B', H', n, d)
+                view.copy_(value.view(view.shape))
     return dq, dk, dv
 
 
