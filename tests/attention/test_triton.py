@@ -199,3 +199,20 @@ def test_positions_past_float32s_exact_range_take_float64(monkeypatch):
     monkeypatch.setattr(fused_chunks, "EXACT_FLOAT32", 1)  # every recipe in float64, as past 2^24 positions
     for case in ("lsh-causal-2-rounds", "sliding-causal"):
         _assert_near(_run(case, F32, "triton"), _run(case, F32, "reference"), 2e-4, case)
+
+
+def test_float32_products_follow_pytorchs_tf32_setting():
+    """TF32 for float32 rows where PyTorch allows it for CUDA matmuls, through the new setting or the old."""
+    from reformer.attention.triton_chunks import float32_products
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert float32_products() == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert float32_products() == "ieee"
+        matmul.allow_tf32 = True
+        assert float32_products() == "tf32"
+    finally:
+        matmul.fp32_precision = before

@@ -163,6 +163,7 @@ class Plan:
     scale: float  # logit scale
     global_tokens: GlobalTokens | None = None  # Longformer's global tokens: columns and rows (one round only)
     backend: str = "torch"  # who runs its blocks, the call's backend: "native", "triton", else PyTorch's CPU ones
+    float32_products: str = ""  # Triton, float32 rows: "ieee" or "tf32", fixed by the forward for its backward
 
     @property
     def n_rows(self) -> int:

@@ -28,8 +28,9 @@ GROUP_BYTES.
 
 Precision: float32, bfloat16 and float16 rows; every product accumulates in
 float32, the softmax and the log-sum-exps are float32. Products of float32 rows
-are IEEE float32 unless PyTorch allows TF32 for matmuls
-(`torch.backends.cuda.matmul.allow_tf32`); bfloat16 and float16 rows multiply in
+are IEEE float32 unless PyTorch allows TF32 for CUDA matmuls
+(`torch.backends.cuda.matmul.fp32_precision`, fixed for a call by its forward);
+bfloat16 and float16 rows multiply in
 their own type (P and dS are rounded to it, as in FlashAttention). The backward
 recomputes each logit with the forward's exact operations (no kernel contracts a
 multiply and an add into one fused operation: `enable_fp_fusion=False`), so a
@@ -53,7 +54,6 @@ from .fused_chunks import BLOCKED, POSITION_SCALE, _add_wrapped
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the rows the kernels take
 GROUP_BYTES = 1 << 30  # slot-ordered buffers of one group of head rows (forward outputs, backward gradients)
-NUM_WARPS = 4
 MAX_GRID_Y = 65535  # head rows per launch: CUDA's limit on a grid's second dimension
 
 
@@ -93,12 +93,18 @@ def _logits(q, k, scale, qp, kp, cols, rows, col_ok, band, diagonal, self_value,
 
 
 @triton.jit
+def _row_offsets(index, d, dims, NARROW: tl.constexpr):
+    """(B, BD) element offsets of rows `index` (B,) of width d; int32 when every offset fits (fewer registers)."""
+    return (index.to(tl.int32 if NARROW else tl.int64) * d)[:, None] + dims[None, :]
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, ROWS, KV, QP, KP, OUT, LSE,
                     scale, band, diagonal, self_value, masked_value, blocked,
                     c, w, e, g, d, q_blocks,
                     CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, SELF_MODE: tl.constexpr,
                     BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, NARROW: tl.constexpr):
     head_row = tl.program_id(1).to(tl.int64)
     chunk = tl.program_id(0) // q_blocks
     rows = (tl.program_id(0) % q_blocks) * BQ + tl.arange(0, BQ)  # the queries' index in their chunk
@@ -107,7 +113,7 @@ def _forward_kernel(Q, K, V, ROWS, KV, QP, KP, OUT, LSE,
     dim_ok = dims < d
     slots = head_row * g * c + chunk * c + rows  # (BQ,) slots of the (bh, g * c) slot order
     q_index = tl.load(ROWS + slots, mask=row_ok, other=0)
-    q = tl.load(Q + q_index[:, None] * d + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(Q + _row_offsets(q_index, d, dims, NARROW), mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     qp = tl.load(QP + slots, mask=row_ok, other=0.0)
 
     m_i = tl.full([BQ], -3.0e38, tl.float32)  # finite: a row of -inf logits (padding) stays NaN-free
@@ -118,8 +124,9 @@ def _forward_kernel(Q, K, V, ROWS, KV, QP, KP, OUT, LSE,
         col_ok = cols < w
         kv_index = tl.load(KV + head_row * e + chunk * c + cols, mask=col_ok, other=0)
         kv_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + kv_index[:, None] * d + dims[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_index[:, None] * d + dims[None, :], mask=kv_ok, other=0.0)
+        kv_offsets = _row_offsets(kv_index, d, dims, NARROW)
+        k = tl.load(K + kv_offsets, mask=kv_ok, other=0.0)
+        v = tl.load(V + kv_offsets, mask=kv_ok, other=0.0)
         kp = tl.load(KP + (head_row * g + chunk) * w + cols, mask=col_ok, other=blocked)
         s = _logits(q, k, scale, qp, kp, cols, rows, col_ok, band, diagonal, self_value, masked_value, blocked,
                     CAUSAL, HAS_BAND, SELF_MODE, DOT, PRECISION)
@@ -130,21 +137,22 @@ def _forward_kernel(Q, K, V, ROWS, KV, QP, KP, OUT, LSE,
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(DOT), v.to(DOT), input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(OUT + slots[:, None] * d + dims[None, :], out.to(OUT.dtype.element_ty),
+    tl.store(OUT + _row_offsets(slots, d, dims, NARROW), out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
     tl.store(LSE + slots, m_i + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit
 def _query_block(Q, DO, ROWS, QP, LSE, SHARE, DELTA, head_row, chunk, rows, row_ok, dims, dim_ok, c, g, d,
-                 HAS_SHARE: tl.constexpr):
+                 HAS_SHARE: tl.constexpr, NARROW: tl.constexpr):
     """A block of one chunk's queries for the backward: q, dO (scaled by the round's share, float32), and the
     queries' positions, log-sum-exps and delta (scaled likewise)."""
     slots = head_row * g * c + chunk * c + rows
     q_index = tl.load(ROWS + slots, mask=row_ok, other=0)
     ok = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + q_index[:, None] * d + dims[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + q_index[:, None] * d + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    q_offsets = _row_offsets(q_index, d, dims, NARROW)
+    q = tl.load(Q + q_offsets, mask=ok, other=0.0)
+    do = tl.load(DO + q_offsets, mask=ok, other=0.0).to(tl.float32)
     delta = tl.load(DELTA + q_index, mask=row_ok, other=0.0)
     if HAS_SHARE:
         share = tl.load(SHARE + slots, mask=row_ok, other=0.0)
@@ -160,7 +168,8 @@ def _dq_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DQ,
                scale, band, diagonal, self_value, masked_value, blocked,
                c, w, e, g, d, q_blocks,
                CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, SELF_MODE: tl.constexpr, HAS_SHARE: tl.constexpr,
-               BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+               BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+               NARROW: tl.constexpr):
     head_row = tl.program_id(1).to(tl.int64)
     chunk = tl.program_id(0) // q_blocks
     rows = (tl.program_id(0) % q_blocks) * BQ + tl.arange(0, BQ)
@@ -168,15 +177,16 @@ def _dq_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DQ,
     dims = tl.arange(0, BD)
     dim_ok = dims < d
     slots, q, do, delta, qp, lse = _query_block(Q, DO, ROWS, QP, LSE, SHARE, DELTA, head_row, chunk, rows, row_ok,
-                                                dims, dim_ok, c, g, d, HAS_SHARE)
+                                                dims, dim_ok, c, g, d, HAS_SHARE, NARROW)
     dq = tl.zeros([BQ, BD], tl.float32)
     for start in range(0, w, BK):
         cols = start + tl.arange(0, BK)
         col_ok = cols < w
         kv_index = tl.load(KV + head_row * e + chunk * c + cols, mask=col_ok, other=0)
         kv_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + kv_index[:, None] * d + dims[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_index[:, None] * d + dims[None, :], mask=kv_ok, other=0.0)
+        kv_offsets = _row_offsets(kv_index, d, dims, NARROW)
+        k = tl.load(K + kv_offsets, mask=kv_ok, other=0.0)
+        v = tl.load(V + kv_offsets, mask=kv_ok, other=0.0)
         kp = tl.load(KP + (head_row * g + chunk) * w + cols, mask=col_ok, other=blocked)
         s = _logits(q, k, scale, qp, kp, cols, rows, col_ok, band, diagonal, self_value, masked_value, blocked,
                     CAUSAL, HAS_BAND, SELF_MODE, DOT, PRECISION)
@@ -184,7 +194,7 @@ def _dq_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DQ,
         dp = tl.dot(do.to(V.dtype.element_ty).to(DOT), tl.trans(v.to(DOT)), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k.to(DOT), input_precision=PRECISION)
-    tl.store(DQ + slots[:, None] * d + dims[None, :], dq * scale, mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(DQ + _row_offsets(slots, d, dims, NARROW), dq * scale, mask=row_ok[:, None] & dim_ok[None, :])
 
 
 @triton.jit
@@ -192,7 +202,8 @@ def _dkdv_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DK, DV,
                  scale, band, diagonal, self_value, masked_value, blocked,
                  c, w, e, g, d, q_blocks,
                  CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, SELF_MODE: tl.constexpr, HAS_SHARE: tl.constexpr,
-                 BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                 BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+               NARROW: tl.constexpr):
     head_row = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BK
     extended = first + tl.arange(0, BK)  # (BK,) extended rows of this program
@@ -201,8 +212,9 @@ def _dkdv_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DK, DV,
     dim_ok = dims < d
     kv_index = tl.load(KV + head_row * e + extended, mask=ext_ok, other=0)
     kv_ok = ext_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + kv_index[:, None] * d + dims[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + kv_index[:, None] * d + dims[None, :], mask=kv_ok, other=0.0)
+    kv_offsets = _row_offsets(kv_index, d, dims, NARROW)
+    k = tl.load(K + kv_offsets, mask=kv_ok, other=0.0)
+    v = tl.load(V + kv_offsets, mask=kv_ok, other=0.0)
     dk = tl.zeros([BK, BD], tl.float32)
     dv = tl.zeros([BK, BD], tl.float32)
     # chunk i's window holds extended rows i * c .. i * c + w - 1: the chunks from ceil((first - w + 1) / c)
@@ -217,7 +229,7 @@ def _dkdv_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DK, DV,
             rows = block * BQ + tl.arange(0, BQ)
             row_ok = rows < c
             _, q, do, delta, qp, lse = _query_block(Q, DO, ROWS, QP, LSE, SHARE, DELTA, head_row, chunk, rows,
-                                                    row_ok, dims, dim_ok, c, g, d, HAS_SHARE)
+                                                    row_ok, dims, dim_ok, c, g, d, HAS_SHARE, NARROW)
             s = _logits(q, k, scale, qp, kp, cols, rows, col_ok, band, diagonal, self_value, masked_value,
                         blocked, CAUSAL, HAS_BAND, SELF_MODE, DOT, PRECISION)
             p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)  # (BQ, BK)
@@ -226,40 +238,77 @@ def _dkdv_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DK, DV,
             dp = tl.dot(do_dot, tl.trans(v.to(DOT)), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty).to(DOT)), q.to(DOT), input_precision=PRECISION)
-    out = (head_row * e + extended)[:, None] * d + dims[None, :]
+    out = _row_offsets(head_row * e + extended, d, dims, NARROW)
     tl.store(DK + out, dk * scale, mask=kv_ok)
     tl.store(DV + out, dv, mask=kv_ok)
 
 
 # --- launching them ----------------------------------------------------------------------------------
 
+def tiles(c: int, w: int, d: int, dtype: torch.dtype, kernel: str = "forward") -> dict:
+    """Tile sizes and warps of `kernel` ("forward", "dq", "dkdv") for chunks of c queries, windows of w keys and
+    heads of width d: what their registers and shared memory allow when compiled for sm_80 and sm_90.
+
+    16-bit rows: blocks of 64 queries and 64 keys, the dk, dv kernel's walk in blocks of 32 queries (64 spills
+    registers); float32 rows: 32 and 32 (64 x 64 IEEE float32 products spill kilobytes, and the dk, dv kernel's
+    tiles of 64 x 128 exceed an A100's shared memory). 8 warps for heads wider than 64. At least 16 each
+    (tl.dot's smallest).
+    """
+    bd = max(16, triton.next_power_of_2(d))
+    side = 32 if dtype == torch.float32 else 64
+    queries = 32 if kernel == "dkdv" else side
+    return dict(BQ=min(queries, max(16, triton.next_power_of_2(c))), BK=min(side, max(16, triton.next_power_of_2(w))),
+                BD=bd, num_warps=8 if bd > 64 else 4)
+
+
+def float32_products() -> str:
+    """How float32 rows multiply: "tf32" where PyTorch lets CUDA float32 matmuls use TF32
+    (`torch.backends.cuda.matmul.fp32_precision`, or the `allow_tf32` of older versions), else "ieee"."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if precision == "tf32" else "ieee"
+
+
 class _Launch:
     """What every kernel of one call takes: the plan's constants, tile sizes and the products' dtype."""
 
-    def __init__(self, plan, dtype: torch.dtype):
+    def __init__(self, plan, dtype: torch.dtype, d: int):
         recipe = plan.recipe
         _, self.g, self.c = plan.rows.shape
         self.w, self.e = recipe.k_pos.shape[-1], plan.kv_source.shape[1]
-        self.bq = min(64, max(16, triton.next_power_of_2(self.c)))
-        self.bk = min(64, max(16, triton.next_power_of_2(self.w)))
-        self.q_blocks = -(-self.c // self.bq)
-        self.blocked = BLOCKED * POSITION_SCALE  # a key's scaled position when no query may see it
+        self.tiles = {kernel: tiles(self.c, self.w, d, dtype, kernel) for kernel in ("forward", "dq", "dkdv")}
+        self.d = d
+        elements = max(plan.n_rows, plan.rows.numel(), plan.kv_source.numel()) * d  # of the largest tensor read
+        self.narrow = elements < 2**31  # offsets fit in int32
         self.scalars = dict(scale=float(plan.scale), band=0.0 if recipe.band is None else float(recipe.band),
                             diagonal=int(recipe.diagonal),
                             self_value=0.0 if recipe.self_value is None else float(recipe.self_value),
-                            masked_value=float(recipe.masked_value), blocked=self.blocked)
+                            masked_value=float(recipe.masked_value),
+                            blocked=BLOCKED * POSITION_SCALE)  # a key's scaled position when no query may see it
         self_mode = 0 if recipe.self_value is None else (1 if recipe.self_on_diagonal else 2)
         widened = dtype == torch.bfloat16 and interpreted()  # the interpreter's bfloat16 products are wrong
-        if dtype == torch.float32:
-            precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreted() else "ieee"
-        else:
-            precision = "ieee"
+        precision = plan.float32_products if dtype == torch.float32 and not interpreted() else "ieee"
         self.flags = dict(CAUSAL=bool(recipe.causal), HAS_BAND=recipe.band is not None, SELF_MODE=self_mode,
                           DOT=tl.float32 if widened else _TRITON_DTYPES[dtype], PRECISION=precision)
+        tensors = (plan.rows, plan.kv_source, recipe.q_pos, recipe.k_pos)
+        if not all(tensor.is_contiguous() for tensor in tensors):
+            raise ValueError("the Triton kernels read the plan's rows, kv_source, q_pos and k_pos as contiguous")
 
-    def sizes(self, d: int) -> dict:
-        return dict(c=self.c, w=self.w, e=self.e, g=self.g, d=d, q_blocks=self.q_blocks, BQ=self.bq, BK=self.bk,
-                    BD=max(16, triton.next_power_of_2(d)), num_warps=NUM_WARPS, enable_fp_fusion=False)
+    def grid(self, kernel: str, head_rows: int) -> tuple[int, int]:
+        """(blocks, head rows): blocks of BQ queries of every chunk, or (dkdv) of BK extended rows."""
+        tile = self.tiles[kernel]
+        blocks = triton.cdiv(self.e, tile["BK"]) if kernel == "dkdv" else self.g * triton.cdiv(self.c, tile["BQ"])
+        return blocks, head_rows
+
+    def options(self, kernel: str, **flags) -> dict:
+        """The keyword arguments of a launch of `kernel`: sizes, scalars, flags, tiles and compiler options."""
+        tile = self.tiles[kernel]
+        return dict(c=self.c, w=self.w, e=self.e, g=self.g, d=self.d, q_blocks=triton.cdiv(self.c, tile["BQ"]),
+                    **self.scalars, **self.flags, **flags, **tile, NARROW=self.narrow, enable_fp_fusion=False)
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -297,10 +346,12 @@ def attend(q_rows: torch.Tensor, k_rows: torch.Tensor | None, v_rows: torch.Tens
     chunk-window attention; k_rows None: shared query-keys (keys are the query rows at unit length)."""
     q_rows, k_rows, v_rows = _same_dtype(q_rows, k_rows, v_rows)
     keys = _unit_length_keys(q_rows) if k_rows is None else k_rows
-    launch = _Launch(plan, q_rows.dtype)
+    if not plan.float32_products:  # fixed here, for the backward too: it recomputes the forward's logits
+        plan.float32_products = float32_products()
     b, _, h = plan.shape
     bh, g, c = plan.rows.shape
     d = q_rows.shape[1]
+    launch = _Launch(plan, q_rows.dtype, d)
     out = torch.empty_like(q_rows)
     lse = q_rows.new_empty(plan.n_rows, dtype=torch.float64)
     lse_slots = q_rows.new_empty(bh, g, c, dtype=torch.float32)
@@ -308,10 +359,9 @@ def attend(q_rows: torch.Tensor, k_rows: torch.Tensor | None, v_rows: torch.Tens
         head_rows = _head_rows(plan, group)
         count = head_rows.stop - head_rows.start
         out_slots = q_rows.new_empty(count, g * c, d)
-        _forward_kernel[(g * launch.q_blocks, count)](
+        _forward_kernel[launch.grid("forward", count)](
             q_rows, keys, v_rows, plan.rows[head_rows], plan.kv_source[head_rows], plan.recipe.q_pos[head_rows],
-            plan.recipe.k_pos[head_rows], out_slots, lse_slots[head_rows], **launch.scalars, **launch.sizes(d),
-            **launch.flags)
+            plan.recipe.k_pos[head_rows], out_slots, lse_slots[head_rows], **launch.options("forward"))
         _combine_rounds(plan, group, head_rows, out_slots, lse_slots[head_rows].view(count, -1), out, lse)
     return out, lse_slots, lse
 
@@ -362,10 +412,10 @@ def backward(grad_out: torch.Tensor, q_rows: torch.Tensor, k_rows: torch.Tensor 
     q_rows, k_rows, v_rows = _same_dtype(q_rows, k_rows, v_rows)
     shared = k_rows is None
     keys = _unit_length_keys(q_rows) if shared else k_rows
-    launch = _Launch(plan, dtype)
     b, _, h = plan.shape
     _, g, c = plan.rows.shape
     d, e = q_rows.shape[1], plan.kv_source.shape[1]
+    launch = _Launch(plan, dtype, d)
     grad_out = grad_out.to(dtype).contiguous()
     delta = torch.linalg.vecdot(grad_out.float(), out.float(), dim=-1)  # (n_rows,) dO . o
     dq, dk, dv = (None if shared and name == "k" else torch.empty_like(q_rows, dtype=torch.float32 if accumulate
@@ -382,9 +432,9 @@ def backward(grad_out: torch.Tensor, q_rows: torch.Tensor, k_rows: torch.Tensor 
         arguments = (q_rows, keys, v_rows, grad_out, plan.rows[head_rows], plan.kv_source[head_rows],
                      plan.recipe.q_pos[head_rows], plan.recipe.k_pos[head_rows], lse_group,
                      lse_group if share is None else share, delta)
-        options = dict(**launch.scalars, **launch.sizes(d), **launch.flags, HAS_SHARE=share is not None)
-        _dq_kernel[(g * launch.q_blocks, count)](*arguments, dq_slots, **options)
-        _dkdv_kernel[(triton.cdiv(e, launch.bk), count)](*arguments, dk_extended, dv_extended, **options)
+        _dq_kernel[launch.grid("dq", count)](*arguments, dq_slots, **launch.options("dq", HAS_SHARE=share is not None))
+        _dkdv_kernel[launch.grid("dkdv", count)](*arguments, dk_extended, dv_extended,
+                                                 **launch.options("dkdv", HAS_SHARE=share is not None))
         dq_group, dk_group, dv_group = (_slots_to_positions(plan, head_rows, slots) for slots in (
             dq_slots, _fold_wrapped(plan, dk_extended), _fold_wrapped(plan, dv_extended)))  # (count, n, d) each
         if shared:  # the keys' gradients through the unit-length scaling, onto the query-keys
