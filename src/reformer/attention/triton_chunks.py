@@ -32,9 +32,11 @@ are IEEE float32 unless PyTorch allows TF32 for CUDA matmuls
 (`torch.backends.cuda.matmul.fp32_precision`, fixed for a call by its forward);
 bfloat16 and float16 rows multiply in
 their own type (P and dS are rounded to it, as in FlashAttention). The backward
-recomputes each logit with the forward's exact operations (no kernel contracts a
-multiply and an add into one fused operation: `enable_fp_fusion=False`), so a
-query that sees only itself (the -1e5 self logit) gets P = 1 exactly again.
+recomputes each logit with the forward's operations (no kernel contracts a
+multiply and an add into one fused operation: `enable_fp_fusion=False`), so
+that a query that sees only itself (the -1e5 self logit, where float32 steps
+are 0.0078) gets P = 1 again; its logit's gradient is 0 in any case (dO . v =
+dO . o for a lone key).
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run
 on CPU tensors, which is how the tests run them. The interpreter multiplies
