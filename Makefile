@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: test test-all demo demo-text demo-images bench-compare bench-compare-bf16 bench-million bench-memory bench-generate \
-	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-profile bench-images clean
+	bench-bf16 bench-compile bench-sliding bench-prefix-lsh bench-profile bench-images bench-families clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench-generate: $(STAMP)  ## generation tokens/s with and without the cache (wri
 
 bench-sliding: $(STAMP)  ## sliding-window attention (global tokens too) beside HF Longformer and SDPA (about 20 minutes; writes benchmarks/results/sliding.md)
 	$(PY) benchmarks/sliding.py
+
+bench-families: $(STAMP)  ## every attention family on one model: duplication, text bits/byte, step cost (<= 60 minutes; writes benchmarks/results/families.md)
+	$(PY) benchmarks/families.py
 
 bench-prefix-lsh: $(STAMP)  ## prefix-consistent LSH beside standard LSH and full attention: quality, then speed (about 40 minutes)
 	$(PY) benchmarks/prefix_lsh.py
