@@ -46,10 +46,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bf16 import text_file  # noqa: E402  (the novel, or this repository's source without it)
 from harness import command_line, cpu_name, run_worker, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-NOVEL = ROOT.parent / "shared" / "data" / "crime-and-punishment-2554.txt"
 D_MODEL, HEADS, D_HEAD, D_FF, FF_CHUNK = 256, 4, 64, 1024, 1024
 HASHES, LSH_CHUNK, WINDOW, LOCAL_CHUNK = 4, 64, 128, 128
 FAMILIES = ("LSH", "sliding", "sliding, char-LM pattern", "local", "full", "local/LSH", "sliding + global")
@@ -330,6 +330,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="directory of the results")
     p.add_argument("--worker", nargs=2, metavar=("FAMILY", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    counts = ("dup_length", "dup_layers", "dup_steps", "dup_batch", "dup_eval_every", "text_length", "text_layers",
+              "text_steps", "text_batch", "text_eval_every", "eval_rows", "repeats")
+    for name in counts:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.dup_length < 4 or args.dup_length % 2:
+        p.error(f"--dup-length must be even and at least 4 (0 w 0 w), got {args.dup_length}")
+    if any(length < 1 for length in args.cost_lengths) or args.lr <= 0 or args.dup_lr <= 0:
+        p.error("--cost-lengths, --lr and --dup-lr must be positive")
     if args.worker:
         print(json.dumps(cost_worker(args.worker[0], int(args.worker[1]), args.repeats)))
         return
@@ -376,15 +385,6 @@ def main(argv=None) -> None:
     write_result(args.out / "families.md", text)
     (args.out / "families.json").write_text(json.dumps({"runs": runs, "costs": costs}, indent=1) + "\n")
     print(text)
-
-
-def text_file(work: Path) -> tuple[Path, str]:
-    if NOVEL.is_file():
-        return NOVEL, "Crime and Punishment (Project Gutenberg #2554)"
-    files = sorted(ROOT.glob("src/**/*.py")) + sorted(ROOT.glob("*.md"))
-    path = work / "source.txt"
-    path.write_bytes(b"\n".join(f.read_bytes() for f in files))
-    return path, "this repository's source and README (the novel is absent)"
 
 
 if __name__ == "__main__":

@@ -256,6 +256,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, help="where to write the table (default: benchmarks/results/gpu.md on a GPU; "
                                             "the smoke run only prints)")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.budget_s <= 0 or any(length < 1 for length in args.step_lengths):
+        p.error("--repeats, --budget-s and --step-lengths must be positive")
     smoke = args.smoke
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton loads: its kernels then run on CPU tensors

@@ -101,6 +101,22 @@ def _row_offsets(index, d, dims, NARROW: tl.constexpr):
 
 
 @triton.jit
+def _window_keys(K, V, KV, KP, head_row, chunk, start, c, e, g, w, d, dims, dim_ok, blocked, BK: tl.constexpr,
+                 NARROW: tl.constexpr):
+    """Window columns start .. start + BK of a chunk: the columns, which are inside the window, their keys and
+    values (gathered through KV) and their scaled positions (`blocked` outside)."""
+    cols = start + tl.arange(0, BK)
+    col_ok = cols < w
+    kv_index = tl.load(KV + head_row * e + chunk * c + cols, mask=col_ok, other=0)
+    kv_ok = col_ok[:, None] & dim_ok[None, :]
+    kv_offsets = _row_offsets(kv_index, d, dims, NARROW)
+    k = tl.load(K + kv_offsets, mask=kv_ok, other=0.0)
+    v = tl.load(V + kv_offsets, mask=kv_ok, other=0.0)
+    kp = tl.load(KP + (head_row * g + chunk) * w + cols, mask=col_ok, other=blocked)
+    return cols, col_ok, k, v, kp
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, ROWS, KV, QP, KP, OUT, LSE,
                     scale, band, diagonal, self_value, masked_value, blocked,
                     c, w, e, g, d, q_blocks,
@@ -122,14 +138,8 @@ def _forward_kernel(Q, K, V, ROWS, KV, QP, KP, OUT, LSE,
     l_i = tl.zeros([BQ], tl.float32)
     acc = tl.zeros([BQ, BD], tl.float32)
     for start in range(0, w, BK):
-        cols = start + tl.arange(0, BK)  # window columns
-        col_ok = cols < w
-        kv_index = tl.load(KV + head_row * e + chunk * c + cols, mask=col_ok, other=0)
-        kv_ok = col_ok[:, None] & dim_ok[None, :]
-        kv_offsets = _row_offsets(kv_index, d, dims, NARROW)
-        k = tl.load(K + kv_offsets, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_offsets, mask=kv_ok, other=0.0)
-        kp = tl.load(KP + (head_row * g + chunk) * w + cols, mask=col_ok, other=blocked)
+        cols, col_ok, k, v, kp = _window_keys(K, V, KV, KP, head_row, chunk, start, c, e, g, w, d, dims, dim_ok,
+                                              blocked, BK, NARROW)
         s = _logits(q, k, scale, qp, kp, cols, rows, col_ok, band, diagonal, self_value, masked_value, blocked,
                     CAUSAL, HAS_BAND, SELF_MODE, DOT, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -182,14 +192,8 @@ def _dq_kernel(Q, K, V, DO, ROWS, KV, QP, KP, LSE, SHARE, DELTA, DQ,
                                                 dims, dim_ok, c, g, d, HAS_SHARE, NARROW)
     dq = tl.zeros([BQ, BD], tl.float32)
     for start in range(0, w, BK):
-        cols = start + tl.arange(0, BK)
-        col_ok = cols < w
-        kv_index = tl.load(KV + head_row * e + chunk * c + cols, mask=col_ok, other=0)
-        kv_ok = col_ok[:, None] & dim_ok[None, :]
-        kv_offsets = _row_offsets(kv_index, d, dims, NARROW)
-        k = tl.load(K + kv_offsets, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_offsets, mask=kv_ok, other=0.0)
-        kp = tl.load(KP + (head_row * g + chunk) * w + cols, mask=col_ok, other=blocked)
+        cols, col_ok, k, v, kp = _window_keys(K, V, KV, KP, head_row, chunk, start, c, e, g, w, d, dims, dim_ok,
+                                              blocked, BK, NARROW)
         s = _logits(q, k, scale, qp, kp, cols, rows, col_ok, band, diagonal, self_value, masked_value, blocked,
                     CAUSAL, HAS_BAND, SELF_MODE, DOT, PRECISION)
         p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
